@@ -1,0 +1,171 @@
+"""The engine: runs jobs one at a time on a background thread and streams their events.
+
+Everything that drives training (the CLI, the app, the tests) submits a job and reads its
+events; nothing here knows about Gradio or terminals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import traceback
+from typing import Callable, Iterator
+
+from .events import Event, Failed, Finished, Log, Reporter, Started, TERMINAL_EVENTS
+from .models import ModelStore
+
+log = logging.getLogger(__name__)
+_ids = itertools.count(1)
+
+
+def explain_failure(error: BaseException) -> str:
+    """One paragraph a person can act on, for any error a job can raise."""
+    from .data import ImageError
+    from .embeddings import TokenError
+    from .models import ModelLoadError
+    from .settings import SettingsError
+    from .training import TrainingDiverged
+
+    if isinstance(error, (ImageError, TokenError, ModelLoadError, SettingsError, TrainingDiverged)):
+        return str(error)
+    if _is_out_of_memory(error):
+        return (
+            "ran out of memory. Try a smaller batch size, a lower resolution, or gradient checkpointing; "
+            "close other programs using the GPU. The last good embedding was kept."
+        )
+    if isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
+        return str(error)
+    return f"unexpected error ({type(error).__name__}: {error}). The last good embedding was kept; see the log for details."
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Job:
+    """A submitted piece of work and the events it has sent so far."""
+
+    def __init__(self, description: str, work: Callable[[Reporter], dict], total_steps: int):
+        self.id = f"job-{next(_ids)}"
+        self.description = description
+        self.total_steps = total_steps
+        self._work = work
+        self._stop = threading.Event()
+        self._queue: queue.Queue[Event] = queue.Queue()
+        self._lock = threading.Lock()
+        self.history: list[Event] = []
+        self.status = "queued"  # queued, running, finished, failed
+        self.outputs: dict[str, str] = {}
+
+    def cancel(self) -> None:
+        """Ask the job to stop; it finishes the current step, saves, and ends."""
+        self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "failed")
+
+    def _emit(self, event: Event) -> None:
+        with self._lock:
+            self.history.append(event)
+        self._queue.put(event)
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Yield events as they come, ending after the finished or failed event.
+
+        With a timeout, yields None when nothing arrived within it (so a UI can refresh)."""
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                yield None
+                continue
+            yield event
+            if isinstance(event, TERMINAL_EVENTS):
+                return
+
+    def wait(self) -> Event:
+        """Block until the job ends; returns its finished or failed event."""
+        last = None
+        for event in self.events():
+            last = event
+        return last
+
+    def _run(self) -> None:
+        self.status = "running"
+        reporter = Reporter(self._emit, self._stop, self.total_steps)
+        self._emit(Started(self.id, self.description, self.total_steps))
+        try:
+            outputs = self._work(reporter)
+        except BaseException as error:  # noqa: BLE001 - every failure becomes an event
+            log.debug("job %s failed", self.id, exc_info=True)
+            self._emit(Log("".join(traceback.format_exception_only(type(error), error)).strip()))
+            self.outputs = dict(reporter.outputs)
+            self.status = "failed"
+            self._emit(Failed(explain_failure(error), self.outputs))
+            return
+        self.outputs = dict(outputs)
+        self.status = "finished"
+        self._emit(Finished(self.outputs, stopped_early=self._stop.is_set()))
+
+
+class Engine:
+    """Runs submitted jobs one at a time, in order, on one background thread."""
+
+    def __init__(self, store: ModelStore | None = None):
+        self.store = store or ModelStore()
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._waiting: list[Job] = []
+        self._lock = threading.Lock()
+        self.current: Job | None = None
+        self._thread = threading.Thread(target=self._loop, name="tinv-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, description: str, work: Callable[[Reporter], dict], total_steps: int = 0) -> Job:
+        """Queue `work(reporter) -> outputs`; returns its Job at once."""
+        job = Job(description, work, total_steps)
+        with self._lock:
+            self._waiting.append(job)
+        self._jobs.put(job)
+        return job
+
+    def position(self, job: Job) -> int:
+        """0 when running or done, else how many jobs run before it."""
+        with self._lock:
+            if job not in self._waiting:
+                return 0
+            return self._waiting.index(job) + (1 if self.current is not None else 0)
+
+    def train(self, settings) -> Job:
+        """Queue a training job. Settings are checked now, so bad values fail before queueing."""
+        from .jobs import describe, run_training
+
+        resolved = settings.resolved()
+        return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            with self._lock:
+                self._waiting.remove(job)
+                self.current = job
+            try:
+                if job.cancelled:  # stopped while waiting: nothing to run
+                    job.status = "finished"
+                    job._emit(Finished({}, stopped_early=True))
+                else:
+                    job._run()
+            finally:
+                with self._lock:
+                    self.current = None

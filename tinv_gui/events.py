@@ -1,0 +1,107 @@
+"""What a running job tells the world: one set of events for the CLI, the app and the tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Event:
+    kind = "event"
+
+    def to_dict(self) -> dict:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass
+class Started(Event):
+    kind = "started"
+    job_id: str
+    description: str
+    total_steps: int
+
+
+@dataclass
+class Progress(Event):
+    kind = "progress"
+    step: int  # 1-based, counted over the whole job (all phases)
+    total: int
+    loss: float
+    lr: float
+    elapsed_s: float  # seconds since the first step began
+    eta_s: float | None
+    phase: str
+
+
+@dataclass
+class Log(Event):
+    kind = "log"
+    message: str
+
+
+@dataclass
+class Preview(Event):
+    kind = "preview"
+    step: int
+    path: str  # a PNG on disk
+    prompt: str
+
+
+@dataclass
+class Finished(Event):
+    kind = "finished"
+    outputs: dict[str, str]  # what -> path
+    stopped_early: bool = False
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Failed(Event):
+    kind = "failed"
+    message: str  # one paragraph a person can act on
+    outputs: dict[str, str] = field(default_factory=dict)  # what was saved before the failure
+
+
+TERMINAL_EVENTS = (Finished, Failed)
+
+
+class Reporter:
+    """Handed to a method: sends its events, keeps the job's clock, and says when to stop.
+
+    `total_steps` counts every phase, so a two-phase run reports one progress scale and one
+    clock; `elapsed_s` starts when the first step begins (model loading is not counted).
+    """
+
+    def __init__(self, emit: Callable[[Event], None] | None = None, stop: threading.Event | None = None, total_steps: int = 0):
+        self._emit = emit or (lambda event: None)
+        self.stop_event = stop or threading.Event()
+        self.total_steps = total_steps
+        self.steps_done = 0
+        self.outputs: dict[str, str] = {}  # files saved so far, reported even when the job fails
+        self._start: float | None = None
+
+    def emit(self, event: Event) -> None:
+        self._emit(event)
+
+    def log(self, message: str) -> None:
+        self._emit(Log(message))
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
+
+    def step_started(self) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def step_finished(self, loss: float, lr: float, phase: str) -> Progress:
+        """Count one finished step and send its progress event."""
+        self.steps_done += 1
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        remaining = max(self.total_steps - self.steps_done, 0)
+        eta = elapsed / self.steps_done * remaining if self.steps_done else None
+        event = Progress(self.steps_done, self.total_steps, float(loss), float(lr), elapsed, eta, phase)
+        self._emit(event)
+        return event

@@ -1,0 +1,1 @@
+"""Training methods: plain functions of (models, data, settings, reporter)."""
