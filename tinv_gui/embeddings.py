@@ -159,3 +159,15 @@ def load_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
         raise ValueError(f"{Path(path).name} holds {len(tensors)} tensors; a diffusers embedding file holds one")
     token, vectors = next(iter(tensors.items()))
     return token, vectors.reshape(-1, vectors.shape[-1])
+
+
+def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0) -> list[str]:
+    """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
+    (which names several vectors token, token_1, ...); `scale` multiplies the vectors. Returns
+    the names added; `pipe.unload_textual_inversion()` removes them again."""
+    names = token_names(token, vectors.shape[0])
+    dtype = pipe.text_encoder.dtype
+    pipe.load_textual_inversion(
+        {token: (vectors.float() * scale).to(dtype)}, token=token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
+    )
+    return names

@@ -1,0 +1,50 @@
+"""Shared fixtures. Tests run offline on the demo model, built once per test session."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Before anything imports huggingface_hub: never touch the network, and keep the demo model
+# in a folder of this session's own (or in TINV_GUI_HOME when the caller set one to reuse).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TINV_GUI_HOME", tempfile.mkdtemp(prefix="tinv-gui-tests-"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+def make_picture(seed: int, size=(96, 80)) -> Image.Image:
+    """A picture with some structure (a coloured disc and a bar on a gradient), unlike noise."""
+    rng = np.random.RandomState(seed)
+    w, h = size
+    gradient = np.linspace(0, 1, w)[None, :, None] * rng.rand(1, 1, 3) * 255
+    base = np.broadcast_to(gradient, (h, w, 3)).astype(np.uint8)
+    image = Image.fromarray(np.ascontiguousarray(base))
+    draw = ImageDraw.Draw(image)
+    r = min(w, h) // 4
+    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
+    draw.rectangle((0, h - h // 6, w, h), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
+    return image
+
+
+@pytest.fixture
+def picture_dir(tmp_path) -> Path:
+    """A folder of four small structured pictures."""
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(4):
+        make_picture(i).save(folder / f"picture{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def store():
+    """One ModelStore for the whole session, so the demo model loads once."""
+    from tinv_gui.models import ModelStore
+
+    return ModelStore()
