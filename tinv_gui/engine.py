@@ -117,7 +117,7 @@ class Job:
             return
         self.outputs = dict(outputs)
         self.status = "finished"
-        self._emit(Finished(self.outputs, stopped_early=self._stop.is_set()))
+        self._emit(Finished(self.outputs, stopped_early=self._stop.is_set(), metrics=dict(reporter.metrics)))
 
 
 class Engine:
@@ -153,6 +153,14 @@ class Engine:
 
         resolved = settings.resolved()
         return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+
+    def optimize_prompt(self, settings) -> Job:
+        """Queue a prompt-from-image job (PromptSettings); settings are checked now."""
+        from .jobs import run_prompt_optimization
+
+        resolved = settings.resolved()
+        description = f"{resolved.mode} prompt optimization on {resolved.model}"
+        return self.submit(description, lambda reporter: run_prompt_optimization(resolved, self.store, reporter), resolved.total_steps)
 
     def _loop(self) -> None:
         while True:
