@@ -55,9 +55,15 @@ def _add_train(sub) -> None:
     p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
 
 
+def _add_model_and_device(p) -> None:
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+
 def _add_optimize_prompt(sub) -> None:
     p = sub.add_parser("optimize-prompt", help="find the prompt that describes a picture (continuous, or readable with --hard)")
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    _add_model_and_device(p)
     p.add_argument("--clip-model", default=None, help="CLIP model (default: the one matching --model)")
     p.add_argument("--image", required=True, action="append", help="a picture to describe; repeat for several")
     p.add_argument("--image-weight", type=float, action="append", default=None, help="weight of each --image, in order (default: equal)")
@@ -70,15 +76,13 @@ def _add_optimize_prompt(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 0.01, or 0.1 with --hard")
     p.add_argument("--hard", action="store_true", help="readable words (Hard Prompts Made Easy) instead of free vectors")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--output", required=True, help="folder for prompt_embeds.safetensors or prompt.txt, and result.json")
     p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
 
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="make a picture with learned embeddings or optimized prompt embeddings")
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    _add_model_and_device(p)
     p.add_argument("--embedding", action="append", default=[], help="an embedding file whose token the prompt uses; repeatable")
     p.add_argument("--prompt-embeds", default=None, help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)")
     p.add_argument("--prompt", default=None)
@@ -87,8 +91,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's own size)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--output", required=True, help="the PNG to write")
 
 

@@ -68,16 +68,32 @@ def readable_token_ids(tokenizer) -> torch.Tensor:
     candidates = [i for i, t in enumerate(tokens) if t.endswith("</w>") and i not in special]
     texts = [tokenizer.decode([i]) for i in candidates]
     encoded = tokenizer(texts, add_special_tokens=False).input_ids
-    ids = torch.tensor([i for i, ids in zip(candidates, encoded) if ids == [i]], dtype=torch.long)
+    ids = torch.tensor([i for i, got in zip(candidates, encoded) if got == [i]], dtype=torch.long)
     _readable_cache[tokenizer] = ids
     return ids
 
 
-def _start_ids(tokenizer, text: str, length: int, field: str, filler: list[int]) -> list[int]:
-    ids = tokenize_words(tokenizer, text) if text.strip() else []
-    if len(ids) > length:
-        raise SettingsError("length", f"the {field} is {len(ids)} tokens long; raise the length to at least {len(ids)} or shorten it")
-    return ids + filler[: length - len(ids)]
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _starting_ids(tokenizer, settings: PromptSettings, length: int, readable: torch.Tensor | None) -> list[int]:
+    """The tokens each row starts from, prompt then negative: the user's text, then padding as
+    the tokenizer adds it; a hard prompt pads with random readable words instead, since
+    identical pads would all snap to the same word."""
+    if readable is not None:
+        generator = torch.Generator().manual_seed(settings.seed)
+        filler = readable.cpu()[torch.randint(len(readable), (length,), generator=generator)].tolist()
+    else:
+        filler = [_pad_id(tokenizer)] * length
+    rows = [("prompt", settings.prompt or "")] + ([("negative prompt", settings.negative)] if settings.negative else [])
+    start = []
+    for field, text in rows:
+        ids = tokenize_words(tokenizer, text) if text.strip() else []
+        if len(ids) > length:
+            raise SettingsError("length", f"the {field} is {len(ids)} tokens long; raise the length to at least {len(ids)} or shorten it")
+        start += ids + filler[: length - len(ids)]
+    return start
 
 
 def _weights(images: list[Image.Image], weights: list[float] | None) -> torch.Tensor:
@@ -111,8 +127,7 @@ def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: Promp
     text_model = clip.model.text_model
     table = text_model.get_input_embeddings().weight
     vocab = table.shape[0]
-    prompt = settings.prompt or ""
-    length = settings.length or max(DEFAULT_PROMPT_LENGTH, len(tokenize_words(tokenizer, prompt)))
+    length = settings.length or max(DEFAULT_PROMPT_LENGTH, len(tokenize_words(tokenizer, settings.prompt or "")))
     rows = 2 if settings.negative else 1
     weights = _weights(images, settings.image_weights).to(device)
 
@@ -120,18 +135,8 @@ def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: Promp
     targets = image_features(clip, images, settings.crops)  # [N, P], unit length
     anchor = text_features(clip, [settings.anchor])[0] if settings.anchor else None
 
-    # Starting tokens: the user's prompt, then padding as the tokenizer would add it; a hard
-    # prompt pads with random readable words instead, since identical pads all snap alike.
     readable = readable_token_ids(tokenizer).to(device) if settings.hard else None
-    if settings.hard:
-        generator = torch.Generator().manual_seed(settings.seed)
-        filler = readable.cpu()[torch.randint(len(readable), (length,), generator=generator)].tolist()
-    else:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        filler = [pad] * length
-    start = _start_ids(tokenizer, prompt, length, "prompt", filler)
-    if settings.negative:
-        start += _start_ids(tokenizer, settings.negative, length, "negative prompt", filler)
+    start = _starting_ids(tokenizer, settings, length, readable)
     vectors = table.detach()[torch.tensor(start, device=table.device)].float().to(device).requires_grad_(True)
     ids = _prompt_ids(tokenizer, vocab, length, rows)
 
@@ -196,9 +201,8 @@ def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor
     device = encoder.device
     vocab = encoder.get_input_embeddings().num_embeddings
     max_length = tokenizer.model_max_length
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = _prompt_ids(tokenizer, vocab, result.length, result.rows)
-    ids = torch.cat([ids, torch.full((result.rows, max_length - ids.shape[1]), pad)], dim=1).to(device)
+    ids = torch.cat([ids, torch.full((result.rows, max_length - ids.shape[1]), _pad_id(tokenizer))], dim=1).to(device)
     with extended_vocabulary(encoder, result.vectors.to(device)):
         hidden = encoder(ids)[0]
     out = {"prompt_embeds": hidden[0:1]}
