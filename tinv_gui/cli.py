@@ -1,4 +1,4 @@
-"""Command line: `python -m tinv_gui train|demo-model ...`, driving the same engine as the app."""
+"""Command line: `python -m tinv_gui train|convert|evaluate|demo-model ...`, driving the same engine as the app."""
 
 from __future__ import annotations
 
@@ -55,10 +55,21 @@ def _add_train(sub) -> None:
     p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
 
 
+def _add_convert(sub) -> None:
+    from .formats import FORMATS
+
+    p = sub.add_parser("convert", help="rewrite an embedding file for another tool")
+    p.add_argument("input", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors, kohya)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument("--output", required=True, help="the file to write, or a folder to write the format's usual file name into")
+    p.add_argument("--token", default=None, help="rename the embedding (default: the name the file holds)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinv_gui", description="Teach Stable Diffusion a new concept.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_convert(sub)
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
@@ -156,6 +167,16 @@ def main(argv: list[str] | None = None) -> int:
 
         out = write_demo_model(args.dir, prediction_type="v_prediction" if args.v_prediction else "epsilon")
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
+        return 0
+    if args.command == "convert":
+        from .formats import EmbeddingFormatError, convert
+
+        try:
+            path = convert(args.input, args.format, args.output, args.token)
+        except EmbeddingFormatError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"{args.format}: {path}")
         return 0
     if args.command == "train":
         from .engine import Engine
