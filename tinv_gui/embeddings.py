@@ -179,7 +179,7 @@ def load_embedding(path: str | Path, width: int | None = None) -> tuple[str, tor
 def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0) -> list[str]:
     """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
     (which names several vectors token, token_1, ...); `scale` multiplies the vectors. Returns
-    the names added; `pipe.unload_textual_inversion()` removes them again."""
+    the names added; `unload_from_pipeline(pipe, names)` removes them again."""
     from .formats import EmbeddingFile, check_fits
 
     check_fits(EmbeddingFile(token, vectors), pipe.text_encoder.config.hidden_size, f"the embedding of {token!r}")
@@ -189,3 +189,13 @@ def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1
         {token: (vectors.float() * scale).to(dtype)}, token=token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
     )
     return names
+
+
+def unload_from_pipeline(pipe, names: list[str]) -> None:
+    """Remove tokens added by `load_into_pipeline`, leaving the (cached) pipeline as it was:
+    diffusers' unload rebuilds the token table as a trainable parameter and leaves the
+    enlarged vocabulary size in the config, so both are put back."""
+    pipe.unload_textual_inversion(names)
+    table = pipe.text_encoder.get_input_embeddings()
+    table.requires_grad_(False)
+    pipe.text_encoder.config.vocab_size = table.num_embeddings
