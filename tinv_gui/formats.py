@@ -16,6 +16,7 @@ and plain containers, and refuses a file that asks for anything else.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,9 @@ def _read_torch_file(path: Path):
     """torch.load that only builds tensors and plain containers, never arbitrary objects."""
     # The original textual inversion code saved its vectors in an nn.ParameterDict; letting the
     # safe loader build that one class (it holds nothing but parameters) reads those files too.
+    allow = getattr(torch.serialization, "safe_globals", None)  # PyTorch 2.5 and newer
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+        with allow([torch.nn.ParameterDict]) if allow else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise EmbeddingFormatError(
