@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             path = convert(args.input, args.format, args.output, args.token)
-        except EmbeddingFormatError as error:
+        except (EmbeddingFormatError, OSError) as error:  # OSError: the output cannot be written
             print(f"error: {error}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
