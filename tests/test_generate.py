@@ -62,7 +62,7 @@ def test_prompt_embeds_file_gives_the_same_picture_as_its_text(pipe, tmp_path):
 
 
 def test_bad_requests_are_explained(pipe, tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+    with pytest.raises(ValueError, match="nope.safetensors does not exist"):
         generate(pipe, prompt="x", embeddings=[tmp_path / "nope.safetensors"], steps=1)
     with pytest.raises(ValueError, match="either a prompt or a prompt_embeds"):
         generate(pipe, prompt="x", prompt_embeds="p.safetensors")

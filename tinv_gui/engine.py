@@ -154,6 +154,14 @@ class Engine:
         resolved = settings.resolved()
         return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
 
+    def evaluate(self, settings) -> Job:
+        """Queue an evaluation job (tinv_gui.evaluate.EvalSettings); checked before queueing."""
+        from .jobs import run_evaluation
+
+        settings.check()
+        description = f"evaluation of {settings.embedding} on {settings.model}"
+        return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
+
     def optimize_prompt(self, settings) -> Job:
         """Queue a prompt-from-image job (PromptSettings); settings are checked now."""
         from .jobs import run_prompt_optimization

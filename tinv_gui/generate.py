@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .device import Placement
-from .embeddings import load_embedding, load_into_pipeline
+from .embeddings import load_embedding, load_into_pipeline, unload_from_pipeline
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -39,17 +39,6 @@ def load_prompt_embeds(path: str | Path, text_width: int) -> tuple[torch.Tensor,
     embeds = embeds.reshape(1, -1, text_width)
     negative = tensors.get("negative_prompt_embeds")
     return embeds, None if negative is None else negative.reshape(1, -1, text_width)
-
-
-def load_embeddings(pipe, paths) -> list[str]:
-    """Add each embedding file's token to the pipeline; returns the tokens to use in prompts."""
-    tokens = []
-    for path in paths:
-        # One place reads embedding files, so a multi-format reader can replace it here.
-        token, vectors = load_embedding(path)
-        load_into_pipeline(pipe, token, vectors)
-        tokens.append(token)
-    return tokens
 
 
 @torch.no_grad()
@@ -87,10 +76,13 @@ def generate(
     # A CPU generator gives the same pictures for a seed on every device.
     generator = torch.Generator("cpu").manual_seed(seed)
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
+    added: list[str] = []
     try:
-        load_embeddings(pipe, embeddings)
+        for path in embeddings:
+            token, vectors = load_embedding(path, pipe.text_encoder.config.hidden_size)
+            added += load_into_pipeline(pipe, token, vectors)
         with autocast:
             return pipe(generator=generator, **kwargs).images
     finally:
-        if embeddings:
-            pipe.unload_textual_inversion()
+        if added:  # the pipeline stays cached for other jobs: leave it clean
+            unload_from_pipeline(pipe, added)
