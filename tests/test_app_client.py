@@ -42,16 +42,16 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     assert len(gallery) == 4 and "4 picture(s) ready" in status
     assert [row[0] for row in table["data"]] == [p.name for p in EXAMPLES]
 
-    job = _train(client, steps=200, batch_size=4)
+    job = _train(client, steps=150, batch_size=4)
     summaries = [update[0] for update in job]
     final = job.result()
     # The page followed the run while it went, not only at the end.
     assert any("Training: step" in s for s in summaries), summaries[:5]
-    assert "Done: step 200 / 200" in final[0]
+    assert "Done: step 150 / 150" in final[0]
     curves = {}
     for step, loss, curve, _phase in final[1]["data"]:
         curves.setdefault(curve, []).append(loss)
-    assert set(curves) == {"quick (raw)", "quick (smoothed)"} and len(curves["quick (raw)"]) == 200
+    assert set(curves) == {"quick (raw)", "quick (smoothed)"} and len(curves["quick (raw)"]) == 150
     raw = curves["quick (raw)"]
     assert sum(raw[-20:]) / 20 < sum(raw[:20]) / 20  # the loss fell
     assert "Finished." in final[3]
@@ -65,7 +65,7 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     with_it, without, note = client.predict(
         model="demo", embedding=embedding, prompt="a photo of <toy-robot>", steps=2, compare=True, api_name="/generate"
     )
-    assert len(with_it) == 1 and len(without) == 1 and "Seeds 0 to 0" in note
+    assert len(with_it) == 1 and len(without) == 1 and "Seed 0." in note
     from PIL import Image
 
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
@@ -131,3 +131,26 @@ def test_mistakes_get_plain_answers(app_server, tmp_path):
     assert any((item["caption"] or "").startswith("✗ broken.png: not a picture") for item in gallery)
     with pytest.raises(AppError, match="already a word"):
         _train(client, token="cat").result()
+
+
+def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    url, _ = app_server
+    client = visitor(url)
+    save_file({"emb_params": torch.randn(2, 64) * 0.3}, tmp_path / "kohya-style.safetensors")
+    choice, message = client.predict(handle_file(str(tmp_path / "kohya-style.safetensors")), api_name="/load_embedding")
+    assert "Loaded `<kohya-style>` (2 vector(s) of width 64)" in message
+    with_it, without, _ = client.predict(
+        model="demo", embedding=choice["value"], prompt="a photo of <kohya-style>", steps=1, compare=False, api_name="/generate"
+    )
+    assert len(with_it) == 1 and not without
+
+    save_file({"emb_params": torch.randn(1, 768)}, tmp_path / "sd15-made.safetensors")
+    choice, _ = client.predict(handle_file(str(tmp_path / "sd15-made.safetensors")), api_name="/load_embedding")
+    with pytest.raises(AppError, match="width 768"):
+        client.predict(model="demo", embedding=choice["value"], prompt="a photo of <sd15-made>", steps=1, api_name="/generate")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(AppError, match="not an embedding file"):
+        client.predict(handle_file(str(tmp_path / "junk.safetensors")), api_name="/load_embedding")

@@ -24,6 +24,7 @@ from tinv_gui.ui.workspace import Workspaces, sanitize_filename
     "name, expected",
     [
         ("photo.JPG", "photo.jpg"),
+        ("cat.SafeTensors", "cat.safetensors"),
         ("../../etc/passwd", "passwd"),
         ("..\\..\\boot.ini", "boot.ini"),
         (".hidden.png", "hidden.png"),
@@ -176,7 +177,7 @@ def test_playground_generation_uses_the_embedding_and_removes_it_after(store):
     pipe = store.pipeline("demo")
     vocabulary = len(pipe.tokenizer)
     vectors = torch.randn(2, pipe.text_encoder.config.hidden_size) * 0.5
-    kwargs = dict(prompt="a photo of <thing>", steps=2, seed=7, count=2)
+    kwargs = dict(prompt="a photo of <thing>", steps=2, seed=7, count=2, size=(32, 32))
     plain = hooks.generate_images(pipe, **kwargs)
     learned = hooks.generate_images(pipe, embedding=("<thing>", vectors), sampler="Euler", **kwargs)
     again = hooks.generate_images(pipe, embedding=("<thing>", vectors), sampler="Euler", **kwargs)
@@ -191,3 +192,17 @@ def test_playground_generation_uses_the_embedding_and_removes_it_after(store):
     with pytest.raises(ValueError, match="width"):
         hooks.generate_images(pipe, embedding=("<wide>", torch.randn(1, 768)), **kwargs)
     assert len(pipe.tokenizer) == vocabulary
+
+
+def test_a_shared_server_refuses_visitors_paths_on_it(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui.app import TinvApp
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = TinvApp(workspaces=Workspaces(tmp_path), hub=(False, "offline"))
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    for model in ("/etc", str(picture_dir), "../../secret.ckpt"):
+        with pytest.raises(gr.Error, match="Hugging Face Hub"):
+            app._submit_training(ws, model, "<x>", "", "Quick", [], {})

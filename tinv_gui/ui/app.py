@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import secrets
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +25,7 @@ from ..device import PRECISIONS, choose_placement
 from ..embeddings import TokenError, validate_token
 from ..engine import Engine, Job
 from ..events import TERMINAL_EVENTS
-from ..models import DEFAULT_MODEL, ModelLoadError, resolve_source
+from ..models import DEFAULT_MODEL, ModelLoadError
 from ..settings import METHOD_DEFAULTS, SCHEDULES, STYLES, SettingsError, TrainSettings
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
@@ -52,6 +55,8 @@ SIZES = {
     "768 × 512 (landscape)": (768, 512),
 }
 NO_EMBEDDING = "none"
+MAX_RETURNING = 10_000
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 POLL_S = 0.4  # how often a following handler looks at the job's events
 CSS = """
 .tinv-header {display:flex; gap:1rem; align-items:center}
@@ -168,20 +173,44 @@ class TinvApp:
         self.speeds: dict[str, float] = {}  # method -> measured seconds per step on this machine
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
+        # Page session -> the visitor's lasting key, kept in their browser, so that coming back
+        # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
+        self.returning: OrderedDict[str, str] = OrderedDict()
 
     def workspace(self, request: gr.Request | None) -> Workspace:
-        ws = self.workspaces.get(getattr(request, "session_hash", None))
+        """The visitor's folder: by the key their browser keeps, else by this page's session."""
+        session = getattr(request, "session_hash", None)
+        ws = self.workspaces.get(self.returning.get(session, session))
         ws.touch()
         return ws
+
+    def welcome(self, stored_key: str | None, request: gr.Request) -> dict:
+        """On page load: give the browser a lasting key (or take back the one it kept), and show
+        that visitor's pictures, embeddings and last run, finished or still going."""
+        key = stored_key if stored_key and self.workspaces.exists(stored_key) else secrets.token_urlsafe(18)
+        self.returning[request.session_hash] = key
+        while len(self.returning) > MAX_RETURNING:
+            self.returning.popitem(last=False)
+        ws = self.workspace(request)
+        c = self.components
+        gallery, captions, status = self.dataset_view(ws)
+        shown = {c["visitor"]: key, c["gallery"]: gallery, c["captions"]: captions, c["dataset_status"]: status}
+        shown[c["embedding"]] = gr.update(choices=self.embedding_choices(ws))
+        job = self.jobs.get(ws.key)
+        if job is not None:
+            shown.update(self._train_outputs(ws, RunView.from_events(list(job.history), self.engine.position(job))))
+            if not job.done:  # Start rejoins a running job
+                shown[c["start"]] = gr.update(interactive=True, value="Follow my running training")
+        return shown
 
     # ----------------------------------------------------------------------------- Dataset
     def dataset_view(self, ws: Workspace, message: str = ""):
         pictures = dataset.list_pictures(ws)
-        usable = sum(1 for p in pictures if not p.problem)
-        refused = len(pictures) - usable
+        refused = [p for p in pictures if p.problem]
+        usable = len(pictures) - len(refused)
         status = f"**{usable} picture(s) ready to train on.**" if pictures else "No pictures yet."
         if refused:
-            status += f" {refused} refused: the reason is under each one in the gallery."
+            status += f" {len(refused)} refused (marked ✗ in the gallery):\n" + "".join(f"\n- {p.name}: {p.problem}" for p in refused)
         if usable and usable < 3:
             status += " Three to ten pictures work best (the *From one picture* method needs only one)."
         return dataset.gallery_items(ws), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
@@ -204,9 +233,6 @@ class TinvApp:
         ws = self.workspace(request)
         dataset.clear(ws)
         return self.dataset_view(ws, "All pictures removed.")
-
-    def show_dataset(self, request: gr.Request):
-        return self.dataset_view(self.workspace(request))
 
     def save_captions(self, rows, request: gr.Request) -> str:
         ws = self.workspace(request)
@@ -254,7 +280,7 @@ class TinvApp:
 
     def _submit_training(self, ws: Workspace, model, token, init, preset, captions, options) -> Job:
         model = (model or "").strip()
-        if self.shared and model not in DEMO_NAMES and resolve_source(model).kind != "hub":
+        if self.shared and model not in DEMO_NAMES and (not HUB_ID.match(model) or Path(model).exists()):
             raise gr.Error("On this shared server, models come from the Hugging Face Hub (owner/name) or are the demo model.")
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
@@ -304,11 +330,11 @@ class TinvApp:
         return {
             c["progress"]: view.progress_html(),
             c["loss_plot"]: view.loss_frame(),
-            c["previews"]: view.previews or None,
+            c["previews"]: gr.update(value=view.previews or None, visible=bool(view.previews)),  # only methods that draw
             c["log"]: view.log_text(),
             c["downloads"]: [str(f) for f in files] or None,
             c["metrics"]: metrics,
-            c["start"]: gr.update(interactive=view.done),
+            c["start"]: gr.update(interactive=view.done, value="Start training"),
             c["stop"]: gr.update(interactive=not view.done),
             c["try_it"]: gr.update(interactive=bool(files)),
             c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0].relative_to(ws.root))) if files else gr.update(),
@@ -406,7 +432,8 @@ class TinvApp:
         if not isinstance(final, TERMINAL_EVENTS) or final.kind == "failed":
             raise gr.Error(getattr(final, "message", "generation failed"))
         pick = lambda name: [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None  # noqa: E731
-        return pick("with"), pick("without"), note or f"Seeds {int(seed)} to {int(seed) + int(count) - 1}."
+        seeds = f"Seed {int(seed)}." if int(count) == 1 else f"Seeds {int(seed)} to {int(seed) + int(count) - 1}."
+        return pick("with"), pick("without"), note or seeds
 
     # ----------------------------------------------------------------------------- Prompt from image
     def find_prompt(self, model, image, readable, steps, request: gr.Request):
@@ -425,10 +452,12 @@ class TinvApp:
             view = RunView.from_events(list(job.history), self.engine.position(job))
             frame = pd.DataFrame(
                 [(p.step, hooks.similarity_from_loss(p.loss)) for p in view.progress], columns=["step", "similarity"]
-            )
+            ).astype({"step": "int64", "similarity": "float64"})
             prompt = ""
             if view.done and view.outputs.get("prompt"):
                 prompt = ws.inside(view.outputs["prompt"]).read_text().strip()
+            elif view.done and view.outputs.get("prompt_embeds"):
+                prompt = "(a continuous prompt: it has no words; it was saved as prompt_embeds.safetensors)"
             yield view.progress_html(), frame, prompt
             if view.done:
                 return
@@ -442,6 +471,7 @@ class TinvApp:
         c: dict[str, gr.components.Component] = {}
         self.components = c
         with gr.Blocks(title="tinv-gui", delete_cache=(3600, 24 * 3600)) as page:
+            c["visitor"] = gr.BrowserState("", storage_key="tinv-gui-visitor")
             logo = LOGO.read_text() if LOGO.exists() else ""  # inline: no file route needed
             gr.HTML(f'<div class="tinv-header">{logo}<div><h1>{TITLE}</h1></div></div>')
             gr.Markdown(INTRO)
@@ -476,7 +506,7 @@ class TinvApp:
                     c["captions"] = gr.Dataframe(
                         headers=["Picture", "Caption"],
                         type="array",
-                        label="Captions (optional; used when *Train on captions* is on, and by the *From one picture* method)",
+                        label="Captions (optional: used when 'Train on captions' is on, and by the 'From one picture' method)",
                         interactive=True,
                         static_columns=[0],
                         wrap=True,
@@ -543,7 +573,9 @@ class TinvApp:
                             height=320,
                             scale=2,
                         )
-                        c["previews"] = gr.Gallery(label="Previews (same seed and prompt, as training goes)", columns=3, height=320, scale=1)
+                        c["previews"] = gr.Gallery(
+                            label="Previews (same seed and prompt, as training goes)", columns=3, height=320, scale=1, visible=False
+                        )
                     with gr.Row():
                         c["log"] = gr.Textbox(label="Log", lines=8, max_lines=12, autoscroll=True, scale=2)
                         with gr.Column(scale=1):
@@ -559,14 +591,16 @@ class TinvApp:
                                 [("No embedding (the model alone)", NO_EMBEDDING)],
                                 value=NO_EMBEDDING,
                                 label="Embedding",
-                                info="Trained here, or loaded from a file below.",
+                                info="Trained here, or loaded from a file below. Pictures are drawn with the model chosen on the Method tab.",
                             )
                             c["embedding_file"] = gr.File(
                                 label="Load an embedding file (this app's, diffusers', AUTOMATIC1111's or kohya's)",
                                 file_types=[".safetensors", ".pt", ".bin"],
                             )
                             c["embedding_status"] = gr.Markdown()
-                            c["prompt"] = gr.Textbox("a photo of <my-concept>", label="Prompt", info="Use your new word in it.")
+                            c["prompt"] = gr.Textbox(
+                                "a photo of <my-concept>", label="Prompt", info="Use your new word in it.", elem_id="playground-prompt"
+                            )
                             c["negative"] = gr.Textbox("", label="Negative prompt", placeholder="e.g. blurry, low quality")
                             with gr.Row():
                                 c["gen_steps"] = gr.Slider(1, 100, 25, step=1, label="Steps", info="More: finer, slower.", elem_id="gen-steps")
@@ -584,31 +618,30 @@ class TinvApp:
                             c["generate"] = gr.Button("Generate", variant="primary")
                         with gr.Column(scale=2):
                             with gr.Row():
-                                c["with"] = gr.Gallery(label="With the embedding", columns=2, height=420)
-                                c["without"] = gr.Gallery(label="Without (same seeds)", columns=2, height=420)
+                                c["with"] = gr.Gallery(label="With the embedding", columns=2, height=420, elem_id="playground-with")
+                                c["without"] = gr.Gallery(label="Without (same seeds)", columns=2, height=420, elem_id="playground-without")
                             c["generate_status"] = gr.Markdown()
 
-                with gr.Tab("5. Prompt from image", id="prompt-from-image"):
-                    available = hooks.prompt_search_available()
+                available = hooks.prompt_search_available()  # not offered until its module is built
+                with gr.Tab("5. Prompt from image", id="prompt-from-image", visible=available):
                     gr.Markdown(
                         "Upload one picture and let the model find the prompt that describes it best, in its own "
                         "terms. *Readable* gives words you can copy into any tool; *continuous* matches more "
                         "closely but only works here."
-                        + ("" if available else "\n\n*This feature is not part of this build yet.*")
                     )
                     with gr.Row():
                         with gr.Column():
-                            c["pfi_image"] = gr.Image(type="filepath", label="Picture", interactive=available)
+                            c["pfi_image"] = gr.Image(type="filepath", label="Picture")
                             c["pfi_readable"] = gr.Radio(
                                 [("Readable words", True), ("Continuous (this app only)", False)], value=True, label="Kind of prompt"
                             )
                             c["pfi_steps"] = gr.Number(0, label="Steps (0: the method's default)", precision=0)
-                            c["pfi_run"] = gr.Button("Find a prompt", variant="primary", interactive=available)
+                            c["pfi_run"] = gr.Button("Find a prompt", variant="primary")
                         with gr.Column():
                             c["pfi_progress"] = gr.HTML()
                             c["pfi_plot"] = gr.LinePlot(x="step", y="similarity", title="Similarity to the picture (higher is closer)", height=260)
                             c["pfi_prompt"] = gr.Textbox(label="Prompt found", buttons=["copy"], interactive=False)
-                            c["pfi_use"] = gr.Button("Generate with it", interactive=available)
+                            c["pfi_use"] = gr.Button("Generate with it")
 
             c["tabs"] = tabs
             self._wire(page, c)
@@ -616,7 +649,8 @@ class TinvApp:
 
     def _wire(self, page: gr.Blocks, c: dict) -> None:
         dataset_out = [c["gallery"], c["captions"], c["dataset_status"]]
-        page.load(self.show_dataset, None, dataset_out, api_name=False)
+        train_outputs = [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "metrics", "start", "stop", "try_it", "embedding")]
+        page.load(self.welcome, c["visitor"], [c["visitor"], *dataset_out, *train_outputs], api_name=False)
         c["upload"].upload(self.add_pictures, c["upload"], dataset_out + [c["upload"]], api_name="add_pictures")
         c["examples"].click(self.add_examples, None, dataset_out, api_name="add_examples")
         c["clear"].click(self.clear_pictures, None, dataset_out, api_name="clear_pictures")
@@ -629,13 +663,13 @@ class TinvApp:
         option_components = list(c["options"].values())
         c["preset"].change(self.preset_changed, c["preset"], [c["method_help"], *option_components], api_name=False)
 
-        train_outputs = [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "metrics", "start", "stop", "try_it", "embedding")]
         c["start"].click(
             on_gpu(self.start_training, duration=600),
             [c["model"], c["token"], c["init"], c["preset"], c["captions"]],
             train_outputs,
             inputs_kwargs=c["options"],
             api_name="train",
+            show_progress="hidden",  # the page draws its own progress bar
             concurrency_id="gpu",
             concurrency_limit=1,
         )
@@ -655,6 +689,8 @@ class TinvApp:
             concurrency_limit=1,
         )
 
+        if not hooks.prompt_search_available():
+            return
         c["pfi_run"].click(
             on_gpu(self.find_prompt),
             [c["model"], c["pfi_image"], c["pfi_readable"], c["pfi_steps"]],

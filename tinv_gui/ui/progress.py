@@ -45,7 +45,9 @@ def loss_frame(progress: list[Progress], smoothing: float = SMOOTHING) -> pd.Dat
             continue
         rows.append((event.step, event.loss, f"{event.phase} (raw)", event.phase))
         rows.append((event.step, average / weight, f"{event.phase} (smoothed)", event.phase))
-    return pd.DataFrame(rows, columns=LOSS_COLUMNS)
+    # Typed even when empty: the plot picks its axes' kinds from the first frame it gets, and an
+    # empty frame's default "object" columns would make the steps categories instead of numbers.
+    return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64", "curve": str, "phase": str})
 
 
 @dataclass

@@ -31,7 +31,7 @@ def sanitize_filename(name: str, fallback: str = "file") -> str:
     if not dot:
         stem, suffix = base, ""
     stem = _UNSAFE_NAME_CHARS.sub("_", stem).strip("._-")[:80] or fallback
-    suffix = _UNSAFE_NAME_CHARS.sub("", suffix)[:10].lower()
+    suffix = _UNSAFE_NAME_CHARS.sub("", suffix)[:16].lower()
     return f"{stem}.{suffix}" if suffix else stem
 
 
@@ -108,6 +108,10 @@ class Workspaces:
         if not root.exists():
             self.expire()
         return Workspace(root)
+
+    def exists(self, session_key: str) -> bool:
+        """True when a visitor with this key has a folder (kept from an earlier visit)."""
+        return bool(_SESSION_KEY.match(session_key or "")) and (self.root / session_key).is_dir()
 
     def expire(self, now: float | None = None) -> list[str]:
         """Delete folders unused for longer than `max_age_s`; returns the keys deleted.
