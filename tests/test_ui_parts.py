@@ -53,12 +53,11 @@ def test_workspace_refuses_paths_outside_it(tmp_path):
 
 
 def test_old_workspaces_expire_but_busy_and_recent_ones_stay(tmp_path):
-    spaces = Workspaces(tmp_path, max_age_s=3600)
+    spaces = Workspaces(tmp_path, max_age_s=3600, in_use=lambda key: key == "busy-visitor")
     old, busy, recent = (spaces.get(k) for k in ("old-visitor", "busy-visitor", "recent-visitor"))
     long_ago = time.time() - 7200
     for ws in (old, busy):
         os.utime(ws.root / ".last_used", (long_ago, long_ago))
-    spaces.busy.add(busy.key)
     assert spaces.expire(now=time.time()) == ["old-visitor"]
     assert not old.root.exists() and busy.root.exists() and recent.root.exists()
 

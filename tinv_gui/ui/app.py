@@ -168,9 +168,11 @@ class TinvApp:
     def __init__(self, engine: Engine | None = None, workspaces: Workspaces | None = None, hub: tuple[bool, str] | None = None):
         self.engine = engine or Engine()
         self.workspaces = workspaces or Workspaces()
+        self.workspaces.in_use = lambda key: key in self.jobs and not self.jobs[key].done
         self.hub_ok, self.hub_reason = hub if hub is not None else hub_status()
         self.jobs: dict[str, Job] = {}  # visitor key -> their latest training job
         self.speeds: dict[str, float] = {}  # method -> measured seconds per step on this machine
+        self.job_methods: dict[str, str] = {}  # job id -> its method, to file its speed under
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
@@ -301,7 +303,7 @@ class TinvApp:
         except (TokenError, SettingsError, ModelLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         self.jobs[ws.key] = job
-        self.workspaces.busy.add(ws.key)
+        self.job_methods[job.id] = method
         return job
 
     def _follow(self, ws: Workspace, job: Job):
@@ -315,10 +317,9 @@ class TinvApp:
                 view = RunView.from_events(history, self.engine.position(job))
                 yield self._train_outputs(ws, view)
             if ended:
-                self.workspaces.busy.discard(ws.key)
                 if view.progress:
                     last = view.progress[-1]
-                    self.speeds[job.description.split(" ")[0]] = last.elapsed_s / max(last.step, 1)
+                    self.speeds[self.job_methods.get(job.id, "")] = last.elapsed_s / max(last.step, 1)
                 return
             time.sleep(POLL_S)
 

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 # How long a visitor's folder lives after its last use; long enough to come back for a result.
 DEFAULT_MAX_AGE_S = float(os.environ.get("TINV_GUI_VISITOR_HOURS", "24")) * 3600
@@ -91,14 +92,15 @@ class Workspace:
 class Workspaces:
     """Hands out visitors' folders by session key and deletes the ones left unused."""
 
-    def __init__(self, root: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S):
+    def __init__(self, root: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S, in_use=None):
         default = os.environ.get("TINV_GUI_VISITORS") or Path(tempfile.gettempdir()) / "tinv-gui-visitors"
         self.root = Path(root or default)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_age_s = max_age_s
         self._lock = threading.Lock()
         self._last_sweep = 0.0
-        self.busy: set[str] = set()  # keys of visitors with a job running: never expired
+        # Whether a visitor's folder is in use (a job of theirs running): such folders are kept.
+        self.in_use: Callable[[str], bool] = in_use or (lambda key: False)
 
     def get(self, session_key: str | None) -> Workspace:
         """The folder of the visitor with this session key, created on first use."""
@@ -123,7 +125,7 @@ class Workspaces:
             self._last_sweep = current
             removed = []
             for folder in self.root.iterdir():
-                if not folder.is_dir() or folder.name in self.busy:
+                if not folder.is_dir() or self.in_use(folder.name):
                     continue
                 marker = folder / LAST_USED_FILE
                 last_used = marker.stat().st_mtime if marker.exists() else folder.stat().st_mtime
