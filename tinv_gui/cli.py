@@ -1,4 +1,4 @@
-"""Command line: `python -m tinv_gui train|demo-model ...`, driving the same engine as the app."""
+"""Command line: `python -m tinv_gui train|convert|evaluate|demo-model ...`, driving the same engine as the app."""
 
 from __future__ import annotations
 
@@ -55,10 +55,40 @@ def _add_train(sub) -> None:
     p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
 
 
+def _add_convert(sub) -> None:
+    from .formats import FORMATS
+
+    p = sub.add_parser("convert", help="rewrite an embedding file for another tool")
+    p.add_argument("input", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors, kohya)")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
+    p.add_argument("--output", required=True, help="the file to write, or a folder to write the format's usual file name into")
+    p.add_argument("--token", default=None, help="rename the embedding (default: the name the file holds)")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score an embedding: CLIP image and text similarity, against its initializer word")
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--embedding", required=True, help="the embedding file (any layout)")
+    p.add_argument("--images", required=True, nargs="+", help="the training pictures: a folder or picture files")
+    p.add_argument("--prompt", required=True, help="a prompt using the token, e.g. 'a photo of <my-cat> on a beach'")
+    p.add_argument("--n", type=int, default=8, help="pictures to generate for the token, and as many for the baseline")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per picture")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--init", default=None, help="baseline word (default: the initializer the file records)")
+    p.add_argument("--clip-model", default=None, help="CLIP model to score with (default: the one matching --model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--json", default=None, help="write the figures to this JSON file")
+    p.add_argument("--save-images", default=None, help="keep the generated pictures in this folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinv_gui", description="Teach Stable Diffusion a new concept.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_convert(sub)
+    _add_evaluate(sub)
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
@@ -97,6 +127,40 @@ def settings_from_args(args):
     )
 
 
+def eval_settings_from_args(args):
+    from .evaluate import EvalSettings
+
+    return EvalSettings(
+        model=args.model,
+        embedding=args.embedding,
+        images=_images_arg(args.images),
+        prompt=args.prompt,
+        n=args.n,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        init=args.init,
+        clip_model=args.clip_model,
+        device=args.device,
+        precision=args.precision,
+        save_images=args.save_images,
+        json_path=args.json,
+    )
+
+
+def _run_job(submit, log_jsonl: str | None = None) -> int:
+    """Submit a job to a new engine and follow it; bad settings end it before it is queued."""
+    from .engine import Engine
+    from .settings import SettingsError
+
+    try:
+        job = submit(Engine())
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return follow(job, log_jsonl)
+
+
 def follow(job, log_jsonl: str | None = None) -> int:
     """Show a job's events in the terminal (progress bar, log lines) until it ends.
 
@@ -130,6 +194,8 @@ def follow(job, log_jsonl: str | None = None) -> int:
                 bar.close()
                 for what, path in event.outputs.items():
                     print(f"{what}: {path}")
+                for name, value in event.metrics.items():
+                    print(f"{name}: {value:.4f}")
                 if event.stopped_early:
                     print("stopped early; the embedding so far was saved", file=sys.stderr)
                 code = 0
@@ -157,14 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         out = write_demo_model(args.dir, prediction_type="v_prediction" if args.v_prediction else "epsilon")
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0
-    if args.command == "train":
-        from .engine import Engine
-        from .settings import SettingsError
+    if args.command == "convert":
+        from .formats import EmbeddingFormatError, convert
 
         try:
-            job = Engine().train(settings_from_args(args))
-        except SettingsError as error:
+            path = convert(args.input, args.format, args.output, args.token)
+        except (EmbeddingFormatError, OSError) as error:  # OSError: the output cannot be written
             print(f"error: {error}", file=sys.stderr)
             return 2
-        return follow(job, args.log_jsonl)
+        print(f"{args.format}: {path}")
+        return 0
+    if args.command == "evaluate":
+        return _run_job(lambda engine: engine.evaluate(eval_settings_from_args(args)))
+    if args.command == "train":
+        return _run_job(lambda engine: engine.train(settings_from_args(args)), args.log_jsonl)
     return 2

@@ -128,8 +128,8 @@ def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
         raise ImageError(path, "not a picture Pillow can read (PNG, JPEG, WebP, BMP, GIF or TIFF expected)") from None
     except Image.DecompressionBombError:
         raise ImageError(path, "too many pixels (a possible decompression bomb); scale it down first") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageError(path, f"damaged or truncated picture ({error})") from None
+    except Exception as error:  # noqa: BLE001 - any failure decoding untrusted bytes means a damaged file
+        raise ImageError(path, f"damaged or truncated picture ({type(error).__name__}: {error})") from None
     if min(image.size) < min_side:
         raise ImageError(path, f"is {image.size[0]}x{image.size[1]}; pictures need at least {min_side} pixels on the shorter side")
     return image

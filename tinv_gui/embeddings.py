@@ -12,9 +12,10 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
@@ -128,14 +129,17 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     return torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], dtype=torch.long)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file so that a crash never leaves a half-written file in its place."""
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(temporary_path)`, then move the result into place, so that a crash never
+    leaves a half-written file where `path` was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
+        # mkstemp makes the file private (0600); give it the usual permissions for a file to share.
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,6 +149,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     return path
 
 
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file so that a crash never leaves a half-written file in its place."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None) -> Path:
     """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically."""
     meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
@@ -152,22 +162,40 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, metadata
     return atomic_save_safetensors({token: vectors}, path, meta)
 
 
-def load_embedding(path: str | Path) -> tuple[str, torch.Tensor]:
-    """Read a diffusers-layout safetensors embedding: (token, tensor[n, dim])."""
-    tensors = load_file(str(path))
-    if len(tensors) != 1:
-        raise ValueError(f"{Path(path).name} holds {len(tensors)} tensors; a diffusers embedding file holds one")
-    token, vectors = next(iter(tensors.items()))
-    return token, vectors.reshape(-1, vectors.shape[-1])
+def load_embedding(path: str | Path, width: int | None = None) -> tuple[str, torch.Tensor]:
+    """Read an SD 1.x/2.x embedding file of any layout (diffusers, A1111, kohya; see formats.py):
+    (token, tensor[n, dim]). With `width`, a file made for another text width is refused with a
+    message naming both widths."""
+    from .formats import EmbeddingFormatError, check_fits, read_embedding
+
+    embedding = read_embedding(path)
+    if width is not None:
+        check_fits(embedding, width, Path(path).name)
+    if embedding.is_sdxl:
+        raise EmbeddingFormatError(f"{Path(path).name} is an SDXL embedding ({embedding.describe_width()}); SD 1.x/2.x models cannot use it")
+    return embedding.token, embedding.vectors
 
 
 def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0) -> list[str]:
     """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
     (which names several vectors token, token_1, ...); `scale` multiplies the vectors. Returns
-    the names added; `pipe.unload_textual_inversion()` removes them again."""
+    the names added; `unload_from_pipeline(pipe, names)` removes them again."""
+    from .formats import EmbeddingFile, check_fits
+
+    check_fits(EmbeddingFile(token, vectors), pipe.text_encoder.config.hidden_size, f"the embedding of {token!r}")
     names = token_names(token, vectors.shape[0])
     dtype = pipe.text_encoder.dtype
     pipe.load_textual_inversion(
         {token: (vectors.float() * scale).to(dtype)}, token=token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
     )
     return names
+
+
+def unload_from_pipeline(pipe, names: list[str]) -> None:
+    """Remove tokens added by `load_into_pipeline`, leaving the (cached) pipeline as it was:
+    diffusers' unload rebuilds the token table as a trainable parameter and leaves the
+    enlarged vocabulary size in the config, so both are put back."""
+    pipe.unload_textual_inversion(names)
+    table = pipe.text_encoder.get_input_embeddings()
+    table.requires_grad_(False)
+    pipe.text_encoder.config.vocab_size = table.num_embeddings

@@ -117,7 +117,7 @@ class Job:
             return
         self.outputs = dict(outputs)
         self.status = "finished"
-        self._emit(Finished(self.outputs, stopped_early=self._stop.is_set()))
+        self._emit(Finished(self.outputs, stopped_early=self._stop.is_set(), metrics=dict(reporter.metrics)))
 
 
 class Engine:
@@ -153,6 +153,14 @@ class Engine:
 
         resolved = settings.resolved()
         return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+
+    def evaluate(self, settings) -> Job:
+        """Queue an evaluation job (tinv_gui.evaluate.EvalSettings); checked before queueing."""
+        from .jobs import run_evaluation
+
+        settings.check()
+        description = f"evaluation of {settings.embedding} on {settings.model}"
+        return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
 
     def _loop(self) -> None:
         while True:

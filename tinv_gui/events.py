@@ -81,6 +81,7 @@ class Reporter:
         self.total_steps = total_steps
         self.steps_done = 0
         self.outputs: dict[str, str] = {}  # files saved so far, reported even when the job fails
+        self.metrics: dict[str, float] = {}  # figures the job measured, sent with its finished event
         self._start: float | None = None
 
     def emit(self, event: Event) -> None:

@@ -37,3 +37,23 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         train_quick(clip, images, settings, reporter, writer)
         return dict(writer.outputs)
     raise ValueError(f"unknown method {settings.method!r}")
+
+
+def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
+    """Score an embedding as `settings` (tinv_gui.evaluate.EvalSettings) say; the figures go to
+    the finished event's metrics and, with `settings.json_path`, to a JSON file ({"json": path})."""
+    import json
+
+    from .embeddings import atomic_write
+    from .evaluate import evaluate_embedding
+
+    result = evaluate_embedding(settings, store, reporter)
+    if result is None:
+        reporter.log("evaluation stopped before the end; no figures")
+        return {}
+    reporter.metrics.update({k: v for k, v in result.items() if k.endswith("similarity")})
+    if not settings.json_path:
+        return {}
+    text = json.dumps(result, indent=2)
+    atomic_write(settings.json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return {"json": str(settings.json_path)}

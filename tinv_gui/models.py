@@ -137,7 +137,11 @@ class ModelStore:
             raise _explain(source, "the text encoder config", error) from error
 
     def pipeline(self, model: str, placement: Placement | None = None):
-        """A diffusers StableDiffusionPipeline on `placement`'s device, loaded once."""
+        """A diffusers StableDiffusionPipeline on `placement`'s device (default: the automatic
+        choice), loaded once."""
+        from .device import choose_placement
+
+        placement = placement or choose_placement()
         source = resolve_source(model)
         key = (source.location, str(placement))
         with self._lock:
@@ -173,6 +177,9 @@ class ModelStore:
 
     def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None) -> ClipBundle:
         """The CLIP model matching `model`'s text encoder (or `clip_model` when given), loaded once."""
+        from .device import choose_placement
+
+        placement = placement or choose_placement()
         source = resolve_source(model)
         if clip_model:
             clip_name = clip_model
@@ -194,13 +201,10 @@ class ModelStore:
             self._clip = (key, bundle)
             return bundle
 
-    def _load_clip(self, clip_name: str, model: str, placement: Placement | None) -> ClipBundle:
+    def _load_clip(self, clip_name: str, model: str, placement: Placement) -> ClipBundle:
         from transformers import CLIPModel
         from transformers.image_processing_utils import ImageProcessingMixin
 
-        from .device import choose_placement
-
-        placement = placement or choose_placement("cpu", "fp32")
         clip_source = ModelSource(clip_name, "folder" if Path(clip_name).is_dir() else "hub", clip_name)
         try:
             clip = CLIPModel.from_pretrained(clip_name, dtype=placement.weight_dtype)

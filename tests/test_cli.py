@@ -1,0 +1,64 @@
+"""End to end through the command line, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "tinv_gui", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path, store):
+    out = tmp_path / "out"
+    log = tmp_path / "log.jsonl"
+    done = run_cli("train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<cli-toy>",
+                   "--init", "toy", "--steps", "12", "--batch-size", "8", "--output", str(out), "--log-jsonl", str(log))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert {"step", "loss", "lr", "elapsed_s", "phase"} <= rows[0].keys()
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    saved = out / "learned_embeds.safetensors"
+    assert str(saved) in done.stdout
+
+    from safetensors.torch import load_file
+
+    vector = load_file(str(saved))["<cli-toy>"]
+    pipe = store.pipeline("demo")
+    pipe.load_textual_inversion(str(saved))
+    try:
+        token_id = pipe.tokenizer.convert_tokens_to_ids("<cli-toy>")
+        assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vector[0])
+    finally:
+        pipe.unload_textual_inversion()
+
+
+def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path):
+    done = run_cli("train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "2")
+    assert done.returncode != 0
+    assert "error: no pictures" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "-3")
+    assert done.returncode != 0 and "steps" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_model_command_writes_both_folders(tmp_path):
+    done = run_cli("demo-model", str(tmp_path / "demo"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "demo" / "sd" / "model_index.json").exists()
+    assert (tmp_path / "demo" / "clip" / "config.json").exists()
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "demo" / "sd")
+    clip = CLIPModel.from_pretrained(tmp_path / "demo" / "clip")
+    text = pipe.text_encoder.state_dict()
+    assert all(torch.equal(v, clip.text_model.state_dict()[k]) for k, v in text.items())
+    assert pipe.tokenizer.model_max_length == 77

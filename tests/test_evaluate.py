@@ -1,0 +1,77 @@
+"""Evaluation: CLIP image and text similarity of generated pictures, with the initializer as baseline."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tinv_gui.clip_space import image_features
+from tinv_gui.data import load_dataset
+from tinv_gui.device import choose_placement
+from tinv_gui.embeddings import save_embedding
+from tinv_gui.engine import Engine
+from tinv_gui.evaluate import EvalSettings, clip_similarities, without_token
+from tinv_gui.events import Failed, Finished
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ("clip_image_similarity", "clip_text_similarity", "baseline_clip_image_similarity", "baseline_clip_text_similarity")
+
+
+def test_prompt_without_token_follows_the_paper():
+    assert without_token("a photo of <cat> on the beach", "<cat>") == "a photo of on the beach"
+    assert without_token("<cat> and <cat>", "<cat>", "dog") == "dog and dog"
+
+
+def test_similarities_measure_the_right_thing(store, picture_dir):
+    clip = store.clip("demo")
+    pictures = [p.image for p in load_dataset(picture_dir, size=clip.image_size)]
+    reference = image_features(clip, pictures[:1], crops=1)
+    same, _ = clip_similarities(clip, pictures[:1], reference, "a photo")
+    assert math.isclose(same, 1.0, abs_tol=1e-5)  # a picture against itself
+    others, text = clip_similarities(clip, pictures[1:], reference, "a photo")
+    assert others < same and -1 <= text <= 1
+
+
+def test_evaluation_job_reports_figures_and_leaves_the_cached_pipeline_clean(tmp_path, store, picture_dir):
+    placement = choose_placement("cpu", "fp32")  # the pipeline the job will use
+    pipe = store.pipeline("demo", placement)
+    table_before = pipe.text_encoder.get_input_embeddings().weight.clone()
+    embedding = save_embedding(tmp_path / "e.safetensors", "<my-cat>", torch.randn(2, 64) * 0.02, {"init": "cat"})
+    settings = EvalSettings(model="demo", embedding=str(embedding), images=str(picture_dir), prompt="a photo of <my-cat>", n=1, steps=2, device="cpu", precision="fp32")
+    engine = Engine(store)
+    event = engine.evaluate(settings).wait()
+    assert isinstance(event, Finished), getattr(event, "message", event)
+    assert set(event.metrics) == set(FIGURES)
+    assert all(-1 <= v <= 1 for v in event.metrics.values())
+    assert store.pipeline("demo", placement) is pipe  # reused, and as it was
+    assert len(pipe.tokenizer) == 49408
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table, table_before) and not table.requires_grad
+
+    wrong = save_embedding(tmp_path / "sd1.safetensors", "<x>", torch.randn(1, 768))
+    failed = engine.evaluate(EvalSettings(embedding=str(wrong), images=str(picture_dir), prompt="<x>", n=1, steps=2, device="cpu")).wait()
+    assert isinstance(failed, Failed) and "text width 768 (SD 1.x); the chosen model has 64" in failed.message
+    missing = engine.evaluate(EvalSettings(embedding=str(embedding), images=str(picture_dir), prompt="a photo", n=1, steps=2, device="cpu")).wait()
+    assert isinstance(missing, Failed) and "'<my-cat>'" in missing.message
+
+
+def test_evaluate_command_writes_both_figures(tmp_path, picture_dir):
+    embedding = save_embedding(tmp_path / "e.safetensors", "<my-cat>", torch.randn(1, 64) * 0.02, {"init": "cat"})
+    out = tmp_path / "eval.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "tinv_gui", "evaluate", "--model", "demo", "--embedding", str(embedding),
+         "--images", str(picture_dir), "--prompt", "a photo of <my-cat> on a beach", "--n", "1", "--steps", "2",
+         "--seed", "3", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for key in FIGURES:
+        assert -1 <= result[key] <= 1, key
+    assert result["baseline_word"] == "cat" and result["text_prompt"] == "a photo of on a beach"
+    assert (result["n"], result["seed"]) == (1, 3)
+    assert "clip_image_similarity:" in done.stdout

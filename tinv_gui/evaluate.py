@@ -1,0 +1,164 @@
+"""How good is a learned token? The two measures of the textual inversion and DreamBooth papers.
+
+- CLIP image similarity: mean cosine between the CLIP embeddings of every generated picture and
+  every training picture (does it look like the concept?).
+- CLIP text similarity: mean cosine between the generated pictures and the prompt with the token
+  taken out (does the rest of the prompt still get through?). "a photo of <cat> on the beach" is
+  compared with "a photo of on the beach", as in the textual inversion paper.
+
+The same two figures for the initializer word in the token's place (same seeds) are the baseline:
+a token worth having beats its initializer on image similarity without losing much text similarity.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .clip_space import image_features, pooled_text_features
+from .data import load_dataset
+from .device import Placement, choose_placement
+from .embeddings import load_into_pipeline, unload_from_pipeline
+from .events import Reporter
+from .formats import check_fits, read_embedding
+from .models import ClipBundle, ModelStore
+from .settings import SettingsError
+
+
+@dataclass
+class EvalSettings:
+    """What to evaluate and how. `init` is the baseline word (default: the initializer the
+    embedding file records; with none, the prompt without the token is the baseline)."""
+
+    model: str = "demo"
+    embedding: str = ""
+    images: object = None  # the training pictures: a folder, a file, or a list of files
+    prompt: str = ""  # holds the embedding's token
+    n: int = 8  # pictures generated for the token, and as many for the baseline
+    seed: int = 0  # picture i uses seed + i, for the token and the baseline alike
+    steps: int = 30  # denoising steps per picture
+    guidance: float = 7.5
+    init: str | None = None
+    clip_model: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    save_images: str | None = None  # a folder to keep the generated pictures in
+    json_path: str | None = None  # where to write the figures as JSON
+
+    @property
+    def total_steps(self) -> int:
+        return 2 * self.n
+
+    def check(self) -> None:
+        for name in ("n", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SettingsError(name, f"must be a whole number of at least 1, not {value!r}")
+        if not str(self.embedding).strip():
+            raise SettingsError("embedding", "name the embedding file to evaluate")
+        if not (self.prompt or "").strip():
+            raise SettingsError("prompt", "type a prompt that uses the token, e.g. 'a photo of <my-cat> on a beach'")
+        if self.images is None:
+            raise SettingsError("images", "give the training pictures to compare with")
+
+
+def without_token(prompt: str, token: str, replacement: str = "") -> str:
+    """The prompt with every `token` replaced (removed by default), spaces tidied."""
+    return re.sub(r"\s+", " ", prompt.replace(token, replacement)).strip()
+
+
+def generate_images(pipe, prompt: str, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
+    """One picture per seed, stopping early when asked. (A stand-in for tinv_gui/generate.py:
+    when that lands, this is the one function to swap for it.)"""
+    images = []
+    for i in range(settings.n):
+        if reporter.should_stop():
+            break
+        reporter.step_started()
+        generator = torch.Generator("cpu").manual_seed(settings.seed + i)
+        with torch.no_grad(), placement.autocast():
+            result = pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generator)
+        images.append(result.images[0])
+        reporter.step_finished(0.0, 0.0, phase)
+    return images
+
+
+@torch.no_grad()
+def clip_similarities(clip: ClipBundle, generated: list[Image.Image], reference: torch.Tensor, text: str) -> tuple[float, float]:
+    """(image similarity, text similarity) of `generated` against the unit-length `reference`
+    picture features and against `text`."""
+    features = image_features(clip, generated, crops=1)
+    ids = clip.tokenizer(text, truncation=True, max_length=clip.tokenizer.model_max_length).input_ids
+    with clip.placement.autocast():
+        text_features = pooled_text_features(clip, torch.tensor([ids]))
+    text_features = F.normalize(text_features.float(), dim=-1).to(features.device)
+    image_similarity = (features @ reference.to(features.device).T).mean()
+    text_similarity = (features @ text_features.T).mean()
+    return float(image_similarity), float(text_similarity)
+
+
+def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Reporter) -> dict | None:
+    """Generate `n` pictures with the token and `n` with the baseline word, and score both.
+    Returns the figures and what they were computed from; None when stopped before the end."""
+    settings.check()
+    placement = choose_placement(settings.device, settings.precision)
+    reporter.log(f"Device: {placement.describe()}")
+    pipe = store.pipeline(settings.model, placement)
+    embedding = read_embedding(settings.embedding)
+    check_fits(embedding, pipe.text_encoder.config.hidden_size, Path(settings.embedding).name)
+    token = embedding.token
+    if token not in settings.prompt:
+        raise SettingsError("prompt", f"the prompt must use the embedding's token {token!r}, e.g. 'a photo of {token}'")
+    baseline_word = settings.init if settings.init is not None else embedding.metadata.get("init", "")
+    text = without_token(settings.prompt, token)
+    baseline_prompt = without_token(settings.prompt, token, baseline_word)
+
+    clip = store.clip(settings.model, settings.clip_model, placement)
+    pictures = load_dataset(settings.images, size=clip.image_size)
+    reference = image_features(clip, [p.image for p in pictures], crops=1)
+    reporter.log(f"{len(pictures)} training pictures; generating {settings.n} pictures with {token!r}, then {settings.n} with {baseline_word or 'no word'!r}")
+
+    names = load_into_pipeline(pipe, token, embedding.vectors)
+    try:
+        with_token = generate_images(pipe, settings.prompt, settings, placement, reporter, "generate (token)")
+    finally:
+        unload_from_pipeline(pipe, names)  # the pipeline stays cached for other jobs: leave it clean
+    baseline = generate_images(pipe, baseline_prompt, settings, placement, reporter, "generate (baseline)")
+    if reporter.should_stop() or len(baseline) < settings.n:
+        return None
+    if settings.save_images:
+        _save_pictures(Path(settings.save_images), with_token, baseline)
+
+    image_similarity, text_similarity = clip_similarities(clip, with_token, reference, text)
+    baseline_image, baseline_text = clip_similarities(clip, baseline, reference, text)
+    return {
+        "clip_image_similarity": image_similarity,
+        "clip_text_similarity": text_similarity,
+        "baseline_clip_image_similarity": baseline_image,
+        "baseline_clip_text_similarity": baseline_text,
+        "baseline_word": baseline_word,
+        "token": token,
+        "prompt": settings.prompt,
+        "text_prompt": text,
+        "baseline_prompt": baseline_prompt,
+        "n": settings.n,
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "guidance": settings.guidance,
+        "training_pictures": len(pictures),
+        "model": settings.model,
+        "clip_model": clip.name,
+        "embedding": str(settings.embedding),
+    }
+
+
+def _save_pictures(folder: Path, with_token: list[Image.Image], baseline: list[Image.Image]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, images in (("token", with_token), ("baseline", baseline)):
+        for i, image in enumerate(images):
+            image.save(folder / f"{kind}-{i:02d}.png")
