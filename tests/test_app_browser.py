@@ -74,6 +74,8 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     plot = page.locator(".vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
+    lines = plot.locator("g.mark-line path")
+    assert lines.count() == 2 and all(lines.nth(i).get_attribute("stroke") not in (None, "", "none") for i in range(2))
     labels = re.findall(r"<text[^>]*>([^<]*)</text>", plot.inner_html())
     numbers = [t for t in labels if t.replace(".", "", 1).isdigit()]
     assert len(numbers) >= 5 and len(labels) < 80, labels[:20]  # numeric axes, not one category per step
@@ -98,5 +100,5 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_text("4 picture(s) ready").wait_for()
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_text("Done: step 150 / 150").wait_for()
-    assert page.locator("#downloads a[data-testid=download-link]").count() == 1
+    assert page.locator("#downloads a[data-testid=download-link]").count() == 5  # one per format
     print(f"screenshots in {shots}")

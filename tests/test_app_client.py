@@ -49,16 +49,21 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     assert any("Training: step" in s for s in summaries), summaries[:5]
     assert "Done: step 150 / 150" in final[0]
     curves = {}
-    for step, loss, curve, _phase in final[1]["data"]:
+    plot = final[1].get("value", final[1])  # an update: the frame, and colours for its curves
+    assert set(final[1].get("color_map") or {}) == {"quick (raw)", "quick (smoothed)"}, final[1].keys()
+    for step, loss, curve, _phase in plot["data"]:
         curves.setdefault(curve, []).append(loss)
     assert set(curves) == {"quick (raw)", "quick (smoothed)"} and len(curves["quick (raw)"]) == 150
     raw = curves["quick (raw)"]
     assert sum(raw[-20:]) / 20 < sum(raw[:20]) / 20  # the loss fell
     assert "Finished." in final[3]
 
-    (download,) = final[4]
-    token, vectors = load_embedding(download)
-    assert token == "<toy-robot>" and tuple(vectors.shape) == (1, 64)
+    downloads = {Path(p).name: p for p in final[4]}  # every format, each said what it is for
+    assert set(downloads) == {"learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot-kohya.safetensors"}
+    for path in downloads.values():
+        token, vectors = load_embedding(path)
+        assert token in ("<toy-robot>", "toy-robot", "toy-robot-kohya") and tuple(vectors.shape) == (1, 64)
+    assert "kohya" in final[5] and "AUTOMATIC1111" in final[5]
 
     embedding = final[6]["value"]  # the Playground's choice now points at the new embedding
     assert embedding.endswith("learned_embeds.safetensors")
@@ -69,6 +74,9 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     from PIL import Image
 
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
+
+    scores = client.predict(model="demo", embedding=embedding, prompt="a photo of <toy-robot>", steps=1, api_name="/measure")
+    assert "| with `<toy-robot>` | 0." in scores or "| with `<toy-robot>` | -0." in scores, scores
 
 
 def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
@@ -83,7 +91,7 @@ def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
     assert "Stopping" in client.predict(api_name="/stop")
     final = job.result()
     assert final[0].startswith('<div class="tinv-progress">') and "Stopped: step" in final[0]
-    assert load_embedding(final[4][0])[0] == "<stopped>"
+    assert load_embedding(final[4][0])[0] == "<stopped>"  # the diffusers file comes first
 
 
 def test_two_visitors_never_see_each_others_files(app_server):
@@ -141,9 +149,9 @@ def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
     client = visitor(url)
     save_file({"emb_params": torch.randn(2, 64) * 0.3}, tmp_path / "kohya-style.safetensors")
     choice, message = client.predict(handle_file(str(tmp_path / "kohya-style.safetensors")), api_name="/load_embedding")
-    assert "Loaded `<kohya-style>` (2 vector(s) of width 64)" in message
+    assert "Loaded `kohya-style` (2 vector(s) of width 64)" in message
     with_it, without, _ = client.predict(
-        model="demo", embedding=choice["value"], prompt="a photo of <kohya-style>", steps=1, compare=False, api_name="/generate"
+        model="demo", embedding=choice["value"], prompt="a photo of kohya-style", steps=1, compare=False, api_name="/generate"
     )
     assert len(with_it) == 1 and not without
 

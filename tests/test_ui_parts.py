@@ -16,7 +16,7 @@ from tinv_gui.events import Failed, Finished, Log, Progress, Started
 from tinv_gui.settings import TrainSettings
 from tinv_gui.ui import dataset, hooks
 from tinv_gui.ui.app import NOT_OPTIONS, hub_status, option_fields, settings_from_form
-from tinv_gui.ui.progress import RunView, loss_frame
+from tinv_gui.ui.progress import RunView, loss_colours, loss_frame
 from tinv_gui.ui.workspace import Workspaces, sanitize_filename
 
 
@@ -117,6 +117,8 @@ def test_loss_curve_has_raw_and_smoothed_for_each_phase():
     assert smoothed[1] == pytest.approx(1.0)  # corrected for its start: not pulled towards zero
     assert smoothed[2] == pytest.approx((0.5 * 0.5 * 1.0 + 0.5 * 0.5) / 0.75)
     assert smoothed[3] == pytest.approx(0.02)  # restarts with the new phase
+    colours = loss_colours(events)
+    assert list(colours) == ["quick (raw)", "quick (smoothed)", "ti (raw)", "ti (smoothed)"] and len(set(colours.values())) == 4
     long_run = loss_frame([_progress(i, 1.0 / i, "quick", total=5000) for i in range(1, 5001)])
     assert len(long_run) <= 2 * 501 and long_run.step.iloc[-1] == 5000  # thinned, keeping the last step
 
@@ -167,7 +169,7 @@ def test_embedding_files_of_other_tools_are_read(tmp_path):
     save_embedding(tmp_path / "ours.safetensors", "<cat>", vectors)
     save_file({"emb_params": vectors}, tmp_path / "kohya-cat.safetensors")
     torch.save({"string_to_param": {"*": vectors}, "name": "a1111-cat"}, tmp_path / "a1111.pt")
-    for name, token in (("ours.safetensors", "<cat>"), ("kohya-cat.safetensors", "<kohya-cat>"), ("a1111.pt", "a1111-cat")):
+    for name, token in (("ours.safetensors", "<cat>"), ("kohya-cat.safetensors", "kohya-cat"), ("a1111.pt", "a1111-cat")):
         read_token, read_vectors = hooks.read_embedding_file(str(tmp_path / name))
         assert read_token == token and torch.equal(read_vectors, vectors)
 

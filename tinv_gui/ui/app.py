@@ -29,7 +29,7 @@ from ..models import DEFAULT_MODEL, ModelLoadError
 from ..settings import METHOD_DEFAULTS, SCHEDULES, STYLES, SettingsError, TrainSettings
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
-from .progress import RunView, format_seconds
+from .progress import RunView, format_seconds, loss_colours
 from .workspace import Workspace, Workspaces, sanitize_filename, unique_path
 
 TITLE = "tinv-gui: teach Stable Diffusion a new word"
@@ -55,6 +55,7 @@ SIZES = {
     "768 × 512 (landscape)": (768, 512),
 }
 NO_EMBEDDING = "none"
+EVAL_PICTURES = 4  # per side when measuring: each is a full generation, so keep it small
 MAX_RETURNING = 10_000
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 POLL_S = 0.4  # how often a following handler looks at the job's events
@@ -327,18 +328,18 @@ class TinvApp:
         c = self.components
         embedding = view.outputs.get("embedding")
         files = hooks.export_formats(ws.inside(embedding)) if view.done and embedding else []
-        metrics = "  \n".join(f"**{name.replace('_', ' ')}**: {value:.4f}" for name, value in view.metrics.items())
+        legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
         return {
             c["progress"]: view.progress_html(),
-            c["loss_plot"]: view.loss_frame(),
+            c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
             c["previews"]: gr.update(value=view.previews or None, visible=bool(view.previews)),  # only methods that draw
             c["log"]: view.log_text(),
-            c["downloads"]: [str(f) for f in files] or None,
-            c["metrics"]: metrics,
+            c["downloads"]: [str(path) for path, _ in files] or None,
+            c["download_help"]: f"**Which file for which tool:**{legend}" if files else "",
             c["start"]: gr.update(interactive=view.done, value="Start training"),
             c["stop"]: gr.update(interactive=not view.done),
             c["try_it"]: gr.update(interactive=bool(files)),
-            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0].relative_to(ws.root))) if files else gr.update(),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
         }
 
     def stop_training(self, request: gr.Request) -> str:
@@ -401,22 +402,15 @@ class TinvApp:
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("Type a prompt first.")
-        learned = None
-        note = ""
-        if embedding and embedding != NO_EMBEDDING:
-            try:
-                learned = hooks.read_embedding_file(str(ws.inside(ws.root / embedding)))
-            except (PermissionError, FileNotFoundError):
-                raise gr.Error("That embedding is not one of your files.") from None
-            if learned[0] not in prompt:
-                note = f"Your prompt does not contain `{learned[0]}`, so the embedding has no effect on it."
+        path = self._own_embedding(ws, embedding)
+        learned = hooks.read_embedding_file(str(path)) if path else None
+        note = f"Your prompt does not contain `{learned[0]}`, so the embedding has no effect on it." if learned and learned[0] not in prompt else ""
         out = ws.images / time.strftime("%Y%m%d-%H%M%S")
         out = unique_path(out.parent, out.name)
         runs = [("with", learned)] + ([("without", None)] if compare and learned else [])
-        placement = choose_placement()
 
         def work(reporter):
-            pipe = self.engine.store.pipeline(model, placement)
+            pipe = self.engine.store.pipeline(model)
             saved = {}
             for name, learned_embedding in runs:
                 pictures = hooks.generate_images(
@@ -432,9 +426,62 @@ class TinvApp:
         final = self.engine.submit(f"generate {prompt!r} on {model}", work).wait()
         if not isinstance(final, TERMINAL_EVENTS) or final.kind == "failed":
             raise gr.Error(getattr(final, "message", "generation failed"))
-        pick = lambda name: [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None  # noqa: E731
+
+        def pictures(name: str) -> list[Path] | None:
+            return [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
+
         seeds = f"Seed {int(seed)}." if int(count) == 1 else f"Seeds {int(seed)} to {int(seed) + int(count) - 1}."
-        return pick("with"), pick("without"), note or seeds
+        return pictures("with"), pictures("without"), note or seeds
+
+    def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
+        """The visitor's embedding file for a Playground choice; None for "no embedding"."""
+        if not choice or choice == NO_EMBEDDING:
+            return None
+        try:
+            path = ws.inside(ws.root / choice)
+        except PermissionError:
+            raise gr.Error("That embedding is not one of your files.") from None
+        if not path.is_file():
+            raise gr.Error("That embedding is not one of your files.")
+        return path
+
+    def measure(self, model, embedding, prompt, steps, seed, request: gr.Request):
+        """Score the chosen embedding as the textual inversion paper does (tinv_gui.evaluate),
+        against its initializer word, showing progress until the figures come."""
+        from ..evaluate import EvalSettings
+
+        ws = self.workspace(request)
+        path = self._own_embedding(ws, embedding)
+        if path is None:
+            raise gr.Error("Choose an embedding to measure.")
+        if not dataset.picture_paths(ws):
+            raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
+        token, _ = hooks.read_embedding_file(str(path))
+        prompt = prompt if token in (prompt or "") else f"a photo of {token}"
+        settings = EvalSettings(
+            model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)
+        )
+        try:
+            job = self.engine.evaluate(settings)
+        except (SettingsError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        while True:
+            view = RunView.from_events(list(job.history), self.engine.position(job))
+            if not view.done or view.status == "failed" or not view.metrics:
+                yield view.summary("Measuring") if not view.done else f"No figures: {view.message or 'stopped'}"
+            else:
+                m = view.metrics
+                yield (
+                    f"Measured on {EVAL_PICTURES} pictures each, prompt `{prompt}`:\n\n"
+                    "| | looks like your pictures (CLIP image similarity) | follows the rest of the prompt (CLIP text similarity) |\n"
+                    "|---|---|---|\n"
+                    f"| with `{token}` | {m['clip_image_similarity']:.3f} | {m['clip_text_similarity']:.3f} |\n"
+                    f"| with the starting word instead | {m['baseline_clip_image_similarity']:.3f} | {m['baseline_clip_text_similarity']:.3f} |\n\n"
+                    "Higher is better. A good embedding beats its starting word on the first column without losing much on the second."
+                )
+            if view.done:
+                return
+            time.sleep(POLL_S)
 
     # ----------------------------------------------------------------------------- Prompt from image
     def find_prompt(self, model, image, readable, steps, request: gr.Request):
@@ -581,7 +628,7 @@ class TinvApp:
                         c["log"] = gr.Textbox(label="Log", lines=8, max_lines=12, autoscroll=True, scale=2)
                         with gr.Column(scale=1):
                             c["downloads"] = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
-                            c["metrics"] = gr.Markdown()
+                            c["download_help"] = gr.Markdown()
                             c["try_it"] = gr.Button("Try it in the Playground", interactive=False)
                             c["stop_status"] = gr.Markdown()
 
@@ -622,6 +669,11 @@ class TinvApp:
                                 c["with"] = gr.Gallery(label="With the embedding", columns=2, height=420, elem_id="playground-with")
                                 c["without"] = gr.Gallery(label="Without (same seeds)", columns=2, height=420, elem_id="playground-without")
                             c["generate_status"] = gr.Markdown()
+                            c["measure"] = gr.Button("Measure how good it is")
+                            c["scores"] = gr.Markdown(
+                                f"Draws {EVAL_PICTURES} pictures with the embedding and {EVAL_PICTURES} with its starting word, "
+                                "and compares both with your training pictures and with the prompt (CLIP similarity)."
+                            )
 
                 available = hooks.prompt_search_available()  # not offered until its module is built
                 with gr.Tab("5. Prompt from image", id="prompt-from-image", visible=available):
@@ -650,7 +702,7 @@ class TinvApp:
 
     def _wire(self, page: gr.Blocks, c: dict) -> None:
         dataset_out = [c["gallery"], c["captions"], c["dataset_status"]]
-        train_outputs = [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "metrics", "start", "stop", "try_it", "embedding")]
+        train_outputs = [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "download_help", "start", "stop", "try_it", "embedding")]
         page.load(self.welcome, c["visitor"], [c["visitor"], *dataset_out, *train_outputs], api_name=False)
         c["upload"].upload(self.add_pictures, c["upload"], dataset_out + [c["upload"]], api_name="add_pictures")
         c["examples"].click(self.add_examples, None, dataset_out, api_name="add_examples")
@@ -686,6 +738,16 @@ class TinvApp:
             [c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")],
             [c["with"], c["without"], c["generate_status"]],
             api_name="generate",
+            concurrency_id="gpu",
+            concurrency_limit=1,
+        )
+
+        c["measure"].click(
+            on_gpu(self.measure),
+            [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],
+            c["scores"],
+            api_name="measure",
+            show_progress="hidden",
             concurrency_id="gpu",
             concurrency_limit=1,
         )

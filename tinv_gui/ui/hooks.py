@@ -6,9 +6,9 @@ wire the real call in here and nothing else in the UI changes.
 - auto-caption (issue 3's BLIP captioner): `auto_caption_available`, `auto_caption`;
 - generation (issue 4's tinv_gui/generate.py): `generate_images`;
 - prompt from an image (issue 4): `prompt_search_available`, `submit_prompt_search`;
-- export formats and reading other tools' files (issue 6's tinv_gui/formats.py):
-  `export_formats`, `read_embedding_file`. Evaluation figures (issue 6) arrive as
-  `Finished.metrics` and are shown as they come; nothing to wire.
+- export formats and reading other tools' files (issue 6, merged: tinv_gui/formats.py) and
+  evaluation (tinv_gui/evaluate.py) are wired: `export_formats`, `read_embedding_file`, and
+  TinvApp.evaluate.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..embeddings import load_embedding, load_into_pipeline
+from ..embeddings import load_embedding, load_into_pipeline, unload_from_pipeline
 from ..settings import METHOD_DEFAULTS
 
 
@@ -144,16 +144,10 @@ def generate_images(
     original_scheduler = pipe.scheduler
     if SAMPLERS.get(sampler):
         pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
+    names = []
     try:
-        if embedding is not None:
-            token, vectors = embedding
-            width_expected = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-            if vectors.shape[1] != width_expected:
-                raise ValueError(
-                    f"this embedding has vectors of width {vectors.shape[1]}, but the model's text encoder has width "
-                    f"{width_expected}: it was made for another family of models (768: SD 1.x, 1024: SD 2.x)"
-                )
-            load_into_pipeline(pipe, token, vectors, scale=strength)
+        if embedding is not None:  # refuses vectors made for another text width, naming both
+            names = load_into_pipeline(pipe, embedding[0], embedding[1], scale=strength)
         generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
         result = pipe(
             [prompt] * count,
@@ -167,8 +161,8 @@ def generate_images(
         return result.images
     finally:
         pipe.scheduler = original_scheduler
-        if embedding is not None:
-            pipe.unload_textual_inversion()
+        if names:
+            unload_from_pipeline(pipe, names)  # the pipeline stays cached: leave it as it was
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,48 +191,28 @@ def similarity_from_loss(loss: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# HOOK (issue 6): export formats and reading other tools' embedding files. Guessed interface:
-#   tinv_gui.formats.FORMATS: names such as "a1111-pt", "a1111-safetensors", "kohya"
-#   tinv_gui.formats.convert(src, format=name, output=path) -> path
-#   tinv_gui.formats.read_embedding(path) -> (token, vectors [n, dim])
-# Without it, downloads are the diffusers .safetensors, and files in diffusers' layout (plus the
-# common single-tensor layouts below) can be loaded.
+# Issue 6 (wired): every export format for download, and files of every tool for the Playground.
 # ---------------------------------------------------------------------------------------------
-FORMAT_SUFFIX = {"a1111-pt": ".pt", "a1111-safetensors": "-a1111.safetensors", "kohya": "-kohya.safetensors"}
+DOWNLOAD_ORDER = ("a1111-pt", "a1111-safetensors", "diffusers-bin", "kohya")
 
 
-def export_formats(embedding: Path) -> list[Path]:
-    """The embedding file plus, when the formats module is installed, a copy in every format."""
-    files = [embedding]
-    if not _module_available("tinv_gui.formats"):
-        return files
+def export_formats(embedding: Path) -> list[tuple[Path, str]]:
+    """The run's embedding and a copy in every format, each with the tools it is for. Files
+    that would share a name in the download list get the format in theirs."""
     from .. import formats
 
-    for name in getattr(formats, "FORMATS", ()):
-        if name == "diffusers":
-            continue
-        target = embedding.with_name(embedding.stem + FORMAT_SUFFIX.get(name, f"-{name}.safetensors"))
-        files.append(Path(formats.convert(str(embedding), format=name, output=str(target))))
+    written = formats.export_all(embedding)
+    files = [(embedding, formats.FORMATS["diffusers"])]
+    names = {embedding.name}
+    for fmt in DOWNLOAD_ORDER:
+        path = Path(written[fmt])
+        if path.name in names:  # A1111's and kohya's .safetensors take the same name
+            path = path.rename(path.with_name(f"{path.stem}-{fmt}{path.suffix}"))
+        names.add(path.name)
+        files.append((path, formats.FORMATS.get(fmt, "diffusers' older .bin layout")))
     return files
 
 
 def read_embedding_file(path: str) -> tuple[str, torch.Tensor]:
     """(token, vectors) from an embedding file of this app, diffusers, AUTOMATIC1111 or kohya."""
-    if _module_available("tinv_gui.formats"):
-        from .. import formats
-
-        return formats.read_embedding(path)
-    path = Path(path)
-    if path.suffix.lower() == ".pt":  # AUTOMATIC1111's .pt; weights_only never runs code from the file
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        vectors = next(iter(data["string_to_param"].values()))
-        return str(data.get("name") or path.stem), vectors.float().reshape(-1, vectors.shape[-1])
-    if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"{path.name}: expected a .safetensors or .pt embedding file")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    if "emb_params" in tensors:  # kohya and A1111's safetensors: the file name is the token
-        vectors = tensors["emb_params"]
-        return f"<{path.stem}>", vectors.float().reshape(-1, vectors.shape[-1])
     return load_embedding(path)

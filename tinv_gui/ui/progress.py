@@ -50,6 +50,24 @@ def loss_frame(progress: list[Progress], smoothing: float = SMOOTHING) -> pd.Dat
     return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64", "curve": str, "phase": str})
 
 
+# A light (raw) and a dark (smoothed) shade per phase, in the order phases appear.
+PHASE_COLOURS = (("#9db9e8", "#1f4fa8"), ("#f4b98c", "#c2410c"), ("#a8d8a1", "#2e7d32"), ("#d5b5ea", "#6a1b9a"))
+
+
+def loss_colours(progress: list[Progress]) -> dict[str, str] | None:
+    """Curve name -> colour; None before the first step. The plot fixes its colours when the
+    map changes (not when only the data does), so a new phase must come with a new map to be
+    drawn at all; an empty map (rather than None) would leave the curves without colour."""
+    if not progress:
+        return None
+    phases = list(dict.fromkeys(event.phase for event in progress))
+    colours = {}
+    for phase, (light, dark) in zip(phases, PHASE_COLOURS * (len(phases) // len(PHASE_COLOURS) + 1)):
+        colours[f"{phase} (raw)"] = light
+        colours[f"{phase} (smoothed)"] = dark
+    return colours
+
+
 @dataclass
 class RunView:
     """Everything the Train tab shows about one job, rebuilt from its event history."""
@@ -94,7 +112,7 @@ class RunView:
     def done(self) -> bool:
         return self.status in ("finished", "stopped", "failed")
 
-    def summary(self) -> str:
+    def summary(self, doing: str = "Training") -> str:
         """One line: where the run is, how fast it goes and how long is left."""
         if self.status == "idle":
             return "Not started yet. Add pictures, choose a method, then press Start training."
@@ -109,7 +127,7 @@ class RunView:
         parts = [f"step {last.step} / {last.total}", f"{speed:.2f} steps/s", f"loss {last.loss:.4f}", f"phase: {last.phase}"]
         if self.status == "running":
             parts.insert(2, f"about {format_seconds(last.eta_s)} left")
-            return "Training: " + " · ".join(parts)
+            return f"{doing}: " + " · ".join(parts)
         headline = {"finished": "Done", "stopped": "Stopped", "failed": "Failed"}[self.status]
         parts.insert(2, f"took {format_seconds(last.elapsed_s)}")
         text = f"{headline}: " + " · ".join(parts)
