@@ -160,20 +160,6 @@ def test_hub_status_says_plainly_when_offline():
     assert not ok and "HF_HUB_OFFLINE" in reason
 
 
-def test_embedding_files_of_other_tools_are_read(tmp_path):
-    from safetensors.torch import save_file
-
-    from tinv_gui.embeddings import save_embedding
-
-    vectors = torch.randn(2, 64)
-    save_embedding(tmp_path / "ours.safetensors", "<cat>", vectors)
-    save_file({"emb_params": vectors}, tmp_path / "kohya-cat.safetensors")
-    torch.save({"string_to_param": {"*": vectors}, "name": "a1111-cat"}, tmp_path / "a1111.pt")
-    for name, token in (("ours.safetensors", "<cat>"), ("kohya-cat.safetensors", "kohya-cat"), ("a1111.pt", "a1111-cat")):
-        read_token, read_vectors = hooks.read_embedding_file(str(tmp_path / name))
-        assert read_token == token and torch.equal(read_vectors, vectors)
-
-
 def test_playground_generation_uses_the_embedding_and_removes_it_after(store):
     pipe = store.pipeline("demo")
     vocabulary = len(pipe.tokenizer)

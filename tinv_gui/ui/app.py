@@ -22,7 +22,7 @@ import gradio as gr
 
 from ..demo_model import ASSETS_DIR, DEMO_NAMES
 from ..device import PRECISIONS, choose_placement
-from ..embeddings import TokenError, validate_token
+from ..embeddings import TokenError, load_embedding, validate_token
 from ..engine import Engine, Job
 from ..events import TERMINAL_EVENTS
 from ..models import DEFAULT_MODEL, ModelLoadError
@@ -375,7 +375,7 @@ class TinvApp:
         target = unique_path(ws.embeddings, sanitize_filename(Path(file).name, "embedding"))
         shutil.copyfile(file, target)
         try:
-            token, vectors = hooks.read_embedding_file(str(target))
+            token, vectors = load_embedding(str(target))
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same plain answer
             target.unlink()
             raise gr.Error(f"{Path(file).name} is not an embedding file this app can read ({error}).") from None
@@ -389,7 +389,7 @@ class TinvApp:
         files = [p for p in self.embedding_files(ws) if p.parent.parent == ws.runs]
         if not files:
             raise gr.Error("Train an embedding first.")
-        token, _ = hooks.read_embedding_file(str(files[0]))
+        token, _ = load_embedding(str(files[0]))
         return (
             gr.Tabs(selected="playground"),
             gr.update(choices=self.embedding_choices(ws), value=str(files[0].relative_to(ws.root))),
@@ -403,7 +403,7 @@ class TinvApp:
         if not prompt:
             raise gr.Error("Type a prompt first.")
         path = self._own_embedding(ws, embedding)
-        learned = hooks.read_embedding_file(str(path)) if path else None
+        learned = load_embedding(str(path)) if path else None
         note = f"Your prompt does not contain `{learned[0]}`, so the embedding has no effect on it." if learned and learned[0] not in prompt else ""
         out = ws.images / time.strftime("%Y%m%d-%H%M%S")
         out = unique_path(out.parent, out.name)
@@ -456,7 +456,7 @@ class TinvApp:
             raise gr.Error("Choose an embedding to measure.")
         if not dataset.picture_paths(ws):
             raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
-        token, _ = hooks.read_embedding_file(str(path))
+        token, _ = load_embedding(str(path))
         prompt = prompt if token in (prompt or "") else f"a photo of {token}"
         settings = EvalSettings(
             model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)

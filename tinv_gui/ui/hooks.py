@@ -6,9 +6,9 @@ wire the real call in here and nothing else in the UI changes.
 - auto-caption (issue 3's BLIP captioner): `auto_caption_available`, `auto_caption`;
 - generation (issue 4's tinv_gui/generate.py): `generate_images`;
 - prompt from an image (issue 4): `prompt_search_available`, `submit_prompt_search`;
-- export formats and reading other tools' files (issue 6, merged: tinv_gui/formats.py) and
-  evaluation (tinv_gui/evaluate.py) are wired: `export_formats`, `read_embedding_file`, and
-  TinvApp.evaluate.
+- issue 6 (merged) is wired: downloads in every format (`export_formats`), other tools' files
+  in the Playground (embeddings.load_embedding), the figures of tinv_gui/evaluate.py
+  (TinvApp.measure).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..embeddings import load_embedding, load_into_pipeline, unload_from_pipeline
+from ..embeddings import load_into_pipeline, unload_from_pipeline
 from ..settings import METHOD_DEFAULTS
 
 
@@ -211,8 +211,3 @@ def export_formats(embedding: Path) -> list[tuple[Path, str]]:
         names.add(path.name)
         files.append((path, formats.FORMATS.get(fmt, "diffusers' older .bin layout")))
     return files
-
-
-def read_embedding_file(path: str) -> tuple[str, torch.Tensor]:
-    """(token, vectors) from an embedding file of this app, diffusers, AUTOMATIC1111 or kohya."""
-    return load_embedding(path)
