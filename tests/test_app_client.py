@@ -25,6 +25,13 @@ def _train(client: Client, **overrides):
     return client.submit(**{**args, **overrides}, api_name="/train")
 
 
+def _wait_until_training(job, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any("Training: step" in update[0] for update in job.outputs()):
+        assert time.monotonic() < deadline and not job.done(), job.outputs()[-1:]
+        time.sleep(0.2)
+
+
 def test_page_is_served_on_the_configured_port_and_explains_itself(app_server):
     import urllib.request
 
@@ -84,10 +91,7 @@ def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
     client = visitor(url)
     client.predict(api_name="/add_examples")
     job = _train(client, steps=100_000, token="<stopped>")
-    deadline = time.monotonic() + 120
-    while not any("Training: step" in update[0] for update in job.outputs()):
-        assert time.monotonic() < deadline and not job.done(), job.outputs()[-1:]
-        time.sleep(0.2)
+    _wait_until_training(job)
     assert "Stopping" in client.predict(api_name="/stop")
     final = job.result()
     assert final[0].startswith('<div class="tinv-progress">') and "Stopped: step" in final[0]
@@ -103,8 +107,7 @@ def test_two_visitors_never_see_each_others_files(app_server):
 
     # Alice trains a long run; Bob's training waits in the queue (one training at a time).
     alice_job = _train(alice, steps=100_000, token="<alice-secret>")
-    while not any("Training: step" in update[0] for update in alice_job.outputs()):
-        time.sleep(0.2)
+    _wait_until_training(alice_job)
     bob_job = _train(bob, steps=5, token="<bob-thing>")
     deadline = time.monotonic() + 60
     while bob_job.status().code != Status.IN_QUEUE:
