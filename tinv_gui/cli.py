@@ -1,4 +1,4 @@
-"""Command line: `python -m tinv_gui train|convert|evaluate|demo-model ...`, driving the same engine as the app."""
+"""Command line: `python -m tinv_gui train|convert|evaluate|optimize-prompt|generate|demo-model ...`, driving the same engine as the app."""
 
 from __future__ import annotations
 
@@ -83,12 +83,53 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--save-images", default=None, help="keep the generated pictures in this folder")
 
 
+def _add_model_and_device(p) -> None:
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+
+
+def _add_optimize_prompt(sub) -> None:
+    p = sub.add_parser("optimize-prompt", help="find the prompt that describes a picture (continuous, or readable with --hard)")
+    _add_model_and_device(p)
+    p.add_argument("--clip-model", default=None, help="CLIP model (default: the one matching --model)")
+    p.add_argument("--image", required=True, action="append", help="a picture to describe; repeat for several")
+    p.add_argument("--image-weight", type=float, action="append", default=None, help="weight of each --image, in order (default: equal)")
+    p.add_argument("--prompt", default="", help="where to start (default: empty)")
+    p.add_argument("--anchor", default=None, help="a prompt whose meaning the result should stay near")
+    p.add_argument("--anchor-weight", type=float, default=0.5)
+    p.add_argument("--negative", default=None, help="a negative prompt, optimized to move away from the picture")
+    p.add_argument("--length", type=int, default=None, help="tokens in the prompt (default 16, or the --prompt's length)")
+    p.add_argument("--steps", type=int, default=None, help="default 40, or 300 with --hard")
+    p.add_argument("--lr", type=float, default=None, help="default 0.01, or 0.1 with --hard")
+    p.add_argument("--hard", action="store_true", help="readable words (Hard Prompts Made Easy) instead of free vectors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="folder for prompt_embeds.safetensors or prompt.txt, and result.json")
+    p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="make a picture with learned embeddings or optimized prompt embeddings")
+    _add_model_and_device(p)
+    p.add_argument("--embedding", action="append", default=[], help="an embedding file whose token the prompt uses; repeatable")
+    p.add_argument("--prompt-embeds", default=None, help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--negative", default=None)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's own size)")
+    p.add_argument("--output", required=True, help="the PNG to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m tinv_gui", description="Teach Stable Diffusion a new concept.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_convert(sub)
     _add_evaluate(sub)
+    _add_optimize_prompt(sub)
+    _add_generate(sub)
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
@@ -237,4 +278,66 @@ def main(argv: list[str] | None = None) -> int:
         return _run_job(lambda engine: engine.evaluate(eval_settings_from_args(args)))
     if args.command == "train":
         return _run_job(lambda engine: engine.train(settings_from_args(args)), args.log_jsonl)
+    if args.command == "optimize-prompt":
+        return _run_job(lambda engine: engine.optimize_prompt(prompt_settings_from_args(args)), args.log_jsonl)
+    if args.command == "generate":
+        return _generate(args)
     return 2
+
+
+def prompt_settings_from_args(args):
+    from .settings import PromptSettings
+
+    return PromptSettings(
+        images=args.image,
+        image_weights=args.image_weight,
+        output_dir=args.output,
+        model=args.model,
+        clip_model=args.clip_model,
+        prompt=args.prompt,
+        anchor=args.anchor,
+        anchor_weight=args.anchor_weight,
+        negative=args.negative,
+        length=args.length,
+        hard=args.hard,
+        steps=args.steps,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+    )
+
+
+def _generate(args) -> int:
+    from .device import choose_placement
+    from .engine import explain_failure
+    from .generate import generate, parse_size
+    from .models import ModelStore
+
+    if (args.prompt is None) == (args.prompt_embeds is None):
+        print("error: give --prompt or --prompt-embeds (one of them)", file=sys.stderr)
+        return 2
+    try:
+        size = parse_size(args.size) if args.size else None  # before the slow load
+        placement = choose_placement(args.device, args.precision)
+        pipe = ModelStore().pipeline(args.model, placement)
+        images = generate(
+            pipe,
+            prompt=args.prompt,
+            negative=args.negative,
+            embeddings=args.embedding,
+            prompt_embeds=args.prompt_embeds,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            size=size,
+            placement=placement,
+        )
+    except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
+        print(f"error: {explain_failure(error)}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(output)
+    print(f"image: {output}")
+    return 0

@@ -162,6 +162,14 @@ class Engine:
         description = f"evaluation of {settings.embedding} on {settings.model}"
         return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
 
+    def optimize_prompt(self, settings) -> Job:
+        """Queue a prompt-from-image job (PromptSettings); settings are checked now."""
+        from .jobs import run_prompt_optimization
+
+        resolved = settings.resolved()
+        description = f"{resolved.mode} prompt optimization on {resolved.model}"
+        return self.submit(description, lambda reporter: run_prompt_optimization(resolved, self.store, reporter), resolved.total_steps)
+
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()

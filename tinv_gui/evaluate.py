@@ -73,17 +73,16 @@ def without_token(prompt: str, token: str, replacement: str = "") -> str:
 
 
 def generate_images(pipe, prompt: str, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
-    """One picture per seed, stopping early when asked. (A stand-in for tinv_gui/generate.py:
-    when that lands, this is the one function to swap for it.)"""
+    """One picture per seed, stopping early when asked."""
+    from .generate import generate
+
     images = []
     for i in range(settings.n):
         if reporter.should_stop():
             break
         reporter.step_started()
-        generator = torch.Generator("cpu").manual_seed(settings.seed + i)
-        with torch.no_grad(), placement.autocast():
-            result = pipe(prompt, num_inference_steps=settings.steps, guidance_scale=settings.guidance, generator=generator)
-        images.append(result.images[0])
+        picture = generate(pipe, prompt, steps=settings.steps, guidance=settings.guidance, seed=settings.seed + i, placement=placement)
+        images.append(picture[0])
         reporter.step_finished(0.0, 0.0, phase)
     return images
 

@@ -57,3 +57,49 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     text = json.dumps(result, indent=2)
     atomic_write(settings.json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return {"json": str(settings.json_path)}
+
+def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
+    """Find the prompt for some pictures as `settings` (resolved PromptSettings) say; writes the
+    results and a result.json into the output folder and returns {what: path}."""
+    import json
+
+    from .data import find_images, open_image
+    from .methods.prompt_from_image import optimize_prompt, save_prompt_result
+
+    placement = choose_placement(settings.device, settings.precision)
+    reporter.log(f"Device: {placement.describe()}")
+    reporter.log(f"Loading the CLIP model for {settings.model}")
+    clip = store.clip(settings.model, settings.clip_model, placement)
+    # The pipeline's own text encoder makes the saved prompt_embeds; a hard prompt is plain text.
+    pipe = None if settings.hard else store.pipeline(settings.model, placement)
+    files = find_images(settings.images)
+    images = [open_image(path, min_side=clip.image_size // 2) for path in files]
+
+    result = optimize_prompt(clip, images, settings, reporter)
+    metadata = {"base_model": settings.model, "clip_model": clip.name, "steps": result.steps_done}
+    outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
+    reporter.outputs.update(outputs)
+    reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
+    if result.loss is not None:
+        reporter.metrics["loss"] = result.loss
+    if result.anchor_similarity is not None:
+        reporter.metrics["anchor_similarity"] = result.anchor_similarity
+    if result.texts:
+        reporter.log(f"prompt: {result.texts[0]}")
+        if len(result.texts) > 1:
+            reporter.log(f"negative prompt: {result.texts[1]}")
+    reporter.log(f"CLIP similarity with the picture(s): {result.similarity:.4f}")
+
+    texts = result.texts or []
+    record = {
+        "mode": settings.mode,
+        **metadata,
+        "images": [str(path) for path in files],
+        "length": result.length,
+        "prompt": texts[0] if texts else None,
+        "negative_prompt": texts[1] if len(texts) > 1 else None,
+        "metrics": reporter.metrics,
+    }
+    summary = Path(settings.output_dir) / "result.json"
+    summary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return {**outputs, "result": str(summary)}

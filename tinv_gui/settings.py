@@ -90,3 +90,79 @@ class TrainSettings:
             raise SettingsError("style", f"{self.style!r} is not one of {', '.join(STYLES)}")
         if not str(self.output_dir).strip():
             raise SettingsError("output_dir", "name a folder for the results")
+
+
+# Prompt optimization defaults, continuous and hard. Continuous: the whole prompt moves at once
+# and settles within a few dozen steps. Hard: AdamW lr 0.1 and weight decay 0.1 as in "Hard
+# Prompts Made Easy"; far fewer steps than its 3000, since the best prompt seen is kept and CPU
+# steps are slow.
+PROMPT_DEFAULTS = {
+    "continuous": dict(steps=40, lr=0.01, weight_decay=0.0),
+    "hard": dict(steps=300, lr=0.1, weight_decay=0.1),
+}
+DEFAULT_PROMPT_LENGTH = 16
+MAX_PROMPT_LENGTH = 75  # 77 positions less the start and end markers
+
+
+@dataclass
+class PromptSettings:
+    """Everything a prompt-from-image job needs. None means "the mode's default"."""
+
+    images: object = None  # a folder, a file, or a list of files
+    image_weights: list[float] | None = None  # one per picture; None weighs them equally
+    output_dir: str = "output"
+    model: str = "demo"
+    clip_model: str | None = None
+    prompt: str = ""  # where to start; empty starts from padding (continuous) or random words (hard)
+    anchor: str | None = None  # a prompt whose meaning the result should stay near
+    anchor_weight: float = 0.5
+    negative: str | None = None  # optimized to move away from the pictures
+    length: int | None = None  # tokens in the prompt; None: 16, or the prompt's own length if longer
+    hard: bool = False  # readable vocabulary tokens instead of free vectors
+    steps: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    crops: int = 1  # views per picture averaged into its CLIP embedding
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    @property
+    def mode(self) -> str:
+        return "hard" if self.hard else "continuous"
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.steps or 0)
+
+    def resolved(self) -> "PromptSettings":
+        """A copy with the mode's defaults filled in, checked; raises SettingsError."""
+        values = {k: v for k, v in PROMPT_DEFAULTS[self.mode].items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, **values)
+        out.check()
+        return out
+
+    def check(self) -> None:
+        for name in ("steps", "crops", "length"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise SettingsError(name, f"must be a whole number of at least 1, not {value!r}")
+        if self.length is not None and self.length > MAX_PROMPT_LENGTH:
+            raise SettingsError("length", f"at most {MAX_PROMPT_LENGTH} tokens fit in a 77-token prompt")
+        if self.lr is not None and not (0 < self.lr < 10):
+            raise SettingsError("lr", f"the learning rate must be above 0 and below 10, not {self.lr!r}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise SettingsError("weight_decay", "must not be negative")
+        if not (0 <= self.anchor_weight <= 100):
+            raise SettingsError("anchor_weight", f"must be between 0 and 100, not {self.anchor_weight!r}")
+        if self.anchor is not None and not self.anchor.strip():
+            raise SettingsError("anchor", "is empty; type a prompt to stay near, or leave it out")
+        if self.negative is not None and not self.negative.strip():
+            raise SettingsError("negative", "is empty; type a prompt to move away from, or leave it out")
+        if self.image_weights is not None:
+            if any(not (w >= 0) for w in self.image_weights) or not sum(self.image_weights) > 0:
+                raise SettingsError("image_weights", "weights must not be negative, and at least one must be above 0")
+        if not self.images:
+            raise SettingsError("images", "give at least one picture to describe")
+        if not str(self.output_dir).strip():
+            raise SettingsError("output_dir", "name a folder for the results")

@@ -59,6 +59,7 @@ def optimize(
     reporter: Reporter,
     on_step: Callable[[int], None] | None = None,
     optimizer_state: dict | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
     """Run `settings.steps` optimizer steps on `vectors` (a float32 leaf tensor).
 
@@ -66,6 +67,9 @@ def optimize(
     `grad_accum` times per step. `on_step(step)` runs after each step (checkpoints, previews).
     A stop request ends the loop after the current step. On a NaN/inf loss, `vectors` is reset
     to the last good values and TrainingDiverged is raised.
+
+    With `project` (hard prompts), each step evaluates the loss and its gradient at
+    `project(vectors)` and applies that gradient to the unprojected vectors.
     """
     optimizer, scheduler = make_optimizer(vectors, settings, optimizer_state)
     last_good = vectors.detach().clone()
@@ -78,6 +82,9 @@ def optimize(
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         try:
+            if project is not None:
+                with torch.no_grad():
+                    vectors.copy_(project(vectors))
             for micro in range(settings.grad_accum):
                 loss = compute_loss(micro)
                 value = float(loss.detach())
@@ -88,6 +95,9 @@ def optimize(
                     )
                 (loss / settings.grad_accum).backward()
                 total += value / settings.grad_accum
+            if project is not None:  # step from where the vectors were, with the projected gradient
+                with torch.no_grad():
+                    vectors.copy_(last_good)
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_([vectors], settings.grad_clip)
             lr = scheduler.get_last_lr()[0]

@@ -1,0 +1,235 @@
+"""Prompt from an image: find the prompt whose CLIP text embedding best matches some pictures.
+
+Continuous (after Ethan Smith's SGDImagePrompt): the input token embeddings of a whole prompt
+are the free parameters. Each step runs the frozen text tower, pools at the end-of-text token,
+projects, and lowers the spherical distance to the pictures' CLIP image embeddings. The result
+is the pipeline's text encoder output for those inputs, usable as `pipe(prompt_embeds=...)`.
+
+Hard (Wen et al. 2023, "Hard Prompts Made Easy"): the same objective, but every step snaps the
+free embeddings to their nearest vocabulary tokens, evaluates the loss and its gradient there,
+and applies that gradient to the free embeddings. The best snapped prompt seen is kept, and
+comes out as plain text that works in any Stable Diffusion tool.
+
+Both modes run only the text tower on [start, L tokens, end]: with causal attention nothing
+after the end-of-text token changes the pooled output, so no padding to 77 is computed.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..clip_space import image_features, pooled_text_features, spherical_distance
+from ..embeddings import atomic_save_safetensors, extended_vocabulary, tokenize_words
+from ..events import Reporter
+from ..models import ClipBundle
+from ..settings import DEFAULT_PROMPT_LENGTH, PromptSettings, SettingsError
+from ..training import LoopSettings, optimize
+
+PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
+PROMPT_FILE = "prompt.txt"
+NEGATIVE_PROMPT_FILE = "negative_prompt.txt"
+# spherical_distance of opposite directions: a negative prompt's loss is this minus its distance
+MAX_DISTANCE = math.pi**2 / 2
+
+
+@dataclass
+class PromptResult:
+    """The optimized prompt (and negative, when one was given)."""
+
+    vectors: torch.Tensor  # [rows * length, dim] input embeddings, float32, CPU: prompt then negative
+    length: int
+    rows: int  # 1, or 2 with an optimized negative
+    similarity: float  # weighted mean cosine similarity of the prompt with the pictures
+    anchor_similarity: float | None
+    steps_done: int
+    stopped_early: bool
+    loss: float | None  # the final loss (continuous) or the best loss (hard)
+    token_ids: list[list[int]] | None = None  # hard: vocabulary ids per row
+    texts: list[str] | None = None  # hard: readable text per row
+
+
+_readable_cache: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
+
+
+def readable_token_ids(tokenizer) -> torch.Tensor:
+    """Vocabulary ids a hard prompt may use: whole words (ending a word) whose text tokenizes
+    back to exactly that id on its own. Prompts of such words, joined by spaces, re-tokenize to
+    the same ids in any tool, so the printed text is exactly the prompt that was optimized."""
+    if tokenizer in _readable_cache:
+        return _readable_cache[tokenizer]
+    special = set(tokenizer.all_special_ids)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    candidates = [i for i, t in enumerate(tokens) if t.endswith("</w>") and i not in special]
+    texts = [tokenizer.decode([i]) for i in candidates]
+    encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    ids = torch.tensor([i for i, got in zip(candidates, encoded) if got == [i]], dtype=torch.long)
+    _readable_cache[tokenizer] = ids
+    return ids
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _starting_ids(tokenizer, settings: PromptSettings, length: int, readable: torch.Tensor | None) -> list[int]:
+    """The tokens each row starts from, prompt then negative: the user's text, then padding as
+    the tokenizer adds it; a hard prompt pads with random readable words instead, since
+    identical pads would all snap to the same word."""
+    if readable is not None:
+        generator = torch.Generator().manual_seed(settings.seed)
+        filler = readable.cpu()[torch.randint(len(readable), (length,), generator=generator)].tolist()
+    else:
+        filler = [_pad_id(tokenizer)] * length
+    rows = [("prompt", settings.prompt or "")] + ([("negative prompt", settings.negative)] if settings.negative else [])
+    start = []
+    for field, text in rows:
+        ids = tokenize_words(tokenizer, text) if text.strip() else []
+        if len(ids) > length:
+            raise SettingsError("length", f"the {field} is {len(ids)} tokens long; raise the length to at least {len(ids)} or shorten it")
+        start += ids + filler[: length - len(ids)]
+    return start
+
+
+def _weights(images: list[Image.Image], weights: list[float] | None) -> torch.Tensor:
+    if weights is None:
+        weights = [1.0] * len(images)
+    if len(weights) != len(images):
+        raise SettingsError("image_weights", f"{len(weights)} weights for {len(images)} pictures; give one weight per picture")
+    w = torch.tensor(weights, dtype=torch.float32)
+    return w / w.sum()
+
+
+def _prompt_ids(tokenizer, vocab: int, length: int, rows: int) -> torch.Tensor:
+    """[rows, length + 2]: start marker, the free rows' ids (past the vocabulary), end marker."""
+    return torch.tensor(
+        [[tokenizer.bos_token_id, *range(vocab + r * length, vocab + (r + 1) * length), tokenizer.eos_token_id] for r in range(rows)]
+    )
+
+
+@torch.no_grad()
+def text_features(clip: ClipBundle, texts: list[str]) -> torch.Tensor:
+    """Unit-length CLIP text embeddings of plain prompts."""
+    ids = clip.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").input_ids
+    with clip.placement.autocast():
+        return F.normalize(pooled_text_features(clip, ids).float(), dim=-1)
+
+
+def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: PromptSettings, reporter: Reporter) -> PromptResult:
+    """Find the prompt for `images` as `settings` (resolved) say; see the module notes."""
+    tokenizer = clip.tokenizer
+    device = clip.placement.device
+    text_model = clip.model.text_model
+    table = text_model.get_input_embeddings().weight
+    vocab = table.shape[0]
+    length = settings.length or max(DEFAULT_PROMPT_LENGTH, len(tokenize_words(tokenizer, settings.prompt or "")))
+    rows = 2 if settings.negative else 1
+    weights = _weights(images, settings.image_weights).to(device)
+
+    reporter.log(f"Embedding {len(images)} picture(s) with CLIP")
+    targets = image_features(clip, images, settings.crops)  # [N, P], unit length
+    anchor = text_features(clip, [settings.anchor])[0] if settings.anchor else None
+
+    readable = readable_token_ids(tokenizer).to(device) if settings.hard else None
+    start = _starting_ids(tokenizer, settings, length, readable)
+    vectors = table.detach()[torch.tensor(start, device=table.device)].float().to(device).requires_grad_(True)
+    ids = _prompt_ids(tokenizer, vocab, length, rows)
+
+    def objective(features: torch.Tensor) -> torch.Tensor:
+        """Loss of pooled features [rows, P]: near the pictures (and the anchor), the negative far."""
+        loss = (spherical_distance(features[0:1], targets) * weights).sum()
+        if anchor is not None:
+            loss = loss + settings.anchor_weight * spherical_distance(features[0], anchor)
+        if rows == 2:
+            loss = loss + MAX_DISTANCE - (spherical_distance(features[1:2], targets) * weights).sum()
+        return loss
+
+    snapped = {"ids": None}
+    best = {"loss": math.inf, "ids": None}
+    readable_directions = F.normalize(table.detach()[readable].float(), dim=-1) if settings.hard else None
+
+    def project(free: torch.Tensor) -> torch.Tensor:
+        """Nearest readable token (by cosine) for every free embedding; their table rows."""
+        snapped["ids"] = readable[(F.normalize(free, dim=-1) @ readable_directions.T).argmax(-1)]
+        return table.detach()[snapped["ids"]].float()
+
+    def compute_loss(_micro: int) -> torch.Tensor:
+        with clip.placement.autocast():
+            features = pooled_text_features(clip, ids).float()
+        loss = objective(features)
+        if settings.hard and float(loss.detach()) < best["loss"]:
+            best["loss"], best["ids"] = float(loss.detach()), snapped["ids"].detach().cpu().view(rows, length)
+        return loss
+
+    loop = LoopSettings(
+        steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay, phase="hard prompt" if settings.hard else "prompt"
+    )
+    with extended_vocabulary(text_model, vectors):
+        result, _ = optimize(vectors, compute_loss, loop, reporter, project=project if settings.hard else None)
+        if not settings.hard:
+            with torch.no_grad(), clip.placement.autocast():
+                final = F.normalize(pooled_text_features(clip, ids[:1]).float(), dim=-1)[0]
+
+    token_ids = texts = None
+    loss = result.last_loss
+    if settings.hard:
+        if best["ids"] is None:  # stopped before the first step: the starting words
+            best["ids"] = torch.tensor(start).view(rows, length)
+        token_ids = best["ids"].tolist()
+        texts = [tokenizer.decode(row) for row in token_ids]
+        final = text_features(clip, texts[:1])[0]
+        loss = best["loss"] if math.isfinite(best["loss"]) else None
+    similarity = float((targets @ final * weights).sum())
+    anchor_similarity = float(final @ anchor) if anchor is not None else None
+    return PromptResult(
+        vectors.detach().float().cpu(), length, rows, similarity, anchor_similarity,
+        result.steps_done, result.stopped_early, loss, token_ids, texts,
+    )
+
+
+@torch.no_grad()
+def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor]:
+    """The pipeline's own text encoder output [1, 77, dim] for the optimized prompt and negative,
+    padded as diffusers pads, ready for `pipe(prompt_embeds=..., negative_prompt_embeds=...)`.
+    Without an optimized negative, the negative is the empty prompt, as diffusers encodes it."""
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    device = encoder.device
+    vocab = encoder.get_input_embeddings().num_embeddings
+    max_length = tokenizer.model_max_length
+    ids = _prompt_ids(tokenizer, vocab, result.length, result.rows)
+    ids = torch.cat([ids, torch.full((result.rows, max_length - ids.shape[1]), _pad_id(tokenizer))], dim=1).to(device)
+    with extended_vocabulary(encoder, result.vectors.to(device)):
+        hidden = encoder(ids)[0]
+    out = {"prompt_embeds": hidden[0:1]}
+    if result.rows == 2:
+        out["negative_prompt_embeds"] = hidden[1:2]
+    else:
+        out["negative_prompt_embeds"] = pipe.encode_prompt("", device, 1, False)[0]
+    return out
+
+
+def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: dict | None = None) -> dict[str, str]:
+    """Write the result into `output_dir`: prompt.txt (and negative_prompt.txt) for a hard prompt,
+    prompt_embeds.safetensors (needs the pipeline) for a continuous one. Returns what -> path."""
+    from pathlib import Path
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if result.texts is not None:
+        outputs = {}
+        for name, text, file in zip(("prompt", "negative_prompt"), result.texts, (PROMPT_FILE, NEGATIVE_PROMPT_FILE)):
+            path = output_dir / file
+            tmp = path.with_name(f".{file}.tmp")
+            tmp.write_text(text + "\n", encoding="utf-8")
+            tmp.replace(path)
+            outputs[name] = str(path)
+        return outputs
+    meta = {"format": "prompt_embeds", "similarity": f"{result.similarity:.6f}", "length": str(result.length)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    path = atomic_save_safetensors(pipeline_prompt_embeds(pipe, result), output_dir / PROMPT_EMBEDS_FILE, meta)
+    return {"prompt_embeds": str(path)}
