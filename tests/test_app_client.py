@@ -165,3 +165,18 @@ def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
     with pytest.raises(AppError, match="not an embedding file"):
         client.predict(handle_file(str(tmp_path / "junk.safetensors")), api_name="/load_embedding")
+
+
+def test_prompt_from_image_finds_words_and_draws_them(app_server):
+    url, _ = app_server
+    client = visitor(url)
+    job = client.submit(model="demo", image=handle_file(str(EXAMPLES[0])), readable=True, steps=6, api_name="/find_prompt")
+    progress, plot, prompt = job.result()
+    assert "Best CLIP similarity with the picture" in progress and len(plot["data"]) == 6
+    assert prompt and not prompt.startswith("(")  # readable words
+    (picture,) = client.predict(model="demo", api_name="/generate_found")
+    assert Path(picture["image"]).is_file()
+
+    _, _, prompt = client.predict(model="demo", image=handle_file(str(EXAMPLES[1])), readable=False, steps=3, api_name="/find_prompt")
+    assert "continuous prompt" in prompt
+    assert len(client.predict(model="demo", api_name="/generate_found")) == 1  # drawn from its prompt_embeds

@@ -160,24 +160,27 @@ def test_hub_status_says_plainly_when_offline():
     assert not ok and "HF_HUB_OFFLINE" in reason
 
 
-def test_playground_generation_uses_the_embedding_and_removes_it_after(store):
+def test_playground_generation_uses_the_embedding_and_removes_it_after(store, tmp_path):
+    from tinv_gui.embeddings import save_embedding
+
     pipe = store.pipeline("demo")
     vocabulary = len(pipe.tokenizer)
-    vectors = torch.randn(2, pipe.text_encoder.config.hidden_size) * 0.5
+    thing = save_embedding(tmp_path / "thing.safetensors", "<thing>", torch.randn(2, pipe.text_encoder.config.hidden_size) * 0.5)
     kwargs = dict(prompt="a photo of <thing>", steps=2, seed=7, count=2, size=(32, 32))
     plain = hooks.generate_images(pipe, **kwargs)
-    learned = hooks.generate_images(pipe, embedding=("<thing>", vectors), sampler="Euler", **kwargs)
-    again = hooks.generate_images(pipe, embedding=("<thing>", vectors), sampler="Euler", **kwargs)
-    assert len(plain) == len(learned) == 2
+    learned = hooks.generate_images(pipe, embedding=thing, sampler="Euler", **kwargs)
+    again = hooks.generate_images(pipe, embedding=thing, sampler="Euler", **kwargs)
+    weaker = hooks.generate_images(pipe, embedding=thing, sampler="Euler", strength=0.5, **kwargs)
     pixels = lambda images: torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # noqa: E731
+    assert len(plain) == len(learned) == 2 and not torch.equal(pixels(learned[:1]), pixels(learned[1:]))
     assert not torch.equal(pixels(plain), pixels(learned))  # the embedding changes the picture
     assert torch.equal(pixels(learned), pixels(again))  # the same seed gives the same picture
-    assert not torch.equal(pixels(learned[:1]), pixels(learned[1:]))  # picture i uses seed + i
-    weaker = hooks.generate_images(pipe, embedding=("<thing>", vectors), sampler="Euler", strength=0.5, **kwargs)
     assert not torch.equal(pixels(learned), pixels(weaker))  # strength scales the vectors
+    assert list(tmp_path.iterdir()) == [thing]  # the scaled copy is gone
     assert len(pipe.tokenizer) == vocabulary and type(pipe.scheduler).__name__ == "PNDMScheduler"
-    with pytest.raises(ValueError, match="width"):
-        hooks.generate_images(pipe, embedding=("<wide>", torch.randn(1, 768)), **kwargs)
+    wide = save_embedding(tmp_path / "wide.safetensors", "<wide>", torch.randn(1, 768))
+    with pytest.raises(ValueError, match="width 768"):
+        hooks.generate_images(pipe, embedding=wide, **kwargs)
     assert len(pipe.tokenizer) == vocabulary
 
 

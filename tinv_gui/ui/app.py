@@ -19,6 +19,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
+import pandas as pd
 
 from ..demo_model import ASSETS_DIR, DEMO_NAMES
 from ..device import PRECISIONS, choose_placement
@@ -174,6 +175,7 @@ class TinvApp:
         self.jobs: dict[str, Job] = {}  # visitor key -> their latest training job
         self.speeds: dict[str, float] = {}  # method -> measured seconds per step on this machine
         self.job_methods: dict[str, str] = {}  # job id -> its method, to file its speed under
+        self.prompt_jobs: dict[str, Job] = {}  # visitor key -> their latest prompt-from-image job
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
@@ -353,7 +355,8 @@ class TinvApp:
     # ----------------------------------------------------------------------------- Playground
     def embedding_files(self, ws: Workspace) -> list[Path]:
         """The visitor's embeddings, newest first: trained here or loaded from a file."""
-        files = list(ws.runs.glob(f"*/{EMBEDDING_FILE}")) + [p for p in ws.embeddings.iterdir() if p.is_file()]
+        loaded = [p for p in ws.embeddings.iterdir() if p.is_file() and not p.name.startswith(".")]  # not scaled copies
+        files = list(ws.runs.glob(f"*/{EMBEDDING_FILE}")) + loaded
         return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
 
     def embedding_choices(self, ws: Workspace) -> list[tuple[str, str]]:
@@ -403,22 +406,22 @@ class TinvApp:
         if not prompt:
             raise gr.Error("Type a prompt first.")
         path = self._own_embedding(ws, embedding)
-        learned = load_embedding(str(path)) if path else None
-        note = f"Your prompt does not contain `{learned[0]}`, so the embedding has no effect on it." if learned and learned[0] not in prompt else ""
-        out = ws.images / time.strftime("%Y%m%d-%H%M%S")
-        out = unique_path(out.parent, out.name)
-        runs = [("with", learned)] + ([("without", None)] if compare and learned else [])
+        token = load_embedding(path)[0] if path else None
+        note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and token not in prompt else ""
+        out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S"))
+        runs = [("with", path)] + ([("without", None)] if compare and path else [])
+        options = dict(
+            negative=(negative or "").strip() or None, steps=int(steps), guidance=float(guidance), seed=int(seed),
+            size=SIZES.get(size), count=int(count), placement=choose_placement(),
+        )
 
         def work(reporter):
             pipe = self.engine.store.pipeline(model)
             saved = {}
-            for name, learned_embedding in runs:
-                pictures = hooks.generate_images(
-                    pipe, prompt, negative, int(steps), float(guidance), int(seed), sampler, SIZES.get(size), int(count),
-                    learned_embedding, float(strength),
-                )
+            out.mkdir(parents=True)
+            for name, file in runs:
+                pictures = hooks.generate_images(pipe, prompt, sampler, embedding=file, strength=float(strength), **options)
                 for i, picture in enumerate(pictures):
-                    out.mkdir(parents=True, exist_ok=True)
                     saved[f"{name}-{i}"] = str(out / f"{name}-{i}.png")
                     picture.save(saved[f"{name}-{i}"])
             return saved
@@ -430,8 +433,7 @@ class TinvApp:
         def pictures(name: str) -> list[Path] | None:
             return [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
 
-        seeds = f"Seed {int(seed)}." if int(count) == 1 else f"Seeds {int(seed)} to {int(seed) + int(count) - 1}."
-        return pictures("with"), pictures("without"), note or seeds
+        return pictures("with"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
@@ -485,31 +487,62 @@ class TinvApp:
 
     # ----------------------------------------------------------------------------- Prompt from image
     def find_prompt(self, model, image, readable, steps, request: gr.Request):
-        """HOOK (issue 4): search the prompt that best describes one picture, following the job."""
+        """Search the prompt that best describes one picture (Engine.optimize_prompt), following
+        the job: its progress, the similarity rising, and finally the prompt."""
         ws = self.workspace(request)
         if not image:
             raise gr.Error("Upload a picture first.")
-        target = unique_path(ws.pictures.parent / "prompt-images", sanitize_filename(Path(image).name, "picture"))
+        target = unique_path(ws.root / "prompt-images", sanitize_filename(Path(image).name, "picture"))
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(image, target)
-        run_dir = ws.new_run_dir("prompt")
-        job = hooks.submit_prompt_search(self.engine, str(target), model, bool(readable), int(steps) or None, str(run_dir))
-        import pandas as pd
-
+        try:
+            job = hooks.submit_prompt_search(self.engine, str(target), model, bool(readable), int(steps or 0) or None, str(ws.new_run_dir("prompt")))
+        except (SettingsError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        self.prompt_jobs[ws.key] = job
         while True:
             view = RunView.from_events(list(job.history), self.engine.position(job))
-            frame = pd.DataFrame(
-                [(p.step, hooks.similarity_from_loss(p.loss)) for p in view.progress], columns=["step", "similarity"]
-            ).astype({"step": "int64", "similarity": "float64"})
+            similarity = [(p.step, hooks.similarity_from_loss(p.loss)) for p in view.progress]
+            frame = pd.DataFrame(similarity, columns=["step", "similarity"]).astype({"step": "int64", "similarity": "float64"})
             prompt = ""
-            if view.done and view.outputs.get("prompt"):
-                prompt = ws.inside(view.outputs["prompt"]).read_text().strip()
-            elif view.done and view.outputs.get("prompt_embeds"):
-                prompt = "(a continuous prompt: it has no words; it was saved as prompt_embeds.safetensors)"
-            yield view.progress_html(), frame, prompt
+            if view.outputs.get("prompt"):
+                prompt = ws.inside(view.outputs["prompt"]).read_text(encoding="utf-8").strip()
+            elif view.outputs.get("prompt_embeds"):
+                prompt = "(a continuous prompt has no words: use 'Generate with it' to see it)"
+            yield view.progress_html() if not view.done else self._found_summary(view), frame, prompt
             if view.done:
                 return
             time.sleep(POLL_S)
+
+    @staticmethod
+    def _found_summary(view: RunView) -> str:
+        if view.status == "failed":
+            return view.progress_html()
+        similarity = view.metrics.get("clip_similarity")
+        return view.progress_html() + (f"<p>Best CLIP similarity with the picture: <b>{similarity:.3f}</b></p>" if similarity is not None else "")
+
+    def generate_found(self, model, request: gr.Request):
+        """A picture from the prompt found last (its words, or its continuous prompt_embeds)."""
+        ws = self.workspace(request)
+        job = self.prompt_jobs.get(ws.key)
+        outputs = job.outputs if job is not None and job.done else {}
+        if "prompt" in outputs:
+            found = dict(prompt=ws.inside(outputs["prompt"]).read_text(encoding="utf-8").strip())
+        elif "prompt_embeds" in outputs:
+            found = dict(prompt_embeds=str(ws.inside(outputs["prompt_embeds"])))
+        else:
+            raise gr.Error("Find a prompt first.")
+        out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S") + "-found.png")
+
+        def work(reporter):
+            pictures = hooks.generate_images(self.engine.store.pipeline(model), placement=choose_placement(), **found)
+            pictures[0].save(out)
+            return {"picture": str(out)}
+
+        final = self.engine.submit(f"generate from a found prompt on {model}", work).wait()
+        if final.kind == "failed":
+            raise gr.Error(final.message)
+        return [ws.inside(final.outputs["picture"])]
 
     # ----------------------------------------------------------------------------- The page
     def build(self) -> gr.Blocks:
@@ -675,12 +708,11 @@ class TinvApp:
                                 "and compares both with your training pictures and with the prompt (CLIP similarity)."
                             )
 
-                available = hooks.prompt_search_available()  # not offered until its module is built
-                with gr.Tab("5. Prompt from image", id="prompt-from-image", visible=available):
+                with gr.Tab("5. Prompt from image", id="prompt-from-image"):
                     gr.Markdown(
                         "Upload one picture and let the model find the prompt that describes it best, in its own "
-                        "terms. *Readable* gives words you can copy into any tool; *continuous* matches more "
-                        "closely but only works here."
+                        "terms. *Readable* gives words you can copy into any Stable Diffusion tool; *continuous* "
+                        "matches more closely but has no words, so it only works here."
                     )
                     with gr.Row():
                         with gr.Column():
@@ -688,13 +720,18 @@ class TinvApp:
                             c["pfi_readable"] = gr.Radio(
                                 [("Readable words", True), ("Continuous (this app only)", False)], value=True, label="Kind of prompt"
                             )
-                            c["pfi_steps"] = gr.Number(0, label="Steps (0: the method's default)", precision=0)
+                            c["pfi_steps"] = gr.Number(
+                                0, label="Steps", precision=0, minimum=0, info="0: the default (300 for readable words, 40 for continuous)."
+                            )
                             c["pfi_run"] = gr.Button("Find a prompt", variant="primary")
                         with gr.Column():
                             c["pfi_progress"] = gr.HTML()
-                            c["pfi_plot"] = gr.LinePlot(x="step", y="similarity", title="Similarity to the picture (higher is closer)", height=260)
+                            c["pfi_plot"] = gr.LinePlot(
+                                x="step", y="similarity", title="Similarity to the picture (higher is closer)", height=260
+                            )
                             c["pfi_prompt"] = gr.Textbox(label="Prompt found", buttons=["copy"], interactive=False)
-                            c["pfi_use"] = gr.Button("Generate with it")
+                            c["pfi_generate"] = gr.Button("Generate with it")
+                            c["pfi_picture"] = gr.Gallery(label="Drawn from the prompt found", columns=1, height=320)
 
             c["tabs"] = tabs
             self._wire(page, c)
@@ -752,17 +789,18 @@ class TinvApp:
             concurrency_limit=1,
         )
 
-        if not hooks.prompt_search_available():
-            return
         c["pfi_run"].click(
             on_gpu(self.find_prompt),
             [c["model"], c["pfi_image"], c["pfi_readable"], c["pfi_steps"]],
             [c["pfi_progress"], c["pfi_plot"], c["pfi_prompt"]],
             api_name="find_prompt",
+            show_progress="hidden",
             concurrency_id="gpu",
             concurrency_limit=1,
         )
-        c["pfi_use"].click(lambda text: (gr.Tabs(selected="playground"), text), c["pfi_prompt"], [c["tabs"], c["prompt"]], api_name=False)
+        c["pfi_generate"].click(
+            on_gpu(self.generate_found), c["model"], c["pfi_picture"], api_name="generate_found", concurrency_id="gpu", concurrency_limit=1
+        )
 
 
 def _rows(table) -> list[list]:

@@ -1,14 +1,11 @@
-"""Where the app meets features built in other branches. ONE HOOK PER FEATURE, each marked
-"HOOK (issue N)". A feature that is not installed is simply not offered; when its module lands,
-wire the real call in here and nothing else in the UI changes.
+"""Where the app meets features of other branches, one marked place each.
 
-- methods (issue 3): the presets below are offered when their method is in METHOD_DEFAULTS;
-- auto-caption (issue 3's BLIP captioner): `auto_caption_available`, `auto_caption`;
-- generation (issue 4's tinv_gui/generate.py): `generate_images`;
-- prompt from an image (issue 4): `prompt_search_available`, `submit_prompt_search`;
-- issue 6 (merged) is wired: downloads in every format (`export_formats`), other tools' files
-  in the Playground (embeddings.load_embedding), the figures of tinv_gui/evaluate.py
-  (TinvApp.measure).
+- HOOK (issue 3): the method presets (offered when their method is in METHOD_DEFAULTS) and
+  auto-captioning (offered when tinv_gui.captioning exists; the interface is a guess).
+- Issue 4, wired: generation through tinv_gui.generate with a sampler and a strength on top
+  (`generate_images`), prompt from an image through Engine.optimize_prompt.
+- Issue 6, wired: downloads in every format (`export_formats`); other tools' files are read by
+  embeddings.load_embedding and scored by tinv_gui.evaluate (TinvApp.measure).
 """
 
 from __future__ import annotations
@@ -18,9 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from ..embeddings import load_into_pipeline, unload_from_pipeline
+from ..embeddings import load_embedding, save_embedding
 from ..settings import METHOD_DEFAULTS
 
 
@@ -109,9 +105,8 @@ def auto_caption(paths: list[str], model: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# HOOK (issue 4): generation. Until tinv_gui/generate.py lands, this small function calls the
-# warm pipeline from the ModelStore directly, adding the embedding for the call and removing it
-# afterwards. It runs on the engine's thread, so it never overlaps a training job.
+# Issue 4 (wired): generation through tinv_gui.generate, with a sampler and a strength on top;
+# prompt from an image through Engine.optimize_prompt.
 # ---------------------------------------------------------------------------------------------
 SAMPLERS = {
     "Model default": None,
@@ -123,64 +118,34 @@ SAMPLERS = {
 }
 
 
-def generate_images(
-    pipe,
-    prompt: str,
-    negative: str = "",
-    steps: int = 25,
-    guidance: float = 7.5,
-    seed: int = 0,
-    sampler: str = "Model default",
-    size: tuple[int, int] | None = None,
-    count: int = 1,
-    embedding: tuple[str, torch.Tensor] | None = None,
-    strength: float = 1.0,
-):
-    """`count` pictures for `prompt`; picture i uses seed + i, so runs with and without the
-    embedding are comparable. `embedding` is (token, vectors [n, dim]), scaled by `strength`."""
+def generate_images(pipe, prompt=None, sampler: str = "Model default", embedding: Path | None = None, strength: float = 1.0, prompt_embeds=None, **options):
+    """Pictures from tinv_gui.generate.generate (the CLI's `generate`: same seed, same pictures),
+    with the chosen sampler for this call only and the embedding's vectors scaled by `strength`
+    (a scaled copy is written beside it for the call). `options` go to generate()."""
     import diffusers
 
-    width, height = size or (None, None)
+    from ..generate import generate
+
     original_scheduler = pipe.scheduler
-    if SAMPLERS.get(sampler):
-        pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
-    names = []
+    scaled = None
     try:
-        if embedding is not None:  # refuses vectors made for another text width, naming both
-            names = load_into_pipeline(pipe, embedding[0], embedding[1], scale=strength)
-        generators = [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
-        result = pipe(
-            [prompt] * count,
-            negative_prompt=[negative] * count if negative else None,
-            num_inference_steps=int(steps),
-            guidance_scale=float(guidance),
-            generator=generators,
-            width=width,
-            height=height,
-        )
-        return result.images
+        if SAMPLERS.get(sampler):
+            pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
+        if embedding is not None and strength != 1.0:
+            token, vectors = load_embedding(embedding)
+            scaled = embedding.with_name(f".strength-{strength:g}-{embedding.name}")
+            save_embedding(scaled, token, vectors * strength)
+        files = [scaled or embedding] if embedding is not None else []
+        return generate(pipe, prompt, embeddings=files, prompt_embeds=prompt_embeds, **options)
     finally:
         pipe.scheduler = original_scheduler
-        if names:
-            unload_from_pipeline(pipe, names)  # the pipeline stays cached: leave it as it was
-
-
-# ---------------------------------------------------------------------------------------------
-# HOOK (issue 4): prompt from an image. Guessed interface: the engine gets
-#   Engine.optimize_prompt(settings) -> Job, with settings from
-#   tinv_gui.settings.PromptSettings(images=[path], model=..., hard=bool, steps=int|None, output_dir=...)
-# and the job's Finished.outputs holding "prompt" (a .txt, readable mode) or "prompt_embeds".
-# Its Progress.loss is the spherical distance to the picture.
-# ---------------------------------------------------------------------------------------------
-def prompt_search_available() -> bool:
-    from .. import settings
-    from ..engine import Engine
-
-    return hasattr(settings, "PromptSettings") and hasattr(Engine, "optimize_prompt")
+        if scaled is not None:
+            scaled.unlink(missing_ok=True)
 
 
 def submit_prompt_search(engine, image: str, model: str, hard: bool, steps: int | None, output_dir: str):
-    from ..settings import PromptSettings  # only present once issue 4 lands
+    """A prompt-from-image job for one picture (tinv_gui.methods.prompt_from_image)."""
+    from ..settings import PromptSettings
 
     return engine.optimize_prompt(PromptSettings(images=[image], model=model, hard=hard, steps=steps, output_dir=output_dir))
 
