@@ -76,7 +76,7 @@ def train_quick(
         grad_accum=settings.grad_accum,
         phase=phase,
     )
-    on_step = (lambda step: writer.checkpoint(vectors, step)) if writer else None
+    on_step = (lambda step, _optimizer: writer.checkpoint(vectors, reporter.steps_done)) if writer else None
     with extended_vocabulary(text_model, vectors):
         try:
             result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step)
