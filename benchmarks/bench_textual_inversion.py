@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from measure import RssSampler, StepClock, make_pictures, print_table, report, run_child  # noqa: E402
+from measure import RssSampler, StepClock, WholeTableAdamW, compare, make_pictures, print_table, report  # noqa: E402
 
 TOKEN = "<bench-toy>"
 INIT = "toy"
@@ -67,7 +67,6 @@ def run_reference(args) -> dict:
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
     from PIL import Image
     from shaped_models import sd15_dir
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -92,14 +91,8 @@ def run_reference(args) -> dict:
         table[placeholder_id] = table[init_id].clone()
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    text_encoder.text_model.encoder.requires_grad_(False)
-    text_encoder.text_model.final_layer_norm.requires_grad_(False)
-    text_encoder.text_model.embeddings.position_embedding.requires_grad_(False)
-    optimizer = torch.optim.AdamW(text_encoder.get_input_embeddings().parameters(), lr=5e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    lr_scheduler = get_scheduler("constant", optimizer, num_warmup_steps=500, num_training_steps=5000)
-    original_table = table.detach().clone()
-    keep = torch.ones(len(tokenizer), dtype=torch.bool)
-    keep[placeholder_id] = False
+    text_encoder.requires_grad_(False)
+    optimizer = WholeTableAdamW(table, placeholder_id, lr=5e-4, weight_decay=1e-2)  # the script's defaults
     text_encoder.train()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ref-"))
@@ -131,10 +124,6 @@ def run_reference(args) -> dict:
         loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
         loss.backward()
         optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad()
-        with torch.no_grad():
-            table[keep] = original_table[keep]
         clock.tick()
     return clock.result()
 
@@ -159,11 +148,7 @@ def main() -> int:
     passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
     if args.gradient_checkpointing:
         passed.append("--gradient-checkpointing")
-    rows = {}
-    for name in ("ours", "reference"):
-        if args.only in (None, name):
-            rows[name] = run_child(Path(__file__), ["--child", name, *passed])
-            print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    rows = compare(Path(__file__), ("ours", "reference") if args.only is None else (args.only,), passed)
     print(f"textual inversion step, SD 1.5 shapes, {RESOLUTION} px, batch 1, CPU ({torch.get_num_threads()} threads), "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print_table(rows, [

@@ -110,6 +110,37 @@ def run_child(script: Path, args: list[str], timeout: float = 1800) -> dict:
     return {"error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
 
 
+class WholeTableAdamW:
+    """How the reference scripts train one new token: AdamW over the whole token-embedding table,
+    then every row but the new one put back after each step."""
+
+    def __init__(self, table, new_row: int, lr: float, weight_decay: float):
+        import torch
+
+        self.table = table.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW([table], lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, eps=1e-8)
+        self.original = table.detach().clone()
+        self.keep = torch.ones(table.shape[0], dtype=torch.bool)
+        self.keep[new_row] = False
+
+    def step(self) -> None:
+        import torch
+
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            self.table[self.keep] = self.original[self.keep]
+
+
+def compare(script: Path, names: tuple[str, ...], passed: list[str]) -> dict[str, dict]:
+    """Run each named configuration of `script` (its `--child NAME` mode) in its own process."""
+    rows = {}
+    for name in names:
+        rows[name] = run_child(script, ["--child", name, *passed])
+        print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    return rows
+
+
 def make_pictures(folder: Path, count: int, size: int) -> Path:
     """`count` pictures of `size` pixels with a few coloured shapes each, in `folder`."""
     import random

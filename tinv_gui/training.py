@@ -28,6 +28,20 @@ class LoopSettings:
     grad_accum: int = 1
     phase: str = "train"
 
+    @classmethod
+    def of(cls, settings, phase: str) -> "LoopSettings":
+        """The loop part of resolved TrainSettings (lr scaled when scale_lr asks)."""
+        return cls(
+            steps=settings.steps,
+            lr=settings.effective_lr,
+            weight_decay=settings.weight_decay,
+            schedule=settings.lr_schedule,
+            warmup_steps=settings.warmup_steps,
+            grad_clip=settings.grad_clip,
+            grad_accum=settings.grad_accum,
+            phase=phase,
+        )
+
 
 @dataclass
 class LoopResult:

@@ -255,9 +255,9 @@ def train_diffusion(
     placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     encoded = [encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts]
-    compute_loss = DiffusionLoss(
-        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, settings.seed + phase_offset
-    )
+    # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
+    seed = settings.seed + reporter.steps_done
+    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed)
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
 
     preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
@@ -271,16 +271,7 @@ def train_diffusion(
             render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
             reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
 
-    loop = LoopSettings(
-        steps=settings.steps,
-        lr=settings.effective_lr,
-        weight_decay=settings.weight_decay,
-        schedule=settings.lr_schedule,
-        warmup_steps=settings.warmup_steps,
-        grad_clip=settings.grad_clip,
-        grad_accum=settings.grad_accum,
-        phase=phase,
-    )
+    loop = LoopSettings.of(settings, phase)
     optimizer = None
     with extended_vocabulary(pipe.text_encoder, vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
         try:
