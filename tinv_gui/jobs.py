@@ -9,7 +9,7 @@ from .data import load_dataset
 from .device import choose_placement
 from .events import Reporter
 from .models import ModelStore
-from .settings import TrainSettings
+from .settings import DIFFUSION_METHODS, TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -28,13 +28,26 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     if settings.method == "quick":
         from .methods.quick import train_quick
 
-        reporter.log(f"Loading the CLIP model for {settings.model}")
-        clip = store.clip(settings.model, settings.clip_model, placement)
-        writer.metadata["clip_model"] = clip.name
-        # Load slightly above CLIP's size so the corner views have room to differ.
-        images = load_dataset(settings.images, size=int(clip.image_size * 1.15) + 1, min_side=clip.image_size // 2)
-        reporter.log(f"{len(images)} pictures ready")
+        clip, images = _clip_and_pictures(settings, store, placement, reporter, writer)
         train_quick(clip, images, settings, reporter, writer)
+        return dict(writer.outputs)
+    if settings.method in DIFFUSION_METHODS:
+        from .methods import textual_inversion as ti
+
+        reporter.log(f"Loading {settings.model}")
+        pipe = store.pipeline(settings.model, placement)
+        size = settings.resolution or ti.native_resolution(pipe)
+        images = load_dataset(settings.images, size=size)
+        reporter.log(f"{len(images)} pictures ready at {size}x{size}")
+        if settings.method == "textual-inversion":
+            ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
+        elif settings.method == "quick-then-ti":
+            clip, clip_images = _clip_and_pictures(settings, store, placement, reporter, writer)
+            ti.train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, reporter, writer)
+        else:
+            from .methods.caption_init import train_caption_init
+
+            train_caption_init(pipe, placement, images, settings, reporter, writer)
         return dict(writer.outputs)
     raise ValueError(f"unknown method {settings.method!r}")
 
@@ -103,3 +116,13 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     summary = Path(settings.output_dir) / "result.json"
     summary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return {**outputs, "result": str(summary)}
+
+
+def _clip_and_pictures(settings, store, placement, reporter, writer):
+    reporter.log(f"Loading the CLIP model for {settings.model}")
+    clip = store.clip(settings.model, settings.clip_model, placement)
+    writer.metadata["clip_model"] = clip.name
+    # Load slightly above CLIP's size so the corner views have room to differ.
+    images = load_dataset(settings.images, size=int(clip.image_size * 1.15) + 1, min_side=clip.image_size // 2)
+    reporter.log(f"{len(images)} pictures ready for CLIP")
+    return clip, images
