@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -245,9 +246,15 @@ def follow(job, log_jsonl: str | None = None) -> int:
             print("\nstopping after this step; the embedding will be saved...", file=sys.stderr)
         job.cancel()
 
+    # Under `accelerate launch`, only the main process draws the bar, writes the log and lists
+    # outputs; the others print their log lines with their number.
+    from .distributed import launched_with_several_processes
+
+    rank = int(os.environ.get("RANK", "0")) if launched_with_several_processes() else 0
+    prefix = f"[process {rank + 1}] " if rank else ""
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=job.total_steps or None, unit="step", dynamic_ncols=True, file=sys.stderr)
-    log_file = open(log_jsonl, "w", encoding="utf-8") if log_jsonl else None
+    bar = tqdm(total=job.total_steps or None, unit="step", dynamic_ncols=True, file=sys.stderr, disable=rank > 0)
+    log_file = open(log_jsonl, "w", encoding="utf-8") if log_jsonl and rank == 0 else None
     code = 1
     try:
         for event in job.events():
@@ -259,12 +266,12 @@ def follow(job, log_jsonl: str | None = None) -> int:
                     log_file.write(json.dumps({k: v for k, v in event.to_dict().items() if k != "event"}) + "\n")
                     log_file.flush()
             elif isinstance(event, Log):
-                bar.write(event.message, file=sys.stderr)
+                bar.write(prefix + event.message, file=sys.stderr)
             elif isinstance(event, Preview):
                 bar.write(f"preview at step {event.step}: {event.path}", file=sys.stderr)
             elif isinstance(event, Finished):
                 bar.close()
-                for what, path in event.outputs.items():
+                for what, path in event.outputs.items() if rank == 0 else ():
                     print(f"{what}: {path}")
                 for name, value in event.metrics.items():
                     print(f"{name}: {value:.4f}")

@@ -82,6 +82,7 @@ class Reporter:
         self.steps_done = 0
         self.outputs: dict[str, str] = {}  # files saved so far, reported even when the job fails
         self.metrics: dict[str, float] = {}  # figures the job measured, sent with its finished event
+        self.process = None  # a distributed.ProcessInfo under `accelerate launch`; None: one process
         self._start: float | None = None
         self._steps_before_start = 0  # a resumed run's earlier steps, left out of the time estimate
 

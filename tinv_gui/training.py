@@ -129,12 +129,16 @@ def optimize(
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
     """
+    from .distributed import ProcessInfo, any_process, average_gradient, average_value, broadcast_from_main
+
+    process = reporter.process or ProcessInfo(0, 1)
+    broadcast_from_main(vectors, process)  # every process starts from the same vectors
     optimizer, scheduler = make_optimizer(vectors, settings, optimizer_state, start_step)
     last_good = vectors.detach().clone()
     last_loss = None
     step = start_step
     for step in range(start_step + 1, settings.steps + 1):
-        if reporter.should_stop():
+        if any_process(reporter.should_stop(), process):  # all processes stop at the same step
             return LoopResult(step - 1, True, last_loss), optimizer
         reporter.step_started()
         optimizer.zero_grad(set_to_none=True)
@@ -156,6 +160,8 @@ def optimize(
             if project is not None:  # step from where the vectors were, with the projected gradient
                 with torch.no_grad():
                     vectors.copy_(last_good)
+            average_gradient(vectors, process)
+            total = average_value(total, process, vectors.device)
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_([vectors], settings.grad_clip)
             lr = scheduler.get_last_lr()[0]
@@ -199,8 +205,9 @@ class EmbeddingWriter:
 
     def save(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> str | None:
         """Write the latest embedding (after `step` steps in all), and the optimizer state beside
-        it when given, so `--resume` can continue; returns the embedding's path."""
-        if step <= 0:
+        it when given, so `--resume` can continue; returns the embedding's path.
+        Under `accelerate launch` only the main process writes."""
+        if step <= 0 or not self._writes:
             return None
         path = self._write(self.output_dir / EMBEDDING_FILE, vectors, step, optimizer)
         self.outputs["embedding"] = str(path)
@@ -208,10 +215,14 @@ class EmbeddingWriter:
 
     def checkpoint(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after every step: a numbered copy every `save_every` steps."""
-        if self.save_every and step % self.save_every == 0:
+        if self._writes and self.save_every and step % self.save_every == 0:
             numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
             self.save(vectors, step, optimizer)
             self.reporter.log(f"saved {numbered.name}")
+
+    @property
+    def _writes(self) -> bool:
+        return self.reporter.process is None or self.reporter.process.is_main
 
     def _write(self, path, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None):
         from .embeddings import save_embedding
