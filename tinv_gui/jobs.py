@@ -9,7 +9,7 @@ from .data import load_dataset
 from .device import choose_placement
 from .events import Reporter
 from .models import ModelStore
-from .settings import TrainSettings
+from .settings import SettingsError, TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -22,19 +22,22 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
-    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter)
+    widths = store.text_widths(settings.model)  # two for SDXL: one set of vectors per text encoder
+    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
     if settings.method == "quick":
         from .methods.quick import train_quick
 
-        reporter.log(f"Loading the CLIP model for {settings.model}")
-        clip = store.clip(settings.model, settings.clip_model, placement)
-        writer.metadata["clip_model"] = clip.name
+        reporter.log(f"Loading the CLIP model{'s' if len(widths) > 1 else ''} for {settings.model}")
+        names = (settings.clip_model, settings.clip_model_g)[: len(widths)]
+        clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+        writer.metadata["clip_model"] = ", ".join(clip.name for clip in clips)
         # Load slightly above CLIP's size so the corner views have room to differ.
-        images = load_dataset(settings.images, size=int(clip.image_size * 1.15) + 1, min_side=clip.image_size // 2)
+        size = max(clip.image_size for clip in clips)
+        images = load_dataset(settings.images, size=int(size * 1.15) + 1, min_side=min(clip.image_size for clip in clips) // 2)
         reporter.log(f"{len(images)} pictures ready")
-        train_quick(clip, images, settings, reporter, writer)
+        train_quick(clips, images, settings, reporter, writer)
         return dict(writer.outputs)
     raise ValueError(f"unknown method {settings.method!r}")
 
@@ -66,6 +69,8 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
+    if not settings.hard and store.is_sdxl(settings.model):
+        raise SettingsError("hard", "prompt embeddings are made for SD 1.x/2.x pipelines; on SDXL, find a readable prompt with --hard")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     reporter.log(f"Loading the CLIP model for {settings.model}")

@@ -127,9 +127,10 @@ EMBEDDING_FILE = "learned_embeds.safetensors"
 class EmbeddingWriter:
     """Writes a run's embedding into its output folder: `learned_embeds.safetensors` (always the
     latest) and, every `save_every` steps, a numbered copy. Nothing is written before the first
-    step, so a run that fails at once never overwrites an earlier good file."""
+    step, so a run that fails at once never overwrites an earlier good file. With SDXL's two text
+    encoder `widths`, the vectors hold both parts side by side and are saved in SDXL's layout."""
 
-    def __init__(self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter):
+    def __init__(self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter, widths: tuple[int, ...] | None = None):
         from pathlib import Path
 
         self.output_dir = Path(output_dir)
@@ -137,6 +138,7 @@ class EmbeddingWriter:
         self.save_every = save_every
         self.metadata = metadata
         self.reporter = reporter
+        self.widths = widths
         self.outputs: dict[str, str] = {}
 
     def save(self, vectors: torch.Tensor, step: int) -> str | None:
@@ -145,7 +147,7 @@ class EmbeddingWriter:
 
         if step <= 0:
             return None
-        path = save_embedding(self.output_dir / EMBEDDING_FILE, self.token, vectors, {**self.metadata, "steps": step})
+        path = save_embedding(self.output_dir / EMBEDDING_FILE, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
         self.outputs["embedding"] = str(path)
         return str(path)
 
@@ -155,6 +157,6 @@ class EmbeddingWriter:
 
         if self.save_every and step % self.save_every == 0:
             numbered = self.output_dir / f"learned_embeds-step{step:05d}.safetensors"
-            save_embedding(numbered, self.token, vectors, {**self.metadata, "steps": step})
+            save_embedding(numbered, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
             self.save(vectors, step)
             self.reporter.log(f"saved {numbered.name}")
