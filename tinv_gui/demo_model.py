@@ -103,34 +103,35 @@ def _tiny_vae(scaling_factor: float = 0.18215):
     )
 
 
+def _tiny_unet(**variant):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64), norm_num_groups=16, **variant
+    )
+
+
+# The noise schedule Stable Diffusion 1.x, 2.x and XL were all trained with.
+SD_NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)
+
+
 def _build_pipeline(clip, tokenizer, prediction_type: str, seed: int):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed + 1)
     text_encoder = CLIPTextModel(_text_config()).eval()
     text_encoder.load_state_dict(clip.text_model.state_dict())
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+    unet = _tiny_unet(
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
-        norm_num_groups=16,
     )
     vae = _tiny_vae()
-    # Stable Diffusion 1.x's own noise schedule.
     scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
+        **SD_NOISE_SCHEDULE,
         skip_prk_steps=True,
-        steps_offset=1,
         set_alpha_to_one=False,
         prediction_type=prediction_type,
     )
@@ -167,7 +168,7 @@ SDXL_TIME_EMBED_WIDTH = 8  # SDXL's is 256
 
 
 def _build_sdxl_pipeline(clip_l, clip_g, tokenizer, tokenizer_2, seed: int):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed + 1)
@@ -177,33 +178,18 @@ def _build_sdxl_pipeline(clip_l, clip_g, tokenizer, tokenizer_2, seed: int):
     text_encoder_2 = CLIPTextModelWithProjection(clip_g.config.text_config).eval()
     text_encoder_2.load_state_dict({k: v for k, v in clip_g.state_dict().items() if k.startswith(("text_model.", "text_projection."))})
     width_l, width_g = SDXL_TEXT_WIDTHS
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=width_l + width_g,  # the two encoders' hidden states side by side
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        norm_num_groups=16,
         # SDXL's extra conditioning: the pooled text embedding and six size/crop numbers.
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_EMBED_WIDTH,
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_WIDTH + clip_g.config.projection_dim,
     )
-    # SDXL's own schedule and sampler.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading", prediction_type="epsilon")  # SDXL's sampler
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(scaling_factor=0.13025),
         text_encoder=text_encoder,
