@@ -48,3 +48,43 @@ def store():
     from tinv_gui.models import ModelStore
 
     return ModelStore()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """`python app.py` on a free local port (GRADIO_SERVER_PORT), offline, with its visitors'
+    folders in a temporary folder of its own. Yields (url, visitors folder)."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    visitors = tmp_path_factory.mktemp("visitors")
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), TINV_GUI_VISITORS=str(visitors), GRADIO_ANALYTICS_ENABLED="False")
+    root = Path(__file__).resolve().parent.parent
+    log = open(tmp_path_factory.mktemp("app-log") / "app.log", "w")
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"app.py exited with {process.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield url, visitors
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()

@@ -1,0 +1,210 @@
+"""The Dataset tab's work: taking uploads into a visitor's folder, checking every picture, and
+showing each one as the model will see it, with its problem next to it when it has one."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from .workspace import Workspace, sanitize_filename, unique_path
+
+# Smaller than this a picture is refused; smaller than SOFT_SIDE it is kept with a warning.
+MIN_SIDE = 64
+SOFT_SIDE = 256
+MAX_ZIP_MEMBERS = 500
+MAX_MEMBER_BYTES = 50 * 1024 * 1024
+PROBLEMS_FILE = "problems.json"
+DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
+
+
+@dataclass
+class Picture:
+    """One uploaded picture, as the Dataset tab lists it."""
+
+    name: str
+    path: Path
+    problem: str | None = None  # why it is refused; None when it will be trained on
+    note: str | None = None  # a warning that does not stop training
+    caption: str = ""
+
+
+def _fingerprint(image: Image.Image) -> np.ndarray:
+    """A 16x16 average hash: nearly equal for the same picture saved again, resized or re-encoded."""
+    small = np.asarray(image.convert("L").resize((16, 16), Image.Resampling.BOX), dtype=np.float32)
+    return (small > small.mean()).ravel()
+
+
+def _duplicate_of(fingerprint: np.ndarray, known: dict[str, np.ndarray]) -> str | None:
+    """The name of a known picture within a few bits of `fingerprint`, if any."""
+    for name, other in known.items():
+        if np.count_nonzero(fingerprint != other) <= DUPLICATE_BITS:
+            return name
+    return None
+
+
+def _problems(ws: Workspace) -> dict[str, str]:
+    path = ws.rejected / PROBLEMS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _refuse(ws: Workspace, source: Path, name: str, problem: str) -> Picture:
+    target = unique_path(ws.rejected, name)
+    source.replace(target)
+    problems = _problems(ws)
+    problems[target.name] = problem
+    (ws.rejected / PROBLEMS_FILE).write_text(json.dumps(problems, indent=1))
+    return Picture(target.name, target, problem=problem)
+
+
+def _unpack_zip(archive: Path, into: Path) -> list[Path]:
+    """Pictures and caption files of a zip, written under sanitized names."""
+    out = []
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir() and "__MACOSX" not in m.filename]
+            for member in members[:MAX_ZIP_MEMBERS]:
+                suffix = Path(member.filename).suffix.lower()
+                if suffix not in IMAGE_SUFFIXES + (".txt",) or Path(member.filename).name.startswith("."):
+                    continue
+                target = unique_path(into, sanitize_filename(member.filename))
+                with zf.open(member) as src:  # read at most the limit: a member's declared size can lie
+                    data = src.read(MAX_MEMBER_BYTES + 1)
+                if len(data) > MAX_MEMBER_BYTES:
+                    continue
+                target.write_bytes(data)
+                out.append(target)
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ImageError(archive, f"not a readable zip file ({error})") from None
+    return out
+
+
+def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
+    """Copy uploaded files (pictures, zips of pictures, caption .txt files) into the visitor's
+    folder under sanitized names and check each picture. Returns the pictures added; refused
+    ones keep their problem (unreadable, too small, duplicate) and are not trained on."""
+    incoming = ws.root / "incoming"
+    incoming.mkdir(exist_ok=True)
+    staged: list[Path] = []
+    added: list[Picture] = []
+    for upload in uploads or []:
+        upload = Path(upload)
+        target = unique_path(incoming, sanitize_filename(upload.name))
+        if upload.suffix.lower() == ".zip":
+            try:
+                staged += _unpack_zip(upload, incoming)
+                continue
+            except ImageError as error:
+                target.write_bytes(upload.read_bytes())
+                added.append(_refuse(ws, target, target.name, error.problem))
+                continue
+        target.write_bytes(upload.read_bytes())
+        staged.append(target)
+
+    captions = {p.stem: p for p in staged if p.suffix == ".txt"}
+    known = {p.name: _fingerprint(open_image(p)) for p in sorted(ws.pictures.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    for path in staged:
+        if path.suffix == ".txt":
+            continue
+        name = path.name
+        try:
+            image = open_image(path)
+        except ImageError as error:
+            added.append(_refuse(ws, path, name, error.problem))
+            continue
+        if min(image.size) < MIN_SIDE:
+            added.append(_refuse(ws, path, name, f"too small ({image.size[0]}x{image.size[1]}); use pictures at least {MIN_SIDE} pixels on each side, ideally 512"))
+            continue
+        fingerprint = _fingerprint(image)
+        original = _duplicate_of(fingerprint, known)
+        if original:
+            added.append(_refuse(ws, path, name, f"duplicate of {original}"))
+            continue
+        target = unique_path(ws.pictures, name)
+        path.replace(target)
+        known[target.name] = fingerprint
+        if path.stem in captions:
+            captions[path.stem].replace(target.with_suffix(".txt"))
+        added.append(describe(target))
+    for leftover in incoming.iterdir():
+        leftover.unlink()
+    return added
+
+
+def describe(path: Path) -> Picture:
+    """A picture in the training folder, with its caption and any warning."""
+    picture = Picture(path.name, path, caption=read_caption(path) or "")
+    with Image.open(path) as probe:
+        if min(probe.size) < SOFT_SIDE:
+            picture.note = f"small ({probe.size[0]}x{probe.size[1]}): details will be soft"
+    return picture
+
+
+def list_pictures(ws: Workspace) -> list[Picture]:
+    """Every picture of the visitor: those to train on first, then the refused ones."""
+    usable = [describe(p) for p in sorted(ws.pictures.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    refused = [Picture(name, ws.rejected / name, problem=problem) for name, problem in sorted(_problems(ws).items())]
+    return usable + [p for p in refused if p.path.exists()]
+
+
+def as_seen(picture: Picture, size: int = 256) -> Image.Image | None:
+    """The picture as training sees it: orientation fixed, RGB, center square. None if unreadable."""
+    try:
+        return center_square(open_image(picture.path), size)
+    except ImageError:
+        return None
+
+
+def gallery_items(ws: Workspace, size: int = 256) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs for the Dataset gallery; a refused picture is labelled with its problem."""
+    items = []
+    for picture in list_pictures(ws):
+        image = as_seen(picture, size)
+        if picture.problem:
+            label = f"✗ {picture.name}: {picture.problem}"
+            image = image or Image.new("RGB", (size, size), (235, 220, 220))
+        else:
+            label = f"{picture.name}" + (f" ⚠ {picture.note}" if picture.note else "")
+        items.append((image, label))
+    return items
+
+
+def caption_rows(ws: Workspace) -> list[list[str]]:
+    """[name, caption] for every picture that will be trained on."""
+    return [[p.name, p.caption] for p in list_pictures(ws) if not p.problem]
+
+
+def save_captions(ws: Workspace, rows) -> int:
+    """Write each edited caption next to its picture (photo.jpg -> photo.txt); returns how many."""
+    saved = 0
+    for row in rows or []:
+        if len(row) < 2 or not row[0]:
+            continue
+        picture = ws.pictures / sanitize_filename(str(row[0]))
+        if not picture.exists():
+            continue
+        caption = str(row[1] or "").strip()
+        sidecar = picture.with_suffix(".txt")
+        if caption:
+            sidecar.write_text(caption + "\n", encoding="utf-8")
+            saved += 1
+        else:
+            sidecar.unlink(missing_ok=True)
+    return saved
+
+
+def clear(ws: Workspace) -> None:
+    """Remove every picture, caption and refused upload of the visitor."""
+    for folder in (ws.pictures, ws.rejected):
+        for path in folder.iterdir():
+            path.unlink()
+
+
+def picture_paths(ws: Workspace) -> list[Path]:
+    """The pictures training will use."""
+    return [p.path for p in list_pictures(ws) if not p.problem]

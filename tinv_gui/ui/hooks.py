@@ -1,0 +1,178 @@
+"""Where the app meets features of other branches, one marked place each.
+
+- HOOK (issue 3): the method presets (offered when their method is in METHOD_DEFAULTS) and
+  auto-captioning (offered when tinv_gui.captioning exists; the interface is a guess).
+- Issue 4, wired: generation through tinv_gui.generate with a sampler and a strength on top
+  (`generate_images`), prompt from an image through Engine.optimize_prompt.
+- Issue 6, wired: downloads in every format (`export_formats`); other tools' files are read by
+  embeddings.load_embedding and scored by tinv_gui.evaluate (TinvApp.measure).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from ..embeddings import load_embedding, save_embedding
+from ..settings import METHOD_DEFAULTS
+
+
+def _module_available(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# HOOK (issue 3): training methods, as presets in plain words.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    label: str
+    method: str
+    what: str  # what it does
+    when: str  # when to pick it
+    s_per_step_gpu: float  # rough speed for "how long on this device", replaced by measurements
+    s_per_step_cpu: float
+    uses_captions: bool = False
+
+
+PRESETS = (
+    Preset(
+        "Quick",
+        "quick",
+        "QuickEmbedding: matches the new word to your pictures in CLIP's space only; no image is drawn while it learns.",
+        "A first try, or a slow computer. Captures colours, materials and the overall look; fine detail less well.",
+        0.02,
+        0.5,
+    ),
+    Preset(
+        "Balanced",
+        "quick-then-ti",
+        "QuickEmbedding first, then textual inversion continues from where it ended.",
+        "Most concepts, on a GPU: much of the quality of Thorough in a fraction of the time.",
+        0.3,
+        5.0,
+    ),
+    Preset(
+        "Thorough",
+        "textual-inversion",
+        "Textual inversion: learns the word through Stable Diffusion's own denoising, step by step.",
+        "When Quick or Balanced miss the details and you have a GPU and some patience.",
+        0.3,
+        5.0,
+    ),
+    Preset(
+        "From one picture",
+        "caption-init",
+        "Captions the picture, turns each word of the caption into its own vector, then refines them.",
+        "You have a single picture (or two) of the concept.",
+        0.3,
+        5.0,
+        uses_captions=True,
+    ),
+)
+
+
+def available_presets() -> list[Preset]:
+    """The presets whose method this build has; a method not built yet is not offered."""
+    return [p for p in PRESETS if p.method in METHOD_DEFAULTS]
+
+
+def preset_by_label(label: str) -> Preset:
+    for preset in available_presets():
+        if preset.label == label:
+            return preset
+    raise ValueError(f"unknown method preset {label!r}; choose one of {', '.join(p.label for p in available_presets())}")
+
+
+# ---------------------------------------------------------------------------------------------
+# HOOK (issue 3): auto-captioning with BLIP. Guessed interface:
+#   tinv_gui.captioning.caption_images(paths: list[str], model: str) -> list[str]
+# ---------------------------------------------------------------------------------------------
+def auto_caption_available() -> bool:
+    return _module_available("tinv_gui.captioning")
+
+
+def auto_caption(paths: list[str], model: str) -> list[str]:
+    from .. import captioning  # noqa: PLC0415 - only present once issue 3 lands
+
+    return captioning.caption_images(paths, model=model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 4 (wired): generation through tinv_gui.generate, with a sampler and a strength on top;
+# prompt from an image through Engine.optimize_prompt.
+# ---------------------------------------------------------------------------------------------
+SAMPLERS = {
+    "Model default": None,
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler ancestral": "EulerAncestralDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
+
+
+def generate_images(pipe, prompt=None, sampler: str = "Model default", embedding: Path | None = None, strength: float = 1.0, prompt_embeds=None, **options):
+    """Pictures from tinv_gui.generate.generate (the CLI's `generate`: same seed, same pictures),
+    with the chosen sampler for this call only and the embedding's vectors scaled by `strength`
+    (a scaled copy is written beside it for the call). `options` go to generate()."""
+    import diffusers
+
+    from ..generate import generate
+
+    original_scheduler = pipe.scheduler
+    scaled = None
+    try:
+        if SAMPLERS.get(sampler):
+            pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
+        if embedding is not None and strength != 1.0:
+            token, vectors = load_embedding(embedding)
+            scaled = embedding.with_name(f".strength-{strength:g}-{embedding.name}")
+            save_embedding(scaled, token, vectors * strength)
+        files = [scaled or embedding] if embedding is not None else []
+        return generate(pipe, prompt, embeddings=files, prompt_embeds=prompt_embeds, **options)
+    finally:
+        pipe.scheduler = original_scheduler
+        if scaled is not None:
+            scaled.unlink(missing_ok=True)
+
+
+def submit_prompt_search(engine, image: str, model: str, hard: bool, steps: int | None, output_dir: str):
+    """A prompt-from-image job for one picture (tinv_gui.methods.prompt_from_image)."""
+    from ..settings import PromptSettings
+
+    return engine.optimize_prompt(PromptSettings(images=[image], model=model, hard=hard, steps=steps, output_dir=output_dir))
+
+
+def similarity_from_loss(loss: float) -> float:
+    """Cosine similarity from the spherical distance θ²/2 the CLIP-space methods minimize."""
+    return math.cos(math.sqrt(max(2.0 * loss, 0.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 6 (wired): every export format for download, and files of every tool for the Playground.
+# ---------------------------------------------------------------------------------------------
+DOWNLOAD_ORDER = ("a1111-pt", "a1111-safetensors", "diffusers-bin", "kohya")
+
+
+def export_formats(embedding: Path) -> list[tuple[Path, str]]:
+    """The run's embedding and a copy in every format, each with the tools it is for. Files
+    that would share a name in the download list get the format in theirs."""
+    from .. import formats
+
+    written = formats.export_all(embedding)
+    files = [(embedding, formats.FORMATS["diffusers"])]
+    names = {embedding.name}
+    for fmt in DOWNLOAD_ORDER:
+        path = Path(written[fmt])
+        if path.name in names:  # A1111's and kohya's .safetensors take the same name
+            path = path.rename(path.with_name(f"{path.stem}-{fmt}{path.suffix}"))
+        names.add(path.name)
+        files.append((path, formats.FORMATS.get(fmt, "diffusers' older .bin layout")))
+    return files

@@ -1,0 +1,151 @@
+"""What the Train tab shows, computed from a job's events: the progress line, the loss curve
+(raw and smoothed, one pair per phase), the previews, the log and the outputs."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..events import Event, Failed, Finished, Log, Preview, Progress, Started
+
+SMOOTHING = 0.9  # weight of the past in the smoothed curve (an exponential moving average)
+MAX_PLOT_POINTS = 500  # per curve: more only slows the browser, which redraws on every update
+LOSS_COLUMNS = ["step", "loss", "curve", "phase"]
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "…"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def loss_frame(progress: list[Progress], smoothing: float = SMOOTHING) -> pd.DataFrame:
+    """Rows (step, loss, curve, phase) for the loss plot: every phase gets a raw curve and a
+    smoothed one. The moving average restarts with each phase (their losses differ in scale) and
+    is corrected for its start, so the first points are not pulled towards zero. Long runs are
+    thinned to MAX_PLOT_POINTS per curve (the average still sees every step)."""
+    rows = []
+    average, weight, phase = 0.0, 0.0, None
+    stride = -(-len(progress) // MAX_PLOT_POINTS)
+    for i, event in enumerate(progress):
+        if event.phase != phase:
+            average, weight, phase = 0.0, 0.0, event.phase
+        average = smoothing * average + (1 - smoothing) * event.loss
+        weight = smoothing * weight + (1 - smoothing)
+        if i % stride and i != len(progress) - 1:
+            continue
+        rows.append((event.step, event.loss, f"{event.phase} (raw)", event.phase))
+        rows.append((event.step, average / weight, f"{event.phase} (smoothed)", event.phase))
+    # Typed even when empty: the plot picks its axes' kinds from the first frame it gets, and an
+    # empty frame's default "object" columns would make the steps categories instead of numbers.
+    return pd.DataFrame(rows, columns=LOSS_COLUMNS).astype({"step": "int64", "loss": "float64", "curve": str, "phase": str})
+
+
+# A light (raw) and a dark (smoothed) shade per phase, in the order phases appear.
+PHASE_COLOURS = (("#9db9e8", "#1f4fa8"), ("#f4b98c", "#c2410c"), ("#a8d8a1", "#2e7d32"), ("#d5b5ea", "#6a1b9a"))
+
+
+def loss_colours(progress: list[Progress]) -> dict[str, str] | None:
+    """Curve name -> colour; None before the first step. The plot fixes its colours when the
+    map changes (not when only the data does), so a new phase must come with a new map to be
+    drawn at all; an empty map (rather than None) would leave the curves without colour."""
+    if not progress:
+        return None
+    phases = list(dict.fromkeys(event.phase for event in progress))
+    colours = {}
+    for phase, (light, dark) in zip(phases, PHASE_COLOURS * (len(phases) // len(PHASE_COLOURS) + 1)):
+        colours[f"{phase} (raw)"] = light
+        colours[f"{phase} (smoothed)"] = dark
+    return colours
+
+
+@dataclass
+class RunView:
+    """Everything the Train tab shows about one job, rebuilt from its event history."""
+
+    status: str = "idle"  # idle, queued, loading, running, finished, stopped, failed
+    description: str = ""
+    progress: list[Progress] = field(default_factory=list)
+    previews: list[tuple[str, str]] = field(default_factory=list)  # (path, caption)
+    log: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # evaluation figures, when the job sends them
+    message: str = ""  # the failure, said so a person can act on it
+    queue_position: int = 0
+
+    @classmethod
+    def from_events(cls, events: list[Event], queue_position: int = 0) -> "RunView":
+        view = cls(status="queued" if queue_position else "loading", queue_position=queue_position)
+        for event in events:
+            if isinstance(event, Started):
+                view.description = event.description
+                view.log.append(f"Started: {event.description}")
+            elif isinstance(event, Progress):
+                view.status = "running"
+                view.progress.append(event)
+            elif isinstance(event, Log):
+                view.log.append(event.message)
+            elif isinstance(event, Preview):
+                view.previews.append((event.path, f"step {event.step}: {event.prompt}"))
+            elif isinstance(event, Finished):
+                view.status = "stopped" if event.stopped_early else "finished"
+                view.outputs = dict(event.outputs)
+                view.metrics = dict(event.metrics)
+                view.log.append("Stopped early; the embedding so far was saved." if event.stopped_early else "Finished.")
+            elif isinstance(event, Failed):
+                view.status = "failed"
+                view.outputs = dict(event.outputs)
+                view.message = event.message
+                view.log.append(f"Failed: {event.message}")
+        return view
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("finished", "stopped", "failed")
+
+    def summary(self, doing: str = "Training") -> str:
+        """One line: where the run is, how fast it goes and how long is left."""
+        if self.status == "idle":
+            return "Not started yet. Add pictures, choose a method, then press Start training."
+        if self.status == "queued":
+            return f"Waiting for the GPU/CPU: {self.queue_position} job(s) ahead of yours."
+        last = self.progress[-1] if self.progress else None
+        if last is None:
+            if self.status == "failed":
+                return f"Failed: {self.message}"
+            return (self.log[-1] if self.log else "Loading the model…") if self.status == "loading" else self.status
+        speed = last.step / last.elapsed_s if last.elapsed_s > 0 else 0.0
+        parts = [f"step {last.step} / {last.total}", f"{speed:.2f} steps/s", f"loss {last.loss:.4f}", f"phase: {last.phase}"]
+        if self.status == "running":
+            parts.insert(2, f"about {format_seconds(last.eta_s)} left")
+            return f"{doing}: " + " · ".join(parts)
+        headline = {"finished": "Done", "stopped": "Stopped", "failed": "Failed"}[self.status]
+        parts.insert(2, f"took {format_seconds(last.elapsed_s)}")
+        text = f"{headline}: " + " · ".join(parts)
+        return text + (f". {self.message}" if self.message else "")
+
+    def progress_html(self) -> str:
+        """A progress bar with the summary line under it."""
+        last = self.progress[-1] if self.progress else None
+        fraction = last.step / last.total if last and last.total else (1.0 if self.status == "finished" else 0.0)
+        colour = {"failed": "#c0392b", "stopped": "#d68910"}.get(self.status, "var(--color-accent)")
+        return (
+            '<div class="tinv-progress">'
+            f'<div class="tinv-bar"><div style="width:{100 * fraction:.1f}%;background:{colour}"></div></div>'
+            f'<p>{html.escape(self.summary())}</p></div>'
+        )
+
+    def loss_frame(self) -> pd.DataFrame:
+        return loss_frame(self.progress)
+
+    def log_text(self, last: int = 200) -> str:
+        return "\n".join(self.log[-last:])

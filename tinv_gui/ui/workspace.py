@@ -1,0 +1,135 @@
+"""Per-visitor working folders.
+
+Each visitor (one Gradio session) gets a folder of its own, by default under the system's
+temporary folder (TINV_GUI_VISITORS chooses another), from where Gradio hands files out only
+through its own cache, never by their path. Every file the app reads for a visitor or offers for
+download must lie inside the visitor's folder. Uploads are copied in under sanitized names.
+Folders left unused for a while are deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+# How long a visitor's folder lives after its last use; long enough to come back for a result.
+DEFAULT_MAX_AGE_S = float(os.environ.get("TINV_GUI_VISITOR_HOURS", "24")) * 3600
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
+LAST_USED_FILE = ".last_used"
+
+
+def sanitize_filename(name: str, fallback: str = "file") -> str:
+    """A safe base name for an uploaded file: no folders, no leading dots, only [A-Za-z0-9._-]."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    stem, dot, suffix = base.rpartition(".")
+    if not dot:
+        stem, suffix = base, ""
+    stem = _UNSAFE_NAME_CHARS.sub("_", stem).strip("._-")[:80] or fallback
+    suffix = _UNSAFE_NAME_CHARS.sub("", suffix)[:16].lower()
+    return f"{stem}.{suffix}" if suffix else stem
+
+
+def unique_path(folder: Path, name: str) -> Path:
+    """`folder/name`, or `folder/name-2.ext`, ... when that is taken."""
+    path = folder / name
+    stem, suffix = path.stem, path.suffix
+    n = 2
+    while path.exists():
+        path = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+class Workspace:
+    """One visitor's folder: pictures to train on, refused pictures, runs, loaded embeddings, images."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pictures = root / "pictures"  # what training reads (with caption sidecars)
+        self.rejected = root / "rejected"  # uploads that cannot be used, kept to show why
+        self.runs = root / "runs"  # one folder per training run
+        self.embeddings = root / "embeddings"  # embedding files loaded into the Playground
+        self.images = root / "images"  # generated pictures
+        for folder in (self.pictures, self.rejected, self.runs, self.embeddings, self.images):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.touch()
+
+    @property
+    def key(self) -> str:
+        return self.root.name
+
+    def touch(self) -> None:
+        (self.root / LAST_USED_FILE).write_text(str(time.time()))
+
+    def contains(self, path: str | os.PathLike) -> bool:
+        """True when `path` (after resolving links and '..') is inside this folder."""
+        try:
+            return Path(path).resolve().is_relative_to(self.root.resolve())
+        except (OSError, ValueError):
+            return False
+
+    def inside(self, path: str | os.PathLike) -> Path:
+        """`path` itself when it lies inside this folder; PermissionError otherwise."""
+        if not self.contains(path):
+            raise PermissionError(f"{Path(path).name} is not one of your files")
+        return Path(path).resolve()
+
+    def new_run_dir(self, token: str) -> Path:
+        """A fresh folder for one training run, named after the token and the time."""
+        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{sanitize_filename(token, 'run')}"
+        path = unique_path(self.runs, name)
+        path.mkdir(parents=True)
+        return path
+
+
+class Workspaces:
+    """Hands out visitors' folders by session key and deletes the ones left unused."""
+
+    def __init__(self, root: str | os.PathLike | None = None, max_age_s: float = DEFAULT_MAX_AGE_S, in_use=None):
+        default = os.environ.get("TINV_GUI_VISITORS") or Path(tempfile.gettempdir()) / "tinv-gui-visitors"
+        self.root = Path(root or default)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._last_sweep = 0.0
+        # Whether a visitor's folder is in use (a job of theirs running): such folders are kept.
+        self.in_use: Callable[[str], bool] = in_use or (lambda key: False)
+
+    def get(self, session_key: str | None) -> Workspace:
+        """The folder of the visitor with this session key, created on first use."""
+        if not session_key or not _SESSION_KEY.match(session_key):
+            raise PermissionError("this page has no valid session; reload it")
+        root = self.root / session_key
+        if not root.exists():
+            self.expire()
+        return Workspace(root)
+
+    def exists(self, session_key: str) -> bool:
+        """True when a visitor with this key has a folder (kept from an earlier visit)."""
+        return bool(_SESSION_KEY.match(session_key or "")) and (self.root / session_key).is_dir()
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Delete folders unused for longer than `max_age_s`; returns the keys deleted.
+        Runs at most once a minute unless `now` is given (tests)."""
+        with self._lock:
+            current = time.time() if now is None else now
+            if now is None and current - self._last_sweep < 60:
+                return []
+            self._last_sweep = current
+            removed = []
+            for folder in self.root.iterdir():
+                if not folder.is_dir() or self.in_use(folder.name):
+                    continue
+                marker = folder / LAST_USED_FILE
+                last_used = marker.stat().st_mtime if marker.exists() else folder.stat().st_mtime
+                if current - last_used > self.max_age_s:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+            return removed
