@@ -113,6 +113,18 @@ def test_generation_uses_both_parts_and_leaves_the_pipeline_clean(pipe, tmp_path
         generate(pipe, prompt="<sd>", embeddings=[sd_embedding], steps=1)
 
 
+def test_playground_draws_with_an_sdxl_embedding_at_any_strength(pipe, tmp_path):
+    from tinv_gui.ui import hooks
+
+    thing = sdxl_file(tmp_path / "thing.safetensors")
+    kwargs = dict(prompt="a photo of <xl>", steps=2, seed=1, sampler="Euler")
+    full = hooks.generate_images(pipe, embedding=thing, **kwargs)
+    weaker = hooks.generate_images(pipe, embedding=thing, strength=0.5, **kwargs)
+    assert not np.array_equal(np.asarray(full[0]), np.asarray(weaker[0]))
+    assert list(tmp_path.iterdir()) == [thing]  # the scaled copy is gone
+    assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == 49408 and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
 def test_quick_on_sdxl_trains_both_parts_against_their_own_clip(store, picture_dir, tmp_path):
     clips = [store.clip("demo-sdxl", encoder=0), store.clip("demo-sdxl", encoder=1)]
     before = [{k: v.clone() for k, v in clip.model.state_dict().items()} for clip in clips]
