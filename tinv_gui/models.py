@@ -132,6 +132,7 @@ class ModelStore:
             return self._sdxl[source.location]
 
     def text_encoder_count(self, model: str) -> int:
+        """2 for SDXL, else 1."""
         return 2 if self.is_sdxl(model) else 1
 
     def tokenizer(self, model: str, encoder: int = 0):
