@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -31,7 +32,13 @@ def _quiet_libraries() -> None:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="learn a new token from pictures")
-    p.add_argument("--method", default="quick", help="quick (QuickEmbedding)")
+    p.add_argument(
+        "--method",
+        default="quick",
+        choices=("quick", "textual-inversion", "quick-then-ti", "caption-init"),
+        help="quick (QuickEmbedding, CLIP only), textual-inversion (through the UNet), quick-then-ti "
+        "(QuickEmbedding, then textual inversion), caption-init (one vector per caption word, then textual inversion)",
+    )
     p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
     p.add_argument("--clip-model", default=None, help="CLIP model for CLIP-space methods (default: the one matching --model)")
     p.add_argument("--clip-model-g", default=None, help="SDXL: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
@@ -45,7 +52,19 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--lr-schedule", default=None, help="constant, linear, cosine, ... (diffusers' get_scheduler)")
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the method's)")
+    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="multiply --lr by batch size x accumulation (default: the method's)")
+    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's, 512 for SD 1.x)")
+    p.add_argument("--no-flip", action="store_true", help="do not also train on mirrored pictures")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about a third slower")
+    p.add_argument("--resume", default=None, metavar="FILE", help="continue from an embedding an earlier run saved (with its optimizer state)")
+    p.add_argument("--quick-steps", type=int, default=None, help="quick-then-ti: QuickEmbedding steps before textual inversion (default 100)")
+    p.add_argument("--caption", default=None, help="caption-init: the caption to start from (default: BLIP describes the first picture)")
+    p.add_argument("--caption-model", default=None, help="caption-init: a BLIP captioning model (default Salesforce/blip-image-captioning-base)")
+    p.add_argument("--preview-every", type=int, default=0, help="save a preview picture every N steps (0: none)")
+    p.add_argument("--preview-prompt", default=None, help="prompt of the previews; {} stands for the token (default: the first template)")
+    p.add_argument("--preview-steps", type=int, default=20, help="denoising steps per preview")
     p.add_argument("--style", default="object", choices=("object", "style"), help="prompt templates to train with")
     p.add_argument("--captions", action="store_true", help="train on each picture's caption (photo.txt beside photo.jpg)")
     p.add_argument("--save-every", type=int, default=0, help="also save a numbered copy every N steps")
@@ -162,6 +181,17 @@ def settings_from_args(args):
         lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps,
         grad_accum=args.grad_accum,
+        scale_lr=args.scale_lr,
+        resolution=args.resolution,
+        flip=not args.no_flip,
+        gradient_checkpointing=args.gradient_checkpointing,
+        resume=args.resume,
+        quick_steps=args.quick_steps,
+        caption=args.caption,
+        caption_model=args.caption_model,
+        preview_every=args.preview_every,
+        preview_prompt=args.preview_prompt,
+        preview_steps=args.preview_steps,
         seed=args.seed,
         style=args.style,
         use_captions=args.captions,
@@ -212,16 +242,22 @@ def follow(job, log_jsonl: str | None = None) -> int:
     """
     from tqdm import tqdm
 
-    from .events import Failed, Finished, Log, Progress
+    from .events import Failed, Finished, Log, Preview, Progress
 
     def stop(signum, frame):  # noqa: ARG001
         if not job.cancelled:
             print("\nstopping after this step; the embedding will be saved...", file=sys.stderr)
         job.cancel()
 
+    # Under `accelerate launch`, only the main process draws the bar, writes the log and lists
+    # outputs; the others print their log lines with their number.
+    from .distributed import launched_with_several_processes
+
+    rank = int(os.environ.get("RANK", "0")) if launched_with_several_processes() else 0
+    prefix = f"[process {rank + 1}] " if rank else ""
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = tqdm(total=job.total_steps or None, unit="step", dynamic_ncols=True, file=sys.stderr)
-    log_file = open(log_jsonl, "w", encoding="utf-8") if log_jsonl else None
+    bar = tqdm(total=job.total_steps or None, unit="step", dynamic_ncols=True, file=sys.stderr, disable=rank > 0)
+    log_file = open(log_jsonl, "w", encoding="utf-8") if log_jsonl and rank == 0 else None
     code = 1
     try:
         for event in job.events():
@@ -233,10 +269,12 @@ def follow(job, log_jsonl: str | None = None) -> int:
                     log_file.write(json.dumps({k: v for k, v in event.to_dict().items() if k != "event"}) + "\n")
                     log_file.flush()
             elif isinstance(event, Log):
-                bar.write(event.message, file=sys.stderr)
+                bar.write(prefix + event.message, file=sys.stderr)
+            elif isinstance(event, Preview):
+                bar.write(f"preview at step {event.step}: {event.path}", file=sys.stderr)
             elif isinstance(event, Finished):
                 bar.close()
-                for what, path in event.outputs.items():
+                for what, path in event.outputs.items() if rank == 0 else ():
                     print(f"{what}: {path}")
                 for name, value in event.metrics.items():
                     print(f"{name}: {value:.4f}")

@@ -257,3 +257,64 @@ def _cached(folder: str, write, marks: tuple[str, ...]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+DEMO_CAPTIONER = "demo"
+CAPTIONER_VOCAB_WORDS = 2000
+
+
+def _captioner_vocab() -> dict[str, int]:
+    """A small WordPiece vocabulary (BERT's special tokens, BLIP's [DEC], then the most frequent
+    whole words of CLIP's shipped vocabulary), so the demo captioner needs no download."""
+    import json
+
+    clip_vocab = json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8"))
+    words = [w[: -len("</w>")] for w, _ in sorted(clip_vocab.items(), key=lambda item: item[1]) if w.endswith("</w>")]
+    words = [w for w in words if w.isascii() and w.isalpha() and len(w) > 2][:CAPTIONER_VOCAB_WORDS]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    return {token: i for i, token in enumerate(specials + words)}
+
+
+def write_demo_captioner(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random-weight BLIP captioner (BlipForConditionalGeneration) with its processor.
+    Its captions are random words; the point is that the real captioning code path runs."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    vocab = _captioner_vocab()
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
+    text = BlipTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=TEXT_WIDTH,
+        encoder_hidden_size=TEXT_WIDTH,
+        intermediate_size=2 * TEXT_WIDTH,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=vocab["[DEC]"],
+        sep_token_id=vocab["[SEP]"],
+        eos_token_id=vocab["[SEP]"],
+        pad_token_id=vocab["[PAD]"],
+    )
+    vision = BlipVisionConfig(
+        hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=16
+    )
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())).eval()
+    processor = BlipProcessor(BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def demo_captioner_dir() -> Path:
+    """The cached demo captioner folder, built on first use."""
+    return _cached(f"captioner-v{DEMO_VERSION}", write_demo_captioner, ("config.json", "model.safetensors"))

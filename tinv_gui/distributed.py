@@ -25,7 +25,9 @@ class ProcessInfo:
 
 
 def launched_with_several_processes() -> bool:
-    """True under `accelerate launch` / torchrun with more than one process."""
+    """True under `accelerate launch --multi_gpu` / torchrun with more than one process. (On CPUs,
+    `accelerate launch --cpu` starts a single process unless MPI is set up; use `--multi_gpu`,
+    which accelerate runs through torchrun, or torchrun itself: gloo then links the processes.)"""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -34,19 +36,23 @@ def process_info() -> ProcessInfo:
     launched with several processes (gloo on CPUs, NCCL on GPUs, as accelerate chooses)."""
     if not launched_with_several_processes():
         return ProcessInfo(0, 1)
+    state = _state()
+    return ProcessInfo(state.process_index, state.num_processes)
+
+
+def _state():
     from accelerate import PartialState
 
-    state = PartialState()
-    return ProcessInfo(state.process_index, state.num_processes)
+    # accelerate only forms a CPU process group when told the run is on CPUs.
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
+    return PartialState(cpu=on_cpu)
 
 
 def device_for_process(default: str) -> str:
     """Each process takes its own GPU (accelerate's choice); on CPUs, the CPU."""
     if not launched_with_several_processes():
         return default
-    from accelerate import PartialState
-
-    return str(PartialState().device)
+    return str(_state().device)
 
 
 def shard(items: list, info: ProcessInfo) -> list:
@@ -73,3 +79,19 @@ def average_value(value: float, info: ProcessInfo, device: torch.device | str = 
     total = torch.tensor([value], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
     return float(total) / info.world
+
+
+def broadcast_from_main(tensor: torch.Tensor, info: ProcessInfo) -> None:
+    """Give every process the main process's values of `tensor` (in place)."""
+    if info.distributed:
+        with torch.no_grad():
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def any_process(flag: bool, info: ProcessInfo) -> bool:
+    """True on every process when `flag` is true on any (a stop asked of one stops all together)."""
+    if not info.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)

@@ -211,6 +211,14 @@ def load_embedding(path: str | Path, width: int | None = None) -> tuple[str, tor
     return embedding.token, embedding.vectors
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (method, steps, base model...)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0, vectors_g: torch.Tensor | None = None) -> list[str]:
     """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
     (which names several vectors token, token_1, ...); `scale` multiplies the vectors. An SDXL

@@ -82,7 +82,9 @@ class Reporter:
         self.steps_done = 0
         self.outputs: dict[str, str] = {}  # files saved so far, reported even when the job fails
         self.metrics: dict[str, float] = {}  # figures the job measured, sent with its finished event
+        self.process = None  # a distributed.ProcessInfo under `accelerate launch`; None: one process
         self._start: float | None = None
+        self._steps_before_start = 0  # a resumed run's earlier steps, left out of the time estimate
 
     def emit(self, event: Event) -> None:
         self._emit(event)
@@ -93,6 +95,10 @@ class Reporter:
     def should_stop(self) -> bool:
         return self.stop_event.is_set()
 
+    def resume_at(self, steps_done: int) -> None:
+        """Count `steps_done` steps as done by an earlier run that this one continues."""
+        self.steps_done = self._steps_before_start = steps_done
+
     def step_started(self) -> None:
         if self._start is None:
             self._start = time.perf_counter()
@@ -102,7 +108,8 @@ class Reporter:
         self.steps_done += 1
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         remaining = max(self.total_steps - self.steps_done, 0)
-        eta = elapsed / self.steps_done * remaining if self.steps_done else None
+        timed = self.steps_done - self._steps_before_start
+        eta = elapsed / timed * remaining if timed else None
         event = Progress(self.steps_done, self.total_steps, float(loss), float(lr), elapsed, eta, phase)
         self._emit(event)
         return event

@@ -3,13 +3,15 @@ so models stay warm), prepares the data, calls a method, and returns its output 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .data import load_dataset
 from .device import choose_placement
+from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .models import ModelStore
-from .settings import SettingsError, TrainSettings
+from .settings import DIFFUSION_METHODS, SettingsError, TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -18,7 +20,15 @@ def describe(settings: TrainSettings) -> str:
 
 
 def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
-    """Train as `settings` (resolved) say; returns {"embedding": path, ...}."""
+    """Train as `settings` (resolved) say; returns {"embedding": path, ...}.
+
+    Under `accelerate launch` with several processes, each process trains on its own share of
+    the pictures with its own random draws, gradients are averaged, and the main process saves.
+    """
+    process = process_info()
+    reporter.process = process
+    if process.distributed:
+        settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
@@ -29,17 +39,44 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     if settings.method == "quick":
         from .methods.quick import train_quick
 
-        reporter.log(f"Loading the CLIP model{'s' if len(widths) > 1 else ''} for {settings.model}")
-        names = (settings.clip_model, settings.clip_model_g)[: len(widths)]
-        clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
-        writer.metadata["clip_model"] = ", ".join(clip.name for clip in clips)
-        # Load slightly above CLIP's size so the corner views have room to differ.
-        size = max(clip.image_size for clip in clips)
-        images = load_dataset(settings.images, size=int(size * 1.15) + 1, min_side=min(clip.image_size for clip in clips) // 2)
-        reporter.log(f"{len(images)} pictures ready")
+        clips, images = _clips_and_pictures(settings, store, placement, reporter, writer)
         train_quick(clips, images, settings, reporter, writer)
         return dict(writer.outputs)
+    if settings.method in DIFFUSION_METHODS:
+        from .methods import textual_inversion as ti
+
+        reporter.log(f"Loading {settings.model}")
+        pipe = store.pipeline(settings.model, placement)
+        size = settings.resolution or ti.native_resolution(pipe)
+        images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
+        reporter.log(f"{len(images)} pictures ready at {size}x{size}")
+        if settings.method == "textual-inversion":
+            ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
+        elif settings.method == "quick-then-ti":
+            clips, clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
+            ti.train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer)
+        else:
+            from .methods.caption_init import train_caption_init
+
+            train_caption_init(pipe, placement, images, settings, reporter, writer)
+        return dict(writer.outputs)
     raise ValueError(f"unknown method {settings.method!r}")
+
+
+def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
+    """This process's pictures; with several processes, says which ones and the effective batch."""
+    if not process.distributed:
+        return images
+    mine = shard(images, process)
+    names = ", ".join(Path(i.path).name for i in mine)
+    reporter.log(f"process {process.rank + 1}/{process.world} trains on: {names}")
+    if process.is_main:
+        effective = (settings.batch_size or 1) * settings.grad_accum * process.world
+        reporter.log(
+            f"effective batch size {effective} = batch {settings.batch_size} x accumulation {settings.grad_accum} "
+            f"x {process.world} processes"
+        )
+    return mine
 
 
 def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
@@ -108,3 +145,17 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     summary = Path(settings.output_dir) / "result.json"
     summary.write_text(json.dumps(record, indent=2), encoding="utf-8")
     return {**outputs, "result": str(summary)}
+
+
+def _clips_and_pictures(settings, store, placement, reporter, writer):
+    """The CLIP model of each text encoder (SDXL has two), and this process's pictures at CLIP's size."""
+    names = (settings.clip_model, settings.clip_model_g)[: store.text_encoder_count(settings.model)]
+    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
+    clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    writer.metadata["clip_model"] = ", ".join(clip.name for clip in clips)
+    # Load slightly above CLIP's size so the corner views have room to differ.
+    size = max(clip.image_size for clip in clips)
+    images = load_dataset(settings.images, size=int(size * 1.15) + 1, min_side=min(clip.image_size for clip in clips) // 2)
+    images = _own_share(images, reporter.process or ProcessInfo(0, 1), settings, reporter)
+    reporter.log(f"{len(images)} pictures ready for CLIP")
+    return clips, images

@@ -5,14 +5,32 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
-METHODS = ("quick",)
+METHODS = ("quick", "textual-inversion", "quick-then-ti", "caption-init")
+DIFFUSION_METHODS = ("textual-inversion", "quick-then-ti", "caption-init")  # they load the whole pipeline
 
 # Published defaults per method; a None field in TrainSettings takes these.
 METHOD_DEFAULTS: dict[str, dict] = {
     # QuickEmbedding as Ethan Smith published it: AdamW lr 0.1, weight decay 0.01, linear decay,
     # gradient clip 1.0, batch 32, 100 steps.
-    "quick": dict(steps=100, batch_size=32, lr=0.1, weight_decay=0.01, lr_schedule="linear", grad_clip=1.0),
+    "quick": dict(steps=100, batch_size=32, lr=0.1, weight_decay=0.01, lr_schedule="linear", grad_clip=1.0, grad_accum=1, scale_lr=False),
+    # Textual inversion as diffusers documents its example script (examples/textual_inversion):
+    # batch 1 with 4 accumulated, lr 5e-4 scaled by the batch (so 2e-3), constant, 3000 steps,
+    # AdamW weight decay 1e-2 (the script's default). About half an hour on a recent GPU.
+    "textual-inversion": dict(
+        steps=3000, batch_size=1, grad_accum=4, lr=5e-4, scale_lr=True, weight_decay=1e-2, lr_schedule="constant"
+    ),
+    # The published QuickEmbedding recipe: 100 CLIP steps (QuickEmbedding's own defaults above),
+    # then 50 diffusion steps at batch 4, lr 1.5e-3.
+    "quick-then-ti": dict(
+        quick_steps=100, steps=50, batch_size=4, grad_accum=1, lr=1.5e-3, scale_lr=False, weight_decay=0.0, lr_schedule="constant"
+    ),
+    # Caption-initialized inversion: every caption word starts where it means something already, so
+    # ~100 diffusion steps at the diffusion phase settings of the recipe above suffice.
+    "caption-init": dict(
+        steps=100, batch_size=4, grad_accum=1, lr=1.5e-3, scale_lr=False, weight_decay=0.0, lr_schedule="constant"
+    ),
 }
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 STYLES = ("object", "style")
@@ -46,12 +64,24 @@ class TrainSettings:
     lr_schedule: str | None = None
     warmup_steps: int = 0
     grad_clip: float | None = None
-    grad_accum: int = 1
+    grad_accum: int | None = None
+    scale_lr: bool | None = None  # multiply lr by batch size x accumulation, as diffusers' --scale_lr
     seed: int = 0
     style: str = "object"  # which prompt templates: "object" or "style"
     use_captions: bool = False  # train on the pictures' captions instead of templates
     crops: int = 6  # QuickEmbedding: views per picture averaged into its CLIP embedding
     save_every: int = 0  # 0: only at the end
+    # Diffusion methods:
+    resolution: int | None = None  # None: the model's native size (512 for SD 1.x, 768 for SD 2.x 768)
+    flip: bool = True  # also train on the mirrored pictures
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower
+    resume: str | None = None  # an embedding saved by an earlier run (its optimizer state beside it)
+    preview_every: int = 0  # 0: no previews; else a preview picture every N steps
+    preview_prompt: str | None = None  # "{}" stands for the token; default "a photo of {}"
+    preview_steps: int = 20  # denoising steps of a preview
+    quick_steps: int | None = None  # quick-then-ti: QuickEmbedding steps before the diffusion steps
+    caption: str | None = None  # caption-init: the caption; None asks the captioning model
+    caption_model: str | None = None  # caption-init: None picks BLIP (or the demo captioner for demo models)
     device: str = "auto"
     precision: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -67,10 +97,17 @@ class TrainSettings:
 
     @property
     def total_steps(self) -> int:
-        return int(self.steps or 0)
+        """Steps over all phases (quick-then-ti: the CLIP steps, then the diffusion steps)."""
+        clip_steps = self.quick_steps or 0 if self.method == "quick-then-ti" else 0
+        return int(self.steps or 0) + int(clip_steps)
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate the optimizer gets: scaled by the samples per step when scale_lr."""
+        return self.lr * self.batch_size * self.grad_accum if self.scale_lr else self.lr
 
     def check(self) -> None:
-        positive_ints = ("steps", "batch_size", "vectors", "grad_accum", "crops")
+        positive_ints = ("steps", "batch_size", "vectors", "grad_accum", "crops", "preview_steps", "quick_steps")
         for name in positive_ints:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -83,8 +120,15 @@ class TrainSettings:
             raise SettingsError("weight_decay", "must not be negative")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise SettingsError("grad_clip", "must not be negative")
-        if self.warmup_steps < 0 or self.save_every < 0:
-            raise SettingsError("warmup_steps" if self.warmup_steps < 0 else "save_every", "must not be negative")
+        for name in ("warmup_steps", "save_every", "preview_every"):
+            if getattr(self, name) < 0:
+                raise SettingsError(name, "must not be negative")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
+            raise SettingsError("resolution", f"must be a multiple of 8 and at least 64, not {self.resolution!r}")
+        if self.resume is not None and not Path(self.resume).is_file():
+            raise SettingsError("resume", f"{self.resume} is not a file; give an embedding saved by an earlier run")
+        if self.caption is not None and not self.caption.strip():
+            raise SettingsError("caption", "the caption is empty; describe the picture in a few words, or leave it out")
         if self.lr_schedule is not None and self.lr_schedule not in SCHEDULES:
             raise SettingsError("lr_schedule", f"{self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.style not in STYLES:

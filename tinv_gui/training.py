@@ -28,6 +28,20 @@ class LoopSettings:
     grad_accum: int = 1
     phase: str = "train"
 
+    @classmethod
+    def of(cls, settings, phase: str) -> "LoopSettings":
+        """The loop part of resolved TrainSettings (lr scaled when scale_lr asks)."""
+        return cls(
+            steps=settings.steps,
+            lr=settings.effective_lr,
+            weight_decay=settings.weight_decay,
+            schedule=settings.lr_schedule,
+            warmup_steps=settings.warmup_steps,
+            grad_clip=settings.grad_clip,
+            grad_accum=settings.grad_accum,
+            phase=phase,
+        )
+
 
 @dataclass
 class LoopResult:
@@ -36,20 +50,62 @@ class LoopResult:
     last_loss: float | None
 
 
-def make_optimizer(vectors: torch.Tensor, settings: LoopSettings, state: dict | None = None):
-    """AdamW over the new vectors and its schedule (diffusers' get_scheduler)."""
+def make_optimizer(vectors: torch.Tensor, settings: LoopSettings, state: dict | None = None, start_step: int = 0):
+    """AdamW over the new vectors and its schedule (diffusers' get_scheduler), the schedule
+    positioned after `start_step` steps when a run is resumed."""
     from diffusers.optimization import get_scheduler
 
     optimizer = torch.optim.AdamW([vectors], lr=settings.lr, weight_decay=settings.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state)
-        for group in optimizer.param_groups:  # the new run's settings win over the saved ones
-            group["lr"] = group["initial_lr"] = settings.lr
-            group["weight_decay"] = settings.weight_decay
+    for group in optimizer.param_groups:  # the new run's settings win over the saved ones
+        group["lr"] = group["initial_lr"] = settings.lr
+        group["weight_decay"] = settings.weight_decay
     scheduler = get_scheduler(
-        settings.schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps
+        settings.schedule,
+        optimizer,
+        num_warmup_steps=settings.warmup_steps,
+        num_training_steps=settings.steps,
+        last_epoch=start_step - 1,
     )
     return optimizer, scheduler
+
+
+OPTIMIZER_SUFFIX = ".optimizer.safetensors"
+
+
+def optimizer_state_path(embedding_path) -> "Path":
+    """Where the optimizer state of an embedding file lives: beside it, `name.optimizer.safetensors`."""
+    from pathlib import Path
+
+    path = Path(embedding_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + OPTIMIZER_SUFFIX)
+
+
+def save_optimizer_state(path, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Save AdamW's moments for the one trainable tensor as safetensors (no pickle)."""
+    from .embeddings import atomic_save_safetensors
+
+    state = optimizer.state_dict()["state"].get(0)
+    if not state:
+        return
+    tensors = {name: value.reshape(-1) if name == "step" else value for name, value in state.items()}
+    atomic_save_safetensors(tensors, path, {"optimizer": type(optimizer).__name__, "steps": str(step)})
+
+
+def load_optimizer_state(path, vectors: torch.Tensor) -> dict | None:
+    """The optimizer state saved beside an embedding, as `make_optimizer` takes it; None when
+    there is none or it does not fit `vectors` (the run then starts with fresh moments)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    tensors = load_file(str(path), device=str(vectors.device))
+    if tensors.get("exp_avg") is None or tensors["exp_avg"].shape != vectors.shape:
+        return None
+    fresh = torch.optim.AdamW([vectors]).state_dict()
+    fresh["state"] = {0: {"step": tensors["step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}}
+    return fresh
 
 
 def optimize(
@@ -57,26 +113,32 @@ def optimize(
     compute_loss: Callable[[int], torch.Tensor],
     settings: LoopSettings,
     reporter: Reporter,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
     optimizer_state: dict | None = None,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    start_step: int = 0,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
-    """Run `settings.steps` optimizer steps on `vectors` (a float32 leaf tensor).
+    """Run optimizer steps `start_step + 1` to `settings.steps` on `vectors` (a float32 leaf tensor).
 
     `compute_loss(micro_step)` returns a scalar loss for one micro-batch; it is called
-    `grad_accum` times per step. `on_step(step)` runs after each step (checkpoints, previews).
+    `grad_accum` times per step. `on_step(step, optimizer)` runs after each step (checkpoints,
+    previews). A resumed run passes the saved `optimizer_state` and the steps already done.
     A stop request ends the loop after the current step. On a NaN/inf loss, `vectors` is reset
     to the last good values and TrainingDiverged is raised.
 
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
     """
-    optimizer, scheduler = make_optimizer(vectors, settings, optimizer_state)
+    from .distributed import ProcessInfo, any_process, average_gradient, average_value, broadcast_from_main
+
+    process = reporter.process or ProcessInfo(0, 1)
+    broadcast_from_main(vectors, process)  # every process starts from the same vectors
+    optimizer, scheduler = make_optimizer(vectors, settings, optimizer_state, start_step)
     last_good = vectors.detach().clone()
     last_loss = None
-    step = 0
-    for step in range(1, settings.steps + 1):
-        if reporter.should_stop():
+    step = start_step
+    for step in range(start_step + 1, settings.steps + 1):
+        if any_process(reporter.should_stop(), process):  # all processes stop at the same step
             return LoopResult(step - 1, True, last_loss), optimizer
         reporter.step_started()
         optimizer.zero_grad(set_to_none=True)
@@ -98,6 +160,8 @@ def optimize(
             if project is not None:  # step from where the vectors were, with the projected gradient
                 with torch.no_grad():
                     vectors.copy_(last_good)
+            average_gradient(vectors, process)
+            total = average_value(total, process, vectors.device)
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_([vectors], settings.grad_clip)
             lr = scheduler.get_last_lr()[0]
@@ -117,7 +181,7 @@ def optimize(
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
         if on_step is not None:
-            on_step(step)
+            on_step(step, optimizer)
     return LoopResult(step, False, last_loss), optimizer
 
 
@@ -141,22 +205,34 @@ class EmbeddingWriter:
         self.widths = widths
         self.outputs: dict[str, str] = {}
 
-    def save(self, vectors: torch.Tensor, step: int) -> str | None:
-        """Write the latest embedding (after `step` steps in all); returns its path."""
-        from .embeddings import save_embedding
-
-        if step <= 0:
+    def save(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> str | None:
+        """Write the latest embedding (after `step` steps in all), and the optimizer state beside
+        it when given, so `--resume` can continue; returns the embedding's path.
+        Under `accelerate launch` only the main process writes."""
+        if step <= 0 or not self._writes:
             return None
-        path = save_embedding(self.output_dir / EMBEDDING_FILE, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
+        path = self._write(self.output_dir / EMBEDDING_FILE, vectors, step, optimizer)
         self.outputs["embedding"] = str(path)
         return str(path)
 
-    def checkpoint(self, vectors: torch.Tensor, step: int) -> None:
+    def checkpoint(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Called after every step: a numbered copy every `save_every` steps."""
+        if self._writes and self.save_every and step % self.save_every == 0:
+            numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
+            self.save(vectors, step, optimizer)
+            self.reporter.log(f"saved {numbered.name}")
+
+    @property
+    def _writes(self) -> bool:
+        return self.reporter.process is None or self.reporter.process.is_main
+
+    def _write(self, path, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None):
         from .embeddings import save_embedding
 
-        if self.save_every and step % self.save_every == 0:
-            numbered = self.output_dir / f"learned_embeds-step{step:05d}.safetensors"
-            save_embedding(numbered, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
-            self.save(vectors, step)
-            self.reporter.log(f"saved {numbered.name}")
+        path = save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
+        state_path = optimizer_state_path(path)
+        if optimizer is not None:
+            save_optimizer_state(state_path, optimizer, step)
+        else:  # a state from an earlier save would not match these vectors
+            state_path.unlink(missing_ok=True)
+        return path

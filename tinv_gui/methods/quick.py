@@ -80,17 +80,8 @@ def train_quick(
                 losses.append(spherical_distance(features[:, None, :], target[None, :, :]).mean())
         return torch.stack(losses).mean()
 
-    loop = LoopSettings(
-        steps=settings.steps,
-        lr=settings.lr,
-        weight_decay=settings.weight_decay,
-        schedule=settings.lr_schedule,
-        warmup_steps=settings.warmup_steps,
-        grad_clip=settings.grad_clip,
-        grad_accum=settings.grad_accum,
-        phase=phase,
-    )
-    on_step = (lambda step: writer.checkpoint(vectors, step)) if writer else None
+    loop = LoopSettings.of(settings, phase)
+    on_step = (lambda step, _optimizer: writer.checkpoint(vectors, reporter.steps_done)) if writer else None
     with extended_vocabularies(text_models, vectors):
         try:
             result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step)

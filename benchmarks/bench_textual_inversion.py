@@ -1,0 +1,170 @@
+"""Seconds per textual inversion step and peak memory: tinv-gui against a reference step.
+
+    HF_HUB_OFFLINE=1 python benchmarks/bench_textual_inversion.py [--steps 2] [--warmup 1]
+
+Both run on the Stable Diffusion 1.5-shaped random-weight model (see shaped_models.py) at 512 px,
+batch 1, on the CPU, each in its own subprocess (so each peak resident memory is its own):
+
+- ours: tinv-gui's textual inversion job, exactly as `python -m tinv_gui train --method
+  textual-inversion` runs it (model loading through the ModelStore, latents cached once,
+  only the new vector trainable, precision chosen by device.choose_placement);
+- reference: the step of diffusers' examples/textual_inversion/textual_inversion.py at its
+  defaults: the VAE encodes the picture every step, the whole token-embedding matrix is trainable
+  with AdamW on it (untouched rows restored after each step), fp32.
+
+Prints seconds per step (median of the timed steps, after warm-up), CPU seconds per step, the
+peak resident memory of the whole process and of the training steps alone, and ours/reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from measure import RssSampler, StepClock, WholeTableAdamW, compare, make_pictures, print_table, report  # noqa: E402
+
+TOKEN = "<bench-toy>"
+INIT = "toy"
+RESOLUTION = 512
+
+
+def run_ours(args) -> dict:
+    from shaped_models import sd15_dir
+
+    from tinv_gui.events import Progress, Reporter
+    from tinv_gui.jobs import run_training
+    from tinv_gui.models import ModelStore
+    from tinv_gui.settings import TrainSettings
+
+    model = str(sd15_dir())
+    sampler = RssSampler()
+    clock = StepClock(args.warmup, sampler)
+    work = Path(tempfile.mkdtemp(prefix="bench-ti-"))
+    settings = TrainSettings(
+        images=str(make_pictures(work / "pictures", 4, RESOLUTION)), token=TOKEN, init=INIT, output_dir=str(work / "out"),
+        method="textual-inversion", model=model, steps=args.warmup + args.steps, batch_size=1, grad_accum=1,
+        resolution=RESOLUTION, device="cpu", precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+    ).resolved()
+
+    def on_event(event):
+        if isinstance(event, Progress):
+            clock.tick()  # the first step's time includes loading: it is a warm-up step
+
+    run_training(settings, ModelStore(), Reporter(on_event, total_steps=settings.total_steps))
+    return clock.result()
+
+
+def run_reference(args) -> dict:
+    """The reference step, written after diffusers' example script (its defaults, batch 1)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from PIL import Image
+    from shaped_models import sd15_dir
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from tinv_gui.data import OBJECT_TEMPLATES
+
+    model = sd15_dir()
+    sampler = RssSampler()
+    clock = StepClock(args.warmup, sampler)
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+    tokenizer.add_tokens([TOKEN])
+    placeholder_id = tokenizer.convert_tokens_to_ids(TOKEN)
+    init_id = tokenizer.encode(INIT, add_special_tokens=False)[0]
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    table = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[placeholder_id] = table[init_id].clone()
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    optimizer = WholeTableAdamW(table, placeholder_id, lr=5e-4, weight_decay=1e-2)  # the script's defaults
+    text_encoder.train()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ref-"))
+    pictures = [Image.open(p).convert("RGB") for p in sorted(make_pictures(work, 4, RESOLUTION).iterdir())]
+    rng = random.Random(0)
+
+    def example():
+        image = pictures[rng.randrange(len(pictures))].resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        prompt = rng.choice(OBJECT_TEMPLATES).format(TOKEN)
+        ids = tokenizer(prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        return pixels, ids
+
+    clock.start()
+    for _ in range(args.warmup + args.steps):
+        pixels, ids = example()
+        latents = vae.encode(pixels).latent_dist.sample().detach() * vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (1,)).long()
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        hidden = text_encoder(ids)[0]
+        prediction = unet(noisy, timesteps, hidden).sample
+        if noise_scheduler.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(prediction.float(), target.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        clock.tick()
+    return clock.result()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, choices=range(1, 10), metavar="N", help="untimed steps first (at least 1)")
+    parser.add_argument("--precision", default="auto", help="ours: auto, fp32 or bf16 (the reference is fp32, as at its defaults)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="ours: with gradient checkpointing")
+    parser.add_argument("--only", choices=("ours", "reference"), default=None, help="run one configuration")
+    parser.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    if args.child:
+        report({**(run_ours(args) if args.child == "ours" else run_reference(args)), "threads": torch.get_num_threads()})
+        return 0
+    from shaped_models import sd15_dir
+
+    sd15_dir()  # build the model once, outside the measured processes
+    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
+    if args.gradient_checkpointing:
+        passed.append("--gradient-checkpointing")
+    rows = compare(Path(__file__), ("ours", "reference") if args.only is None else (args.only,), passed)
+    print(f"textual inversion step, SD 1.5 shapes, {RESOLUTION} px, batch 1, CPU ({torch.get_num_threads()} threads), "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print_table(rows, [
+        ("s_per_step", "s/step", "{:.2f}"),
+        ("cpu_s_per_step", "CPU s/step", "{:.2f}"),
+        ("process_peak_rss_gb", "peak RSS GB", "{:.2f}"),
+        ("steps_peak_rss_gb", "steps peak GB", "{:.2f}"),
+    ])
+    ours, ref = rows.get("ours", {}), rows.get("reference", {})
+    if ours.get("s_per_step") and ref.get("s_per_step"):
+        print(f"ours is {ref['s_per_step'] / ours['s_per_step']:.2f}x faster per step "
+              f"(CPU time {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x) and uses "
+              f"{100 * ours['process_peak_rss_gb'] / ref['process_peak_rss_gb']:.0f}% of the reference's peak memory "
+              f"({100 * ours['steps_peak_rss_gb'] / ref['steps_peak_rss_gb']:.0f}% during the steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

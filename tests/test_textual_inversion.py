@@ -1,0 +1,227 @@
+"""Textual inversion, quick-then-ti and caption-init on the demo model: through the CLI (as a
+user runs them) and in-process for the parts a subprocess cannot see."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinv_gui.device import choose_placement
+from tinv_gui.embeddings import load_embedding, load_into_pipeline, read_metadata
+from tinv_gui.events import Log, Preview, Progress, Reporter
+from tinv_gui.jobs import run_training
+from tinv_gui.settings import SettingsError, TrainSettings
+from tinv_gui.training import optimizer_state_path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "<tst-thing>"
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m tinv_gui train ...` in a subprocess, as a user runs it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "tinv_gui", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def steps_logged(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def fresh_pipe():
+    """A separate demo pipeline to load results into (the store's one is for training)."""
+    from diffusers import StableDiffusionPipeline
+
+    from tinv_gui.demo_model import demo_model_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(demo_model_dir("demo") / "sd", safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, token: str, vectors: torch.Tensor) -> np.ndarray:
+    """A picture of `a photo of <token>` with the vectors loaded through diffusers' own loader."""
+    load_into_pipeline(pipe, token, vectors)
+    try:
+        image = pipe(f"a photo of {token}", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    finally:
+        pipe.unload_textual_inversion()
+    return image
+
+
+def assert_changes_image(pipe, path: Path, start: torch.Tensor) -> None:
+    """The saved file loads into diffusers and generates a different picture than its start."""
+    token, vectors = load_embedding(path)
+    assert token == TOKEN
+    trained = generate(pipe, token, vectors)
+    untrained = generate(pipe, token, start)
+    assert np.abs(trained - untrained).mean() > 1e-4
+
+
+def word_vectors(pipe, words: str) -> torch.Tensor:
+    ids = pipe.tokenizer(words, add_special_tokens=False).input_ids
+    return pipe.text_encoder.get_input_embeddings().weight[ids].detach().clone()
+
+
+def run_in_process(store, **overrides) -> tuple[dict, list]:
+    """A training job run in this process (sharing the warm demo model); returns (outputs, events)."""
+    events = []
+    settings = TrainSettings(**{"token": TOKEN, "steps": 2, "batch_size": 1, **overrides}).resolved()
+    outputs = run_training(settings, store, Reporter(events.append, total_steps=settings.total_steps))
+    return outputs, events
+
+
+def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_changes_the_image(picture_dir, tmp_path, fresh_pipe):
+    out = tmp_path / "out"
+    train_cli(
+        "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
+        "--steps", "3", "--batch-size", "1", "--grad-accum", "1", "--lr", "0.05", "--save-every", "2",
+        "--output", str(out), "--log-jsonl", str(tmp_path / "log.jsonl"),
+    )
+    logged = steps_logged(tmp_path / "log.jsonl")
+    assert [r["step"] for r in logged] == [1, 2, 3] and {r["phase"] for r in logged} == {"ti"}
+    assert {p.name for p in out.iterdir()} == {
+        "learned_embeds.safetensors", "learned_embeds.optimizer.safetensors",
+        "learned_embeds-step00002.safetensors", "learned_embeds-step00002.optimizer.safetensors",
+    }
+    assert read_metadata(out / "learned_embeds.safetensors")["steps"] == "3"
+    assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
+
+
+def test_resume_continues_from_the_saved_step_with_the_saved_optimizer_state(store, picture_dir, tmp_path):
+    outputs, _ = run_in_process(store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path / "first"))
+    second = tmp_path / "second"
+    proc = train_cli(
+        "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--batch-size", "1",
+        "--steps", "4", "--resume", outputs["embedding"], "--output", str(second), "--log-jsonl", str(tmp_path / "log.jsonl"),
+    )
+    assert [(r["step"], r["total"]) for r in steps_logged(tmp_path / "log.jsonl")] == [(3, 4), (4, 4)]
+    assert "Resuming after step 2" in proc.stderr and "afresh" not in proc.stderr
+    assert read_metadata(second / "learned_embeds.safetensors")["steps"] == "4"
+    # AdamW's own step count went on from the saved state's 2, rather than restarting at 0.
+    assert load_file(str(optimizer_state_path(second / "learned_embeds.safetensors")))["step"].item() == 4
+
+
+def test_quick_then_ti_is_one_job_with_two_phases(picture_dir, tmp_path, fresh_pipe):
+    out = tmp_path / "out"
+    train_cli(
+        "--method", "quick-then-ti", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
+        "--quick-steps", "2", "--steps", "2", "--batch-size", "1", "--lr", "0.05",
+        "--output", str(out), "--log-jsonl", str(tmp_path / "log.jsonl"),
+    )
+    logged = steps_logged(tmp_path / "log.jsonl")
+    assert [(r["step"], r["total"], r["phase"]) for r in logged] == [(1, 4, "quick"), (2, 4, "quick"), (3, 4, "ti"), (4, 4, "ti")]
+    meta = read_metadata(out / "learned_embeds.safetensors")
+    assert meta["steps"] == "4" and meta["method"] == "quick-then-ti"
+    assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
+
+
+def test_caption_init_makes_one_vector_per_caption_token_starting_at_each_word(picture_dir, tmp_path, fresh_pipe):
+    caption = "a red ball on the grass"
+    out = tmp_path / "out"
+    train_cli(
+        "--method", "caption-init", "--images", str(picture_dir), "--token", TOKEN, "--caption", caption,
+        "--steps", "2", "--batch-size", "1", "--output", str(out),
+    )
+    token, vectors = load_embedding(out / "learned_embeds.safetensors")
+    start = word_vectors(fresh_pipe, caption)
+    assert token == TOKEN and vectors.shape == start.shape == (6, 64)
+    # Two small steps later, each vector is still nearest to its own word of the whole vocabulary.
+    table = fresh_pipe.text_encoder.get_input_embeddings().weight.detach()
+    nearest = torch.cdist(vectors, table).argmin(dim=1).tolist()
+    assert nearest == fresh_pipe.tokenizer(caption, add_special_tokens=False).input_ids
+    names = load_into_pipeline(fresh_pipe, token, vectors)
+    fresh_pipe.unload_textual_inversion()
+    assert names == [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, 6)]
+    assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", start)
+
+
+def test_caption_init_asks_the_captioner_when_no_caption_is_given(store, picture_dir, tmp_path):
+    outputs, events = run_in_process(store, method="caption-init", images=str(picture_dir), output_dir=str(tmp_path), steps=1)
+    caption = read_metadata(outputs["embedding"])["caption"]
+    assert caption and any(isinstance(e, Log) and e.message.startswith("Caption:") for e in events)
+    count = len(store.tokenizer("demo")(caption, add_special_tokens=False).input_ids)
+    assert load_embedding(outputs["embedding"])[1].shape[0] == count
+
+
+def test_v_prediction_model_trains_on_v_targets(store, picture_dir, tmp_path):
+    outputs, events = run_in_process(store, method="textual-inversion", model="demo-vpred", images=str(picture_dir), output_dir=str(tmp_path), init="dog")
+    assert any(isinstance(e, Log) and "predicting v_prediction" in e.message for e in events)
+    assert all(np.isfinite(e.loss) for e in events if isinstance(e, Progress))
+    assert read_metadata(outputs["embedding"])["steps"] == "2"
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noise_schedule_tables_match_diffusers(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from tinv_gui.methods.textual_inversion import NoiseSchedule
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    schedule = NoiseSchedule(scheduler.config, torch.device("cpu"))
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([0, 500, 999])
+    noisy, target = schedule.noisy_and_target(latents, noise, timesteps)
+    torch.testing.assert_close(noisy, scheduler.add_noise(latents, noise, timesteps))
+    expected = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    torch.testing.assert_close(target, expected)
+
+
+def test_vae_encodes_each_picture_and_mirror_once_and_models_stay_frozen(store, picture_dir, tmp_path):
+    pipe = store.pipeline("demo", choose_placement("auto", "auto"))
+    unet_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    table = pipe.text_encoder.get_input_embeddings()
+    calls = []
+    original = pipe.vae.encode
+    pipe.vae.encode = lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k)
+    try:
+        run_in_process(store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path), steps=3, batch_size=2)
+    finally:
+        del pipe.vae.encode
+    assert sum(calls) == 2 * 4  # four pictures and their mirrors, before the loop; none during it
+    assert pipe.text_encoder.get_input_embeddings() is table and table.num_embeddings == 49408
+    assert all(torch.equal(v, unet_before[k]) for k, v in pipe.unet.state_dict().items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters()) and not pipe.unet.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_gives_the_same_losses(store, picture_dir, tmp_path):
+    def losses(**extra):
+        _, events = run_in_process(store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path), init="dog", **extra)
+        return [e.loss for e in events if isinstance(e, Progress)]
+
+    assert losses(gradient_checkpointing=True) == pytest.approx(losses(), rel=1e-4)
+
+
+def test_previews_are_generated_every_n_steps_with_a_fixed_seed(store, picture_dir, tmp_path):
+    _, events = run_in_process(
+        store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path), steps=2,
+        preview_every=1, preview_steps=2, preview_prompt="a picture of {}",
+    )
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in previews] == [1, 2] and previews[0].prompt == f"a picture of {TOKEN}"
+    assert all(Path(p.path).is_file() and Path(p.path).parent == tmp_path for p in previews)
+
+
+def test_resuming_a_quick_then_ti_file_saved_in_its_clip_phase_is_refused(store, picture_dir, tmp_path):
+    outputs, _ = run_in_process(store, method="quick", images=str(picture_dir), output_dir=str(tmp_path / "q"), batch_size=4)
+    with pytest.raises(SettingsError, match="QuickEmbedding phase"):
+        run_in_process(store, method="quick-then-ti", images=str(picture_dir), output_dir=str(tmp_path), resume=outputs["embedding"])
+
+
+def test_settings_of_the_diffusion_methods():
+    ti = TrainSettings(method="textual-inversion", token=TOKEN).resolved()
+    assert (ti.batch_size, ti.grad_accum, ti.effective_lr) == (1, 4, pytest.approx(2e-3))  # diffusers' documented run
+    both = TrainSettings(method="quick-then-ti", token=TOKEN).resolved()
+    assert (both.quick_steps, both.steps, both.total_steps, both.batch_size, both.effective_lr) == (100, 50, 150, 4, 1.5e-3)
+    with pytest.raises(SettingsError, match="resolution"):
+        TrainSettings(method="textual-inversion", resolution=100).resolved()
+    with pytest.raises(SettingsError, match="resume"):
+        TrainSettings(method="textual-inversion", resume="/nonexistent/file.safetensors").resolved()

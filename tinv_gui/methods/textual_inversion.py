@@ -1,0 +1,321 @@
+"""Textual inversion (Gal et al., 2022): learn a token's vectors through the frozen diffusion model.
+
+Each step takes latents of training pictures, adds noise at random timesteps of the pipeline's
+own training schedule, and asks the frozen UNet to predict the noise (or v, or the clean sample:
+whatever the scheduler config says) from a prompt holding the token. Only the token's vectors move.
+
+What keeps a step cheap:
+- each picture and its mirror go through the VAE encoder once; a step draws from the cached
+  latent distributions, so the encoder never runs in the loop;
+- only the [n, dim] new vectors carry gradients and optimizer state (extended_vocabulary); the
+  UNet, VAE and text encoder are the warm pipeline's own, frozen, never copied;
+- prompts are tokenized, and the noise schedule's square-root tables computed, before the loop;
+- mixed precision where the device computes it fast (device.choose_placement decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import ImageOps
+
+from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
+from ..device import Placement
+from ..embeddings import encode_with_placeholder, extended_vocabulary, initial_vectors, load_embedding, read_metadata, validate_token
+from ..events import Preview, Reporter
+from ..settings import SettingsError, TrainSettings
+from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, optimize, optimizer_state_path
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def native_resolution(pipe) -> int:
+    """The picture size the pipeline was trained at (512 for SD 1.x, 768 for SD 2.x 768)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+@dataclass
+class LatentCache:
+    """The VAE's latent distribution (mean and log-variance) of every picture, then of every
+    mirrored picture, computed once; `sample` draws scaled latents from it."""
+
+    moments: torch.Tensor  # [pictures * (2 if mirrored else 1), 2 * latent channels, h, w], float32
+    pictures: int
+    scaling_factor: float
+    shift_factor: float
+
+    @property
+    def mirrored(self) -> bool:
+        return self.moments.shape[0] > self.pictures
+
+    def sample(self, picked: list[int], mirror: list[bool], generator: torch.Generator) -> torch.Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        rows = [i + self.pictures if m else i for i, m in zip(picked, mirror)]
+        latents = DiagonalGaussianDistribution(self.moments[rows]).sample(generator)
+        return (latents - self.shift_factor) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror: bool) -> LatentCache:
+    """Run the VAE encoder once per picture (and per mirrored picture)."""
+    pictures = [i.image for i in images]
+    if mirror:
+        pictures += [ImageOps.mirror(p) for p in pictures]
+    vae = pipe.vae
+    moments = []
+    for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
+        pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
+        with placement.autocast():
+            moments.append(vae.encode(pixels).latent_dist.parameters.float())
+    return LatentCache(
+        torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+    )
+
+
+class NoiseSchedule:
+    """The pipeline's training noise schedule (read through diffusers' DDPMScheduler, as its
+    training examples do), as square-root tables on the device, computed once."""
+
+    def __init__(self, scheduler_config, device: torch.device):
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise SettingsError("model", f"its scheduler predicts {self.prediction_type!r}; only {', '.join(PREDICTION_TYPES)} can be trained")
+        self.num_timesteps = scheduler.config.num_train_timesteps
+        alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
+        self.signal = alphas_cumprod.sqrt()
+        self.noise = (1.0 - alphas_cumprod).sqrt()
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The noised latents at `timesteps`, and what the UNet should predict from them."""
+        signal = self.signal[timesteps].view(-1, 1, 1, 1)
+        noise_scale = self.noise[timesteps].view(-1, 1, 1, 1)
+        noisy = signal * latents + noise_scale * noise
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, signal * noise - noise_scale * latents
+        return noisy, latents
+
+
+class DiffusionLoss:
+    """The denoising loss of one random batch, with everything per-run prepared once.
+
+    With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
+    each sample takes a random prompt of the templates.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        placement: Placement,
+        latents: LatentCache,
+        prompts: list[list[int]],
+        per_picture: bool,
+        batch_size: int,
+        mirror: bool,
+        seed: int,
+    ):
+        self.unet = pipe.unet
+        self.text_encoder = pipe.text_encoder
+        self.placement = placement
+        self.latents = latents
+        self.schedule = NoiseSchedule(pipe.scheduler.config, placement.device)
+        self.prompt_ids, self.attention_mask = pad_prompts(pipe, prompts, placement.device)
+        self.per_picture = per_picture
+        self.batch_size = batch_size
+        self.mirror = mirror and latents.mirrored
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator(placement.device).manual_seed(seed)
+
+    def __call__(self, _micro: int = 0) -> torch.Tensor:
+        device = self.placement.device
+        picked = sample_indices(self.latents.pictures, self.batch_size, self.rng)
+        mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
+        latents = self.latents.sample(picked, mirror, self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator, device=device)
+        timesteps = torch.randint(0, self.schedule.num_timesteps, (len(picked),), generator=self.generator, device=device)
+        noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
+        rows = picked if self.per_picture else [self.rng.randrange(len(self.prompt_ids)) for _ in picked]
+        dtype = self.unet.dtype
+        with self.placement.autocast():
+            hidden = encode_prompts(self.text_encoder, self.prompt_ids[rows], self.attention_mask[rows])
+            prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+        return F.mse_loss(prediction.float(), target)
+
+
+def pad_prompts(pipe, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the tokenizer's full length (77), as the pipeline conditions on them,
+    and the attention mask of the real tokens."""
+    tokenizer = pipe.tokenizer
+    length = tokenizer.model_max_length
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([p + [pad] * (length - len(p)) for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(p) + [0] * (length - len(p)) for p in prompts], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def encode_prompts(text_encoder, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden states, as StableDiffusionPipeline computes them."""
+    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+    return text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0]
+
+
+def render_preview(pipe, placement: Placement, prompt_ids: list[int], size: int, steps: int, seed: int, path: Path) -> Path:
+    """Generate one picture from already-encoded prompt ids (the new vectors must be spliced in)
+    with a fixed seed, and save it as PNG."""
+    ids, mask = pad_prompts(pipe, [prompt_ids], placement.device)
+    with torch.no_grad():
+        embeds = encode_prompts(pipe.text_encoder, ids, mask).to(pipe.unet.dtype)
+    generator = torch.Generator(placement.device).manual_seed(seed)
+    image = pipe(prompt_embeds=embeds, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet, enabled: bool):
+    """Recompute the UNet's activations in the backward pass within the block (less memory, ~30%
+    slower); the shared pipeline is left as it was."""
+    if not enabled:
+        yield
+        return
+    unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()
+
+
+@dataclass
+class Resumed:
+    """What an earlier run left: its vectors, its steps (over all phases) and its optimizer state."""
+
+    vectors: torch.Tensor
+    steps_done: int
+    optimizer_state_file: Path
+
+
+def read_resume(path: str) -> Resumed:
+    """Read an embedding saved by an earlier run, to continue it."""
+    try:
+        _, vectors = load_embedding(path)
+        steps = int(read_metadata(path).get("steps", 0))
+    except (OSError, ValueError) as error:
+        raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui ({error})") from None
+    return Resumed(vectors.float(), steps, optimizer_state_path(path))
+
+
+def train_diffusion(
+    pipe,
+    placement: Placement,
+    images: list[TrainImage],
+    settings: TrainSettings,
+    reporter: Reporter,
+    writer: EmbeddingWriter,
+    vectors: torch.Tensor,
+    phase: str = "ti",
+    resumed: Resumed | None = None,
+    phase_offset: int = 0,
+) -> torch.Tensor:
+    """Train `vectors` ([n, dim], the token's starting point) with the diffusion loss for
+    `settings.steps` steps; `phase_offset` counts the steps of earlier phases of the same job.
+    Saves through `writer` (with the optimizer state, for --resume) and returns the vectors."""
+    tokenizer = pipe.tokenizer
+    token = validate_token(settings.token, tokenizer)
+    size = settings.resolution or native_resolution(pipe)
+    start_step = 0
+    optimizer_state = None
+    vectors = vectors.to(placement.device, torch.float32).clone().requires_grad_(True)
+    if resumed is not None:
+        start_step = resumed.steps_done - phase_offset
+        if start_step >= settings.steps:
+            raise SettingsError(
+                "steps", f"the resumed embedding was saved after {resumed.steps_done} steps; ask for more steps than that to continue"
+            )
+        optimizer_state = load_optimizer_state(resumed.optimizer_state_file, vectors)
+        reporter.resume_at(resumed.steps_done)
+        reporter.log(
+            f"Resuming after step {resumed.steps_done}"
+            + ("" if optimizer_state else " (no optimizer state was saved beside it: the optimizer starts afresh)")
+        )
+
+    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
+    latents = encode_latents(pipe, images, placement, settings.flip)
+    vocab_size = pipe.text_encoder.get_input_embeddings().num_embeddings
+    placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
+    prompts = training_prompts(images, token, settings.style, settings.use_captions)
+    encoded = [encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts]
+    # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
+    seed = settings.seed + reporter.steps_done
+    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed)
+    reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
+
+    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
+    preview_ids = encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids)
+
+    def on_step(_step: int, optimizer) -> None:
+        done = reporter.steps_done
+        writer.checkpoint(vectors, done, optimizer)
+        if settings.preview_every and done % settings.preview_every == 0:
+            path = writer.output_dir / f"preview-step{done:05d}.png"
+            render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
+            reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
+
+    loop = LoopSettings.of(settings, phase)
+    optimizer = None
+    with extended_vocabulary(pipe.text_encoder, vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
+        try:
+            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step)
+        finally:  # keep the last good vectors, whatever happened
+            writer.save(vectors, reporter.steps_done, optimizer)
+    return vectors.detach().float().cpu()
+
+
+def starting_vectors(pipe, settings: TrainSettings) -> torch.Tensor:
+    """The token's vectors before training: from --init's words, else random."""
+    table = pipe.text_encoder.get_input_embeddings().weight
+    return initial_vectors(table, pipe.tokenizer, settings.init, settings.vectors, settings.seed)
+
+
+def train_textual_inversion(pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
+    """Textual inversion from --init (or random), or from where --resume's run stopped."""
+    resumed = read_resume(settings.resume) if settings.resume else None
+    vectors = resumed.vectors if resumed else starting_vectors(pipe, settings)
+    return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti", resumed)
+
+
+def train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
+    """QuickEmbedding in CLIP space, then textual inversion from where it ended: one job, one
+    progress scale (phases "quick" then "ti")."""
+    import dataclasses
+
+    from .quick import train_quick
+
+    quick_steps = settings.quick_steps
+    resumed = read_resume(settings.resume) if settings.resume else None
+    if resumed is not None and resumed.steps_done < quick_steps:
+        raise SettingsError(
+            "resume", f"that file was saved during the QuickEmbedding phase (step {resumed.steps_done} of {quick_steps}); start afresh instead"
+        )
+    if resumed is None:
+        quick_settings = dataclasses.replace(
+            settings, method="quick", steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
+            lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
+        ).resolved()
+        vectors = train_quick(clip, clip_images, quick_settings, reporter, writer, phase="quick").vectors
+        if reporter.should_stop():
+            return vectors
+        reporter.log("QuickEmbedding done; textual inversion continues from its vectors")
+    else:
+        vectors = resumed.vectors
+    return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti", resumed, phase_offset=quick_steps)
