@@ -173,3 +173,63 @@ def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
     torch.save({"state_dict": {"conditioner.embedders.1.model.text_projection": torch.zeros(1)}}, tmp_path / "xl.ckpt")
     assert _checkpoint_is_sdxl(tmp_path / "xl.safetensors") and _checkpoint_is_sdxl(tmp_path / "xl.ckpt")
     assert not _checkpoint_is_sdxl(tmp_path / "sd15.safetensors")
+
+
+# ---- textual inversion through the UNet -----------------------------------------------------
+
+
+def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, picture_dir):
+    from tinv_gui.device import choose_placement
+    from tinv_gui.embeddings import encode_with_placeholder, extended_vocabularies
+    from tinv_gui.methods.textual_inversion import DiffusionLoss, encode_latents, encode_prompts, pad_prompts, sdxl_time_ids
+    from tinv_gui.models import text_encoders, tokenizers
+
+    placement = choose_placement("cpu", "fp32")
+    encoders, prompt = text_encoders(pipe), "a photo of a ball"
+    with torch.no_grad():
+        hidden, pooled = encode_prompts(encoders, [pad_prompts(t, [t(prompt).input_ids], placement.device) for t in tokenizers(pipe)])
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompt, device=placement.device, do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+
+    images = load_dataset(picture_dir, size=64)  # 96x80 pictures: scaled to 77x64, 6 pixels cut on the left
+    assert images[0].original_size == (80, 96) and images[0].crop_top_left == (0, 6)
+    encoded = [[encode_with_placeholder(t, "a photo of <t>", "<t>", [49408])] for t in tokenizers(pipe)]
+    loss = DiffusionLoss(pipe, placement, encode_latents(pipe, images, placement, False), encoded, False, 2, False, 0, sdxl_time_ids(images, 64))
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    vectors = torch.randn(1, WIDTH_L + WIDTH_G, requires_grad=True)
+    try:
+        with extended_vocabularies(encoders, vectors):
+            loss().backward()
+            with torch.no_grad():
+                _, token_pooled = encode_prompts(encoders, loss.prompts)
+    finally:
+        hook.remove()
+    (args, kwargs), = seen
+    assert args[2].shape == (2, 77, WIDTH_L + WIDTH_G)
+    assert torch.equal(kwargs["added_cond_kwargs"]["time_ids"], torch.tensor([[80.0, 96, 0, 6, 64, 64]] * 2))
+    torch.testing.assert_close(kwargs["added_cond_kwargs"]["text_embeds"], token_pooled.expand(2, -1))
+    # The loss reaches both encoders' vectors.
+    assert vectors.grad[:, :WIDTH_L].abs().sum() > 0 and vectors.grad[:, WIDTH_L:].abs().sum() > 0
+
+
+def test_textual_inversion_and_caption_init_on_sdxl_through_the_cli(store, pipe, picture_dir, tmp_path):
+    from tinv_gui.methods.textual_inversion import starting_vectors
+
+    out = tmp_path / "ti"
+    code = cli.main(["train", "--method", "textual-inversion", "--model", "demo-sdxl", "--images", str(picture_dir), "--token", "<ti>",
+                     "--init", "ball", "--vectors", "2", "--steps", "3", "--batch-size", "1", "--grad-accum", "1", "--output", str(out)])
+    assert code == 0
+    trained = read_embedding(out / "learned_embeds.safetensors")
+    assert trained.widths == SDXL_TEXT_WIDTHS and trained.metadata["steps"] == "3"
+    start_l, start_g = starting_vectors(pipe, "ball", 2, 0).split(SDXL_TEXT_WIDTHS, dim=1)
+    assert not torch.allclose(trained.vectors, start_l) and not torch.allclose(trained.vectors_g, start_g)
+    assert generate(pipe, prompt="a photo of <ti>", embeddings=[out / "learned_embeds.safetensors"], steps=2)[0].size == (64, 64)
+
+    out = tmp_path / "caption"
+    code = cli.main(["train", "--method", "caption-init", "--caption", "a red ball", "--model", "demo-sdxl", "--images", str(picture_dir),
+                     "--token", "<ci>", "--steps", "2", "--batch-size", "1", "--output", str(out)])
+    assert code == 0
+    captioned = read_embedding(out / "learned_embeds.safetensors")
+    assert captioned.vectors.shape == (3, WIDTH_L) and captioned.vectors_g.shape == (3, WIDTH_G)
