@@ -311,7 +311,7 @@ def train_diffusion(
     optimizer = None
     with extended_vocabularies(text_encoders(pipe), vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
         try:
-            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step)
+            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step=start_step)
         finally:  # keep the last good vectors, whatever happened
             writer.save(vectors, reporter.steps_done, optimizer)
     return vectors.detach().float().cpu()
