@@ -39,8 +39,9 @@ def _add_train(sub) -> None:
         help="quick (QuickEmbedding, CLIP only), textual-inversion (through the UNet), quick-then-ti "
         "(QuickEmbedding, then textual inversion), caption-init (one vector per caption word, then textual inversion)",
     )
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
     p.add_argument("--clip-model", default=None, help="CLIP model for CLIP-space methods (default: the one matching --model)")
+    p.add_argument("--clip-model-g", default=None, help="SDXL: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
     p.add_argument("--images", required=True, nargs="+", help="a folder of pictures, or picture files")
     p.add_argument("--token", required=True, help="the new word, e.g. <my-cat>")
     p.add_argument("--init", default=None, help="a word or phrase to start from (default: random)")
@@ -86,7 +87,7 @@ def _add_convert(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score an embedding: CLIP image and text similarity, against its initializer word")
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
     p.add_argument("--embedding", required=True, help="the embedding file (any layout)")
     p.add_argument("--images", required=True, nargs="+", help="the training pictures: a folder or picture files")
     p.add_argument("--prompt", required=True, help="a prompt using the token, e.g. 'a photo of <my-cat> on a beach'")
@@ -103,7 +104,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _add_model_and_device(p) -> None:
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo'")
+    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
 
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
+    demo.add_argument("--sdxl", action="store_true", help="SDXL-shaped instead: DIR/sd, DIR/clip_l and DIR/clip_g")
     return parser
 
 
@@ -169,6 +171,7 @@ def settings_from_args(args):
         method=args.method,
         model=args.model,
         clip_model=args.clip_model,
+        clip_model_g=args.clip_model_g,
         init=args.init,
         vectors=args.vectors,
         steps=args.steps,
@@ -297,8 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     if args.command == "demo-model":
-        from .demo_model import write_demo_model
+        from .demo_model import write_demo_model, write_demo_sdxl
 
+        if args.sdxl:
+            out = write_demo_sdxl(args.dir)
+            print(f"SDXL demo model written: {Path(out) / 'sd'}, {Path(out) / 'clip_l'} and {Path(out) / 'clip_g'}")
+            return 0
         out = write_demo_model(args.dir, prediction_type="v_prediction" if args.v_prediction else "epsilon")
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0

@@ -83,6 +83,10 @@ class TrainImage:
     path: str
     image: Image.Image
     caption: str | None = None
+    # Where the square came from, which SDXL is conditioned on: the picture's (height, width)
+    # before scaling, and the (top, left) corner of the square cut from the scaled picture.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -104,6 +108,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def center_square(image: Image.Image, size: int) -> Image.Image:
     """Scale the shorter side to `size` and cut the centered square."""
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+
+
+def center_square_corner(width: int, height: int, size: int) -> tuple[int, int]:
+    """(top, left) of the square `center_square` cuts, in the pixels of the scaled picture."""
+    scale = size / min(width, height)
+    return round((height * scale - size) / 2), round((width * scale - size) / 2)
 
 
 def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
@@ -168,10 +178,12 @@ def load_dataset(source, size: int, min_side: int | None = None) -> list[TrainIm
     Raises ImageError for the first picture that cannot be used.
     """
     min_side = size // 2 if min_side is None else min_side
-    return [
-        TrainImage(str(path), center_square(open_image(path, min_side), size), read_caption(path))
-        for path in find_images(source)
-    ]
+    images = []
+    for path in find_images(source):
+        picture = open_image(path, min_side)
+        corner = center_square_corner(picture.width, picture.height, size)
+        images.append(TrainImage(str(path), center_square(picture, size), read_caption(path), (picture.height, picture.width), corner))
+    return images
 
 
 def fill_template(template: str, placeholder: str) -> str:

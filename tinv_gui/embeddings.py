@@ -3,6 +3,10 @@
 Only the new vectors are trainable: the text encoder keeps its frozen token table, and a thin
 module looks up ids past its end in a small [n, dim] parameter. No gradient or optimizer state
 ever touches the 49408-row vocabulary, and there is nothing to restore after a step.
+
+SDXL has two text encoders, and a token has vectors for each ([n, 768] and [n, 1280]). They are
+trained as one tensor [n, 768 + 1280], the first encoder's columns first, so the optimizer, the
+NaN guard and checkpoints see one tensor whatever the model; `split_columns` cuts it apart.
 """
 
 from __future__ import annotations
@@ -75,14 +79,22 @@ def initial_vectors(embedding_table: torch.Tensor, tokenizer, init: str | None, 
     return vectors[torch.arange(count) % len(ids)].clone()
 
 
+def split_columns(vectors: torch.Tensor, widths: tuple[int, ...]) -> list[torch.Tensor]:
+    """Each text encoder's part of a token's vectors [n, sum(widths)], in order."""
+    if vectors.shape[-1] != sum(widths):
+        raise ValueError(f"vectors of width {vectors.shape[-1]} do not split into text encoders of widths {widths}")
+    return list(torch.split(vectors, list(widths), dim=-1))
+
+
 class ExtendedTokenEmbedding(torch.nn.Module):
     """A frozen token table plus new rows: ids below the table's size look up the table, ids at
-    or above it look up `extra` (id = table size + row)."""
+    or above it look up `extra[:, columns]` (id = table size + row)."""
 
-    def __init__(self, base: torch.nn.Embedding, extra: torch.Tensor):
+    def __init__(self, base: torch.nn.Embedding, extra: torch.Tensor, columns: slice = slice(None)):
         super().__init__()
         self.base = base
         self.extra = extra
+        self.columns = columns
         self.base_size = base.num_embeddings
 
     @property
@@ -94,19 +106,34 @@ class ExtendedTokenEmbedding(torch.nn.Module):
         out = self.base(ids.clamp(max=self.base_size - 1))
         if not bool(is_new.any()):
             return out
-        rows = self.extra.to(device=out.device)[(ids - self.base_size).clamp(min=0)]
+        rows = self.extra[:, self.columns].to(device=out.device)[(ids - self.base_size).clamp(min=0)]
         return torch.where(is_new.unsqueeze(-1), rows.to(out.dtype), out)
 
 
 @contextlib.contextmanager
-def extended_vocabulary(text_encoder, extra: torch.Tensor):
-    """Within the block, ids from the vocabulary size on refer to the rows of `extra`."""
+def extended_vocabulary(text_encoder, extra: torch.Tensor, columns: slice = slice(None)):
+    """Within the block, ids from the vocabulary size on refer to the rows of `extra[:, columns]`."""
     base = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(ExtendedTokenEmbedding(base, extra))
+    text_encoder.set_input_embeddings(ExtendedTokenEmbedding(base, extra, columns))
     try:
         yield base.num_embeddings
     finally:
         text_encoder.set_input_embeddings(base)
+
+
+@contextlib.contextmanager
+def extended_vocabularies(text_encoders: list, extra: torch.Tensor):
+    """extended_vocabulary for each text encoder, each reading its own columns of `extra`
+    [n, sum of the encoders' widths] (SDXL: the first encoder's columns first)."""
+    widths = [te.get_input_embeddings().embedding_dim for te in text_encoders]
+    if extra.shape[-1] != sum(widths):
+        raise ValueError(f"vectors of width {extra.shape[-1]} do not fit text encoders of widths {widths}")
+    with contextlib.ExitStack() as stack:
+        start, sizes = 0, []
+        for text_encoder, width in zip(text_encoders, widths):
+            sizes.append(stack.enter_context(extended_vocabulary(text_encoder, extra, slice(start, start + width))))
+            start += width
+        yield sizes
 
 
 def encode_with_placeholder(tokenizer, prompt: str, placeholder: str, placeholder_ids: list[int], max_length: int = 77) -> list[int]:
@@ -155,10 +182,18 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def save_embedding(path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None) -> Path:
-    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically."""
+def save_embedding(
+    path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None, widths: tuple[int, ...] | None = None
+) -> Path:
+    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. With
+    two text encoder `widths` (SDXL), `vectors` holds both parts side by side and is saved in
+    SDXL's layout {"clip_l": [n, 768], "clip_g": [n, 1280]}, the token in the metadata."""
     meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    if widths is not None and len(widths) == 2:
+        clip_l, clip_g = split_columns(vectors, widths)
+        meta["dim"] = f"{widths[0]}+{widths[1]}"
+        return atomic_save_safetensors({"clip_l": clip_l, "clip_g": clip_g}, path, meta)
     return atomic_save_safetensors({token: vectors}, path, meta)
 
 
@@ -184,18 +219,27 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0) -> list[str]:
+def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0, vectors_g: torch.Tensor | None = None) -> list[str]:
     """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
-    (which names several vectors token, token_1, ...); `scale` multiplies the vectors. Returns
-    the names added; `unload_from_pipeline(pipe, names)` removes them again."""
+    (which names several vectors token, token_1, ...); `scale` multiplies the vectors. An SDXL
+    pipeline takes `vectors` into its first text encoder and `vectors_g` into its second, one
+    call each, as diffusers documents. Returns the names added; `unload_from_pipeline(pipe,
+    names)` removes them again."""
     from .formats import EmbeddingFile, check_fits
+    from .models import pipeline_text_widths, text_encoders, tokenizers
 
-    check_fits(EmbeddingFile(token, vectors), pipe.text_encoder.config.hidden_size, f"the embedding of {token!r}")
+    check_fits(EmbeddingFile(token, vectors, vectors_g), pipeline_text_widths(pipe), f"the embedding of {token!r}")
     names = token_names(token, vectors.shape[0])
-    dtype = pipe.text_encoder.dtype
-    pipe.load_textual_inversion(
-        {token: (vectors.float() * scale).to(dtype)}, token=token, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder
-    )
+    encoders = text_encoders(pipe)
+    for part, tokenizer, text_encoder in zip((vectors, vectors_g), tokenizers(pipe), encoders):
+        try:
+            pipe.load_textual_inversion(
+                (part.float() * scale).to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
+            )
+        except BaseException:
+            if text_encoder is not encoders[0]:  # leave no half-loaded token behind
+                unload_from_pipeline(pipe, names)
+            raise
     return names
 
 
@@ -203,7 +247,12 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
     """Remove tokens added by `load_into_pipeline`, leaving the (cached) pipeline as it was:
     diffusers' unload rebuilds the token table as a trainable parameter and leaves the
     enlarged vocabulary size in the config, so both are put back."""
-    pipe.unload_textual_inversion(names)
-    table = pipe.text_encoder.get_input_embeddings()
-    table.requires_grad_(False)
-    pipe.text_encoder.config.vocab_size = table.num_embeddings
+    from .models import text_encoders, tokenizers
+
+    for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
+        if names[0] not in tokenizer.get_vocab():
+            continue
+        pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        table = text_encoder.get_input_embeddings()
+        table.requires_grad_(False)
+        text_encoder.config.vocab_size = table.num_embeddings

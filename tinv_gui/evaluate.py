@@ -26,7 +26,7 @@ from .device import Placement, choose_placement
 from .embeddings import load_into_pipeline, unload_from_pipeline
 from .events import Reporter
 from .formats import check_fits, read_embedding
-from .models import ClipBundle, ModelStore
+from .models import ClipBundle, ModelStore, pipeline_text_widths
 from .settings import SettingsError
 
 
@@ -109,7 +109,7 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reporter.log(f"Device: {placement.describe()}")
     pipe = store.pipeline(settings.model, placement)
     embedding = read_embedding(settings.embedding)
-    check_fits(embedding, pipe.text_encoder.config.hidden_size, Path(settings.embedding).name)
+    check_fits(embedding, pipeline_text_widths(pipe), Path(settings.embedding).name)
     token = embedding.token
     if token not in settings.prompt:
         raise SettingsError("prompt", f"the prompt must use the embedding's token {token!r}, e.g. 'a photo of {token}'")
@@ -122,7 +122,7 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reference = image_features(clip, [p.image for p in pictures], crops=1)
     reporter.log(f"{len(pictures)} training pictures; generating {settings.n} pictures with {token!r}, then {settings.n} with {baseline_word or 'no word'!r}")
 
-    names = load_into_pipeline(pipe, token, embedding.vectors)
+    names = load_into_pipeline(pipe, token, embedding.vectors, vectors_g=embedding.vectors_g)
     try:
         with_token = generate_images(pipe, settings.prompt, settings, placement, reporter, "generate (token)")
     finally:

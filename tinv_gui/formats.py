@@ -70,10 +70,13 @@ class EmbeddingFile:
         value = self.metadata.get("steps")
         return int(value) if value and value.isdigit() else None
 
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The text encoder widths it was made for: (768,), or (768, 1280) for SDXL."""
+        return (self.vectors.shape[1],) + ((self.vectors_g.shape[1],) if self.is_sdxl else ())
+
     def describe_width(self) -> str:
-        if self.is_sdxl:
-            return f"text widths {self.vectors.shape[1]} + {self.vectors_g.shape[1]} (SDXL)"
-        return f"text width {width_label(self.vectors.shape[1])}"
+        return describe_widths(self.widths)
 
 
 def width_label(width: int) -> str:
@@ -82,12 +85,21 @@ def width_label(width: int) -> str:
     return f"{width} ({family})" if family else str(width)
 
 
-def check_fits(embedding: EmbeddingFile, model_width: int, name: str = "the embedding") -> None:
-    """Raise EmbeddingFormatError unless `embedding` was made for a text encoder of `model_width`."""
-    if embedding.is_sdxl or embedding.vectors.shape[1] != model_width:
+def describe_widths(widths: tuple[int, ...]) -> str:
+    """'text width 768 (SD 1.x)', or 'text widths 768 + 1280 (SDXL)' for a pair."""
+    if len(widths) == 2:
+        return f"text widths {widths[0]} + {widths[1]} (SDXL)"
+    return f"text width {width_label(widths[0])}"
+
+
+def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], name: str = "the embedding") -> None:
+    """Raise EmbeddingFormatError unless `embedding` was made for text encoders of `model_widths`:
+    one width (SD 1.x/2.x), or SDXL's pair (768, 1280) for an embedding with both parts."""
+    model_widths = (model_widths,) if isinstance(model_widths, int) else tuple(model_widths)
+    if embedding.widths != model_widths:
         raise EmbeddingFormatError(
             f"{name} was made for a model with {embedding.describe_width()}; the chosen model has "
-            f"{width_label(model_width)}. Use it with a model of the family it was made for, or train it again on this one."
+            f"{describe_widths(model_widths) if len(model_widths) == 2 else width_label(model_widths[0])}. Use it with a model of the family it was made for, or train it again on this one."
         )
 
 

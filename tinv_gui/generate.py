@@ -11,7 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .device import Placement
-from .embeddings import load_embedding, load_into_pipeline, unload_from_pipeline
+from .embeddings import load_into_pipeline, unload_from_pipeline
+from .formats import check_fits, read_embedding
+from .models import pipeline_text_widths
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -55,7 +57,8 @@ def generate(
     count: int = 1,
     placement: Placement | None = None,
 ) -> list[Image.Image]:
-    """Generate `count` pictures with `pipe` (a StableDiffusionPipeline) and return them.
+    """Generate `count` pictures with `pipe` (a StableDiffusionPipeline or StableDiffusionXLPipeline)
+    and return them.
 
     `embeddings` are embedding files whose tokens the prompt may use; they are unloaded again
     afterwards, so a cached pipeline stays clean. `prompt_embeds` is a file from optimize-prompt,
@@ -65,6 +68,8 @@ def generate(
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
+        if len(pipeline_text_widths(pipe)) > 1:
+            raise ValueError("prompt embeddings files are made for SD 1.x/2.x pipelines; with SDXL, use a text prompt")
         embeds, saved_negative = load_prompt_embeds(prompt_embeds, pipe.text_encoder.config.hidden_size)
         kwargs["prompt_embeds"] = embeds
         if negative is None:
@@ -79,8 +84,9 @@ def generate(
     added: list[str] = []
     try:
         for path in embeddings:
-            token, vectors = load_embedding(path, pipe.text_encoder.config.hidden_size)
-            added += load_into_pipeline(pipe, token, vectors)
+            embedding = read_embedding(path)
+            check_fits(embedding, pipeline_text_widths(pipe), Path(path).name)
+            added += load_into_pipeline(pipe, embedding.token, embedding.vectors, vectors_g=embedding.vectors_g)
         with autocast:
             return pipe(generator=generator, **kwargs).images
     finally:

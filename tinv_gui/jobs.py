@@ -11,7 +11,7 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .models import ModelStore
-from .settings import DIFFUSION_METHODS, TrainSettings
+from .settings import DIFFUSION_METHODS, SettingsError, TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -32,14 +32,15 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
-    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter)
+    widths = store.text_widths(settings.model)  # two for SDXL: one set of vectors per text encoder
+    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
     if settings.method == "quick":
         from .methods.quick import train_quick
 
-        clip, images = _clip_and_pictures(settings, store, placement, reporter, writer)
-        train_quick(clip, images, settings, reporter, writer)
+        clips, images = _clips_and_pictures(settings, store, placement, reporter, writer)
+        train_quick(clips, images, settings, reporter, writer)
         return dict(writer.outputs)
     if settings.method in DIFFUSION_METHODS:
         from .methods import textual_inversion as ti
@@ -52,8 +53,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         if settings.method == "textual-inversion":
             ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
         elif settings.method == "quick-then-ti":
-            clip, clip_images = _clip_and_pictures(settings, store, placement, reporter, writer)
-            ti.train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, reporter, writer)
+            clips, clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
+            ti.train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer)
         else:
             from .methods.caption_init import train_caption_init
 
@@ -105,6 +106,8 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
+    if not settings.hard and store.is_sdxl(settings.model):
+        raise SettingsError("hard", "prompt embeddings are made for SD 1.x/2.x pipelines; on SDXL, find a readable prompt with --hard")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     reporter.log(f"Loading the CLIP model for {settings.model}")
@@ -144,12 +147,15 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     return {**outputs, "result": str(summary)}
 
 
-def _clip_and_pictures(settings, store, placement, reporter, writer):
-    reporter.log(f"Loading the CLIP model for {settings.model}")
-    clip = store.clip(settings.model, settings.clip_model, placement)
-    writer.metadata["clip_model"] = clip.name
+def _clips_and_pictures(settings, store, placement, reporter, writer):
+    """The CLIP model of each text encoder (SDXL has two), and this process's pictures at CLIP's size."""
+    names = (settings.clip_model, settings.clip_model_g)[: store.text_encoder_count(settings.model)]
+    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
+    clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    writer.metadata["clip_model"] = ", ".join(clip.name for clip in clips)
     # Load slightly above CLIP's size so the corner views have room to differ.
-    images = load_dataset(settings.images, size=int(clip.image_size * 1.15) + 1, min_side=clip.image_size // 2)
+    size = max(clip.image_size for clip in clips)
+    images = load_dataset(settings.images, size=int(size * 1.15) + 1, min_side=min(clip.image_size for clip in clips) // 2)
     images = _own_share(images, reporter.process or ProcessInfo(0, 1), settings, reporter)
     reporter.log(f"{len(images)} pictures ready for CLIP")
-    return clip, images
+    return clips, images

@@ -1,8 +1,11 @@
 """Loading Stable Diffusion pipelines and CLIP models, once, and keeping them warm.
 
 A model is named by a Hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers
-folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" (the offline demo model,
-which loads through the same code as a local folder).
+folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" (the offline
+demo models, which load through the same code as a local folder).
+
+SD 1.x/2.x and SDXL load through the same code; SDXL is told from the folder's model_index.json or
+the checkpoint's keys, and has two text encoders (and tokenizers), numbered 0 and 1 here.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .demo_model import DEMO_NAMES, demo_model_dir
+from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
 from .device import Placement
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -21,7 +24,13 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_CLIP_BY_WIDTH = {
     768: "openai/clip-vit-large-patch14",  # SD 1.x
     1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD 2.x
+    1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder (its first is 768's)
 }
+# Each text encoder's subfolders in a diffusers pipeline, by encoder number.
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+# A key only SDXL (base) checkpoints have: its second text encoder, OpenCLIP bigG.
+SDXL_CHECKPOINT_KEY_PREFIX = "conditioner.embedders.1."
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -36,17 +45,20 @@ class ModelSource:
     name: str
     kind: str
     location: str
-    clip_location: str | None = None  # the demo model ships its matching CLIP beside it
+    clip_locations: tuple[str, ...] = ()  # the demo models ship their CLIPs beside them, one per text encoder
 
 
 def resolve_source(model: str) -> ModelSource:
     """Turn what the user typed into a ModelSource, building the demo model on first use."""
     model = (model or "").strip()
     if not model:
-        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or 'demo'")
+        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or 'demo' / 'demo-sdxl'")
     if model in DEMO_NAMES:
         root = demo_model_dir(model)
-        return ModelSource(model, "folder", str(root / "sd"), str(root / "clip"))
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip"),))
+    if model == SDXL_DEMO_NAME:
+        root = demo_sdxl_dir()
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"), str(root / "clip_g")))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -93,52 +105,77 @@ class ClipBundle:
 
 
 class ModelStore:
-    """Keeps the most recently used pipeline and CLIP model in memory between jobs.
+    """Keeps the most recently used pipeline, and the CLIP models serving it, in memory between jobs.
 
-    One of each is kept: a second job on the same model reuses it; a job on another model
-    replaces it, so memory holds one pipeline, not one per model ever used.
+    One pipeline is kept: a second job on the same model reuses it; a job on another model
+    replaces it (and its CLIP models), so memory holds one model's worth, not one per model ever used.
     """
 
     def __init__(self):
         self._lock = threading.RLock()
         self._pipeline: tuple[tuple, object] | None = None
-        self._clip: tuple[tuple, ClipBundle] | None = None
-        self._tokenizers: dict[str, object] = {}
+        # The CLIP models of one (model, placement): {(clip name, encoder): bundle}.
+        self._clips: tuple[tuple, dict[tuple, ClipBundle]] | None = None
+        self._tokenizers: dict[tuple, object] = {}
+        self._sdxl: dict[str, bool] = {}
         self.loads = 0  # how many times weights were read from disk; tests check reuse with it
 
-    def tokenizer(self, model: str):
-        """The pipeline's tokenizer, without loading any weights."""
+    def is_sdxl(self, model: str) -> bool:
+        """Whether `model` is Stable Diffusion XL (two text encoders), told without loading weights."""
+        source = resolve_source(model)
+        with self._lock:
+            if source.location not in self._sdxl:
+                try:
+                    self._sdxl[source.location] = _is_sdxl(source)
+                except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
+                    raise _explain(source, "the model's description", error) from error
+            return self._sdxl[source.location]
+
+    def text_encoder_count(self, model: str) -> int:
+        """2 for SDXL, else 1."""
+        return 2 if self.is_sdxl(model) else 1
+
+    def tokenizer(self, model: str, encoder: int = 0):
+        """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
         from transformers import CLIPTokenizer
 
         source = resolve_source(model)
+        key = (source.location, encoder)
         with self._lock:
-            if source.location not in self._tokenizers:
+            if key not in self._tokenizers:
                 try:
                     if source.kind == "file":
-                        self._tokenizers[source.location] = self._load_pipeline(source, None).tokenizer
+                        pipe = self._load_pipeline(source, None)
+                        self._tokenizers[key] = pipe.tokenizer_2 if encoder else pipe.tokenizer
                     else:
-                        self._tokenizers[source.location] = CLIPTokenizer.from_pretrained(source.location, subfolder="tokenizer")
+                        self._tokenizers[key] = CLIPTokenizer.from_pretrained(source.location, subfolder=TOKENIZER_FOLDERS[encoder])
                 except ModelLoadError:
                     raise
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
                     raise _explain(source, "the tokenizer", error) from error
-            return self._tokenizers[source.location]
+            return self._tokenizers[key]
 
-    def text_width(self, model: str) -> int:
-        """Width of the pipeline's text encoder (768 for SD 1.x, 1024 for SD 2.x)."""
+    def text_widths(self, model: str) -> tuple[int, ...]:
+        """Widths of the pipeline's text encoders: (768,) for SD 1.x, (1024,) for SD 2.x,
+        (768, 1280) for SDXL."""
         from transformers import CLIPTextConfig
 
         source = resolve_source(model)
         if source.kind == "file":
-            return self.pipeline(model).text_encoder.config.hidden_size
+            return pipeline_text_widths(self.pipeline(model))
+        folders = TEXT_ENCODER_FOLDERS[: self.text_encoder_count(model)]
         try:
-            return CLIPTextConfig.from_pretrained(source.location, subfolder="text_encoder").hidden_size
+            return tuple(CLIPTextConfig.from_pretrained(source.location, subfolder=folder).hidden_size for folder in folders)
         except Exception as error:  # noqa: BLE001
             raise _explain(source, "the text encoder config", error) from error
 
+    def text_width(self, model: str) -> int:
+        """Width of the pipeline's (first) text encoder (768 for SD 1.x and SDXL, 1024 for SD 2.x)."""
+        return self.text_widths(model)[0]
+
     def pipeline(self, model: str, placement: Placement | None = None):
-        """A diffusers StableDiffusionPipeline on `placement`'s device (default: the automatic
-        choice), loaded once."""
+        """A diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) on `placement`'s device
+        (default: the automatic choice), loaded once."""
         from .device import choose_placement
 
         placement = placement or choose_placement()
@@ -153,55 +190,65 @@ class ModelStore:
             return pipe
 
     def _load_pipeline(self, source: ModelSource, placement: Placement | None):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         dtype = placement.weight_dtype if placement else torch.float32
-        kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        sdxl = self.is_sdxl(source.name)
+        if sdxl:  # it has no safety checker; an invisible watermark is the user's choice
+            pipeline_class, kwargs = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
+        else:
+            pipeline_class, kwargs = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
         try:
             if source.kind == "file":
-                pipe = StableDiffusionPipeline.from_single_file(source.location, **kwargs)
+                pipe = pipeline_class.from_single_file(source.location, **kwargs)
             else:
-                pipe = StableDiffusionPipeline.from_pretrained(source.location, **kwargs)
+                pipe = pipeline_class.from_pretrained(source.location, **kwargs)
         except Exception as error:  # noqa: BLE001
-            raise _explain(source, "the Stable Diffusion pipeline", error) from error
+            raise _explain(source, "the Stable Diffusion XL pipeline" if sdxl else "the Stable Diffusion pipeline", error) from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
         if placement is not None:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for module in (pipe.unet, pipe.vae, *text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
+        if sdxl:
+            _pool_at_first_end_token(pipe.text_encoder_2, pipe.tokenizer_2)
         return pipe
 
-    def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None) -> ClipBundle:
-        """The CLIP model matching `model`'s text encoder (or `clip_model` when given), loaded once."""
+    def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None, encoder: int = 0) -> ClipBundle:
+        """The CLIP model whose text tower is `model`'s text encoder number `encoder` (or
+        `clip_model` when given), loaded once. SDXL's encoder 0 is OpenAI's CLIP ViT-L/14 and
+        encoder 1 is OpenCLIP ViT-bigG/14."""
         from .device import choose_placement
 
         placement = placement or choose_placement()
         source = resolve_source(model)
+        if encoder >= self.text_encoder_count(model):
+            raise ModelLoadError(f"{model} has {self.text_encoder_count(model)} text encoder(s), not {encoder + 1}")
         if clip_model:
             clip_name = clip_model
-        elif source.clip_location:
-            clip_name = source.clip_location
+        elif source.clip_locations:
+            clip_name = source.clip_locations[encoder]
         else:
-            width = self.text_width(model)
+            width = self.text_widths(model)[encoder]
             if width not in DEFAULT_CLIP_BY_WIDTH:
                 raise ModelLoadError(
                     f"no default CLIP model for a text encoder of width {width}; name one with --clip-model"
                 )
             clip_name = DEFAULT_CLIP_BY_WIDTH[width]
-        key = (clip_name, source.location, str(placement))
+        model_key = (source.location, str(placement))
         with self._lock:
-            if self._clip is not None and self._clip[0] == key:
-                return self._clip[1]
-            self._clip = None
-            bundle = self._load_clip(clip_name, model, placement)
-            self._clip = (key, bundle)
-            return bundle
+            if self._clips is None or self._clips[0] != model_key:
+                self._clips = (model_key, {})  # another model's CLIPs are freed
+            loaded = self._clips[1]
+            if (clip_name, encoder) not in loaded:
+                loaded[(clip_name, encoder)] = self._load_clip(clip_name, model, placement, encoder)
+            return loaded[(clip_name, encoder)]
 
-    def _load_clip(self, clip_name: str, model: str, placement: Placement) -> ClipBundle:
+    def _load_clip(self, clip_name: str, model: str, placement: Placement, encoder: int) -> ClipBundle:
         from transformers import CLIPModel
         from transformers.image_processing_utils import ImageProcessingMixin
 
@@ -210,14 +257,22 @@ class ModelStore:
             clip = CLIPModel.from_pretrained(clip_name, dtype=placement.weight_dtype)
             processor_config, _ = ImageProcessingMixin.get_image_processor_dict(clip_name)
         except Exception as error:  # noqa: BLE001
-            raise _explain(clip_source, "the CLIP model", error) from error
+            problem = _explain(clip_source, "the CLIP model", error)
+            if self.is_sdxl(model):
+                raise ModelLoadError(
+                    f"{problem} SDXL's CLIP-space methods need the CLIP models both its text encoders come from: "
+                    f"{DEFAULT_CLIP_BY_WIDTH[768]} (--clip-model) and {DEFAULT_CLIP_BY_WIDTH[1280]} (--clip-model-g), "
+                    "in transformers' format; point at local copies of them, or use a method that trains through the UNet."
+                ) from error
+            raise problem from error
         self.loads += 1
-        tokenizer = self.tokenizer(model)
-        expected = self.text_width(model)
+        tokenizer = self.tokenizer(model, encoder)
+        expected = self.text_widths(model)[encoder]
         if clip.config.text_config.hidden_size != expected:
             raise ModelLoadError(
                 f"CLIP model {clip_name} has a text tower of width {clip.config.text_config.hidden_size}, but the "
-                f"pipeline's text encoder has width {expected}; pick the CLIP model the pipeline was trained with"
+                f"pipeline's text encoder{f' {encoder + 1}' if self.is_sdxl(model) else ''} has width {expected}; "
+                "pick the CLIP model the pipeline was trained with"
             )
         clip.requires_grad_(False).eval().to(placement.device)
         crop = processor_config.get("crop_size") or {"height": clip.config.vision_config.image_size}
@@ -231,6 +286,54 @@ class ModelStore:
             placement=placement,
             name=clip_name,
         )
+
+
+def text_encoders(pipe) -> list:
+    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL)."""
+    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+
+
+def tokenizers(pipe) -> list:
+    """The pipeline's tokenizers, one per text encoder."""
+    return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+
+
+def pipeline_text_widths(pipe) -> tuple[int, ...]:
+    """Widths of a loaded pipeline's text encoders, as ModelStore.text_widths."""
+    return tuple(te.config.hidden_size for te in text_encoders(pipe))
+
+
+def _is_sdxl(source: ModelSource) -> bool:
+    if source.kind == "file":
+        return _checkpoint_is_sdxl(Path(source.location))
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(source.location)  # model_index.json, from the folder or the Hub
+    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
+def _checkpoint_is_sdxl(path: Path) -> bool:
+    """Whether a single-file checkpoint holds SDXL's second text encoder, reading only its keys."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:  # mmap: the tensors are not read
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        keys = list(data.get("state_dict", data).keys())
+    return any(key.startswith(SDXL_CHECKPOINT_KEY_PREFIX) for key in keys)
+
+
+def _pool_at_first_end_token(text_encoder, tokenizer) -> None:
+    """SDXL's second text encoder ships an old config (end-of-text id 2) under which transformers
+    pools at the largest token id, which is a new token's once a learned one is in the prompt.
+    Pool at the first end-of-text token instead, as SDXL itself does: the same for every prompt
+    of known words, and right for prompts holding new tokens."""
+    eos = tokenizer.eos_token_id
+    text_encoder.config.eos_token_id = eos
+    model = getattr(text_encoder, "text_model", text_encoder)
+    model.eos_token_id = eos
 
 
 def _try_xformers(pipe) -> None:

@@ -54,6 +54,7 @@ class TrainSettings:
     method: str = "quick"
     model: str = "demo"
     clip_model: str | None = None
+    clip_model_g: str | None = None  # SDXL: the CLIP of its second text encoder (default OpenCLIP bigG)
     init: str | None = None  # a word or phrase; None starts from random vectors
     vectors: int = 1
     steps: int | None = None

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from ..data import TEMPLATES
-from ..demo_model import DEMO_CAPTIONER, DEMO_NAMES, demo_captioner_dir
-from ..embeddings import initial_vectors, tokenize_words
+from ..demo_model import DEMO_CAPTIONER, DEMO_NAMES, SDXL_DEMO_NAME, demo_captioner_dir
+from ..embeddings import tokenize_words
 from ..models import ModelLoadError, ModelSource, _explain
 from ..settings import SettingsError
-from .textual_inversion import read_resume, train_diffusion
+from .textual_inversion import read_resume, starting_vectors, train_diffusion
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 MAX_PROMPT_TOKENS = 75  # 77 minus the start and end markers
@@ -30,7 +30,7 @@ def captioner_for(model: str, caption_model: str | None) -> str:
     """The captioning model to use: the one named, else the demo captioner for demo models, else BLIP."""
     if caption_model:
         return caption_model
-    return DEMO_CAPTIONER if model in DEMO_NAMES else DEFAULT_CAPTIONER
+    return DEMO_CAPTIONER if model in (*DEMO_NAMES, SDXL_DEMO_NAME) else DEFAULT_CAPTIONER
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def train_caption_init(pipe, placement, images, settings, reporter, writer) -> t
     """Caption the first picture (unless --caption gave one), start one vector per caption token
     from that token's embedding, and train them with the diffusion loss (or continue --resume)."""
     if settings.resume:
-        resumed = read_resume(settings.resume)
+        resumed = read_resume(settings.resume, pipe)
         return train_diffusion(pipe, placement, images, settings, reporter, writer, resumed.vectors, "ti", resumed)
     caption = settings.caption
     if caption is None:
@@ -79,6 +79,5 @@ def train_caption_init(pipe, placement, images, settings, reporter, writer) -> t
         raise SettingsError("caption", f"the caption {caption!r} is {count} tokens long; at most {room} fit in a prompt, so shorten it")
     reporter.log(f"Caption: {caption!r} -> {count} vectors, one per token")
     writer.metadata.update(init=caption, caption=caption)
-    table = pipe.text_encoder.get_input_embeddings().weight
-    vectors = initial_vectors(table, tokenizer, caption, count, settings.seed)
+    vectors = starting_vectors(pipe, caption, count, settings.seed)
     return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti")

@@ -4,6 +4,10 @@ Prompts holding the token go through CLIP's text tower; their pooled, projected 
 pulled towards the CLIP image embeddings of the pictures. No UNet and no VAE run, so a run
 takes seconds on a GPU and about a minute on a CPU; the result also warm-starts textual
 inversion, since CLIP's text tower is Stable Diffusion's text encoder.
+
+SDXL has two text encoders, the text towers of two CLIP models (ViT-L and OpenCLIP bigG): each
+part of the token's vectors is pulled towards its own CLIP's image embeddings, the loss being
+the mean of the two.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from ..clip_space import image_features, pooled_text_features, spherical_distance
 from ..data import TrainImage, sample_indices, training_prompts
-from ..embeddings import encode_with_placeholder, extended_vocabulary, initial_vectors, pad_batch, validate_token
+from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, pad_batch, validate_token
 from ..events import Reporter
 from ..models import ClipBundle
 from ..settings import TrainSettings
@@ -24,51 +28,61 @@ from ..training import EmbeddingWriter, LoopSettings, optimize
 
 @dataclass
 class QuickResult:
-    vectors: torch.Tensor  # [n, dim], float32, on the CPU
+    vectors: torch.Tensor  # [n, dim] (SDXL: [n, dim_l + dim_g]), float32, on the CPU
     steps_done: int
     stopped_early: bool
     last_loss: float | None
 
 
 def train_quick(
-    clip: ClipBundle,
+    clips: ClipBundle | list[ClipBundle],
     images: list[TrainImage],
     settings: TrainSettings,
     reporter: Reporter,
     writer: EmbeddingWriter | None = None,
     phase: str = "quick",
 ) -> QuickResult:
-    """Learn `settings.token` with QuickEmbedding; `settings` must be resolved (defaults filled)."""
-    tokenizer = clip.tokenizer
-    token = validate_token(settings.token, tokenizer)
-    device = clip.placement.device
-    text_model = clip.model.text_model
-    table = text_model.get_input_embeddings().weight
-    vectors = initial_vectors(table, tokenizer, settings.init, settings.vectors, settings.seed)
-    vectors = vectors.to(device).requires_grad_(True)
+    """Learn `settings.token` with QuickEmbedding; `settings` must be resolved (defaults filled).
+    `clips` is the CLIP model of the pipeline's text encoder, or a list of one per text encoder
+    (SDXL: ViT-L's, then bigG's)."""
+    clips = [clips] if isinstance(clips, ClipBundle) else list(clips)
+    token = validate_token(settings.token, clips[0].tokenizer)
+    device = clips[0].placement.device
+    text_models = [clip.model.text_model for clip in clips]
+    tables = [text_model.get_input_embeddings().weight for text_model in text_models]
+    parts = [initial_vectors(table, clip.tokenizer, settings.init, settings.vectors, settings.seed) for table, clip in zip(tables, clips)]
+    vectors = torch.cat(parts, dim=1).to(device).requires_grad_(True)
 
-    reporter.log(f"Embedding {len(images)} pictures with CLIP ({settings.crops} views each)")
-    targets = image_features(clip, [i.image for i in images], settings.crops)  # [N, P], unit length
+    models = "CLIP" if len(clips) == 1 else "both CLIP models"
+    reporter.log(f"Embedding {len(images)} pictures with {models} ({settings.crops} views each)")
+    pictures = [i.image for i in images]
+    targets = [image_features(clip, pictures, settings.crops) for clip in clips]  # [N, P] each, unit length
 
     # Prompts are tokenized once; the new vectors take ids just past the vocabulary.
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    placeholder_ids = list(range(table.shape[0], table.shape[0] + settings.vectors))
-    encoded = [encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded, pad_ids = [], []
+    for clip, table in zip(clips, tables):
+        placeholder_ids = list(range(table.shape[0], table.shape[0] + settings.vectors))
+        encoded.append([encode_with_placeholder(clip.tokenizer, p, token, placeholder_ids) for p in prompts])
+        pad_ids.append(clip.tokenizer.pad_token_id if clip.tokenizer.pad_token_id is not None else clip.tokenizer.eos_token_id)
     rng = random.Random(settings.seed)
 
     def compute_loss(_micro: int) -> torch.Tensor:
-        picked = sample_indices(len(encoded), settings.batch_size, rng)
-        ids = pad_batch([encoded[i] for i in picked], pad_id)
-        with clip.placement.autocast():
-            features = pooled_text_features(clip, ids).float()
-        if settings.use_captions:  # each caption belongs to its own picture
-            return spherical_distance(features, targets[picked]).mean()
-        return spherical_distance(features[:, None, :], targets[None, :, :]).mean()
+        picked = sample_indices(len(prompts), settings.batch_size, rng)
+        losses = []
+        for clip, prompt_ids, pad_id, target in zip(clips, encoded, pad_ids, targets):
+            ids = pad_batch([prompt_ids[i] for i in picked], pad_id)
+            with clip.placement.autocast():
+                features = pooled_text_features(clip, ids).float()
+            if settings.use_captions:  # each caption belongs to its own picture
+                losses.append(spherical_distance(features, target[picked]).mean())
+            else:
+                losses.append(spherical_distance(features[:, None, :], target[None, :, :]).mean())
+        return torch.stack(losses).mean()
 
     loop = LoopSettings.of(settings, phase)
     on_step = (lambda step, _optimizer: writer.checkpoint(vectors, reporter.steps_done)) if writer else None
-    with extended_vocabulary(text_model, vectors):
+    with extended_vocabularies(text_models, vectors):
         try:
             result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step)
         finally:

@@ -11,6 +11,11 @@ What keeps a step cheap:
   UNet, VAE and text encoder are the warm pipeline's own, frozen, never copied;
 - prompts are tokenized, and the noise schedule's square-root tables computed, before the loop;
 - mixed precision where the device computes it fast (device.choose_placement decides).
+
+SDXL runs the same loop with what its own training feeds the UNet: both text encoders' vectors
+for the token (side by side in one tensor, see embeddings.py), their penultimate hidden states
+concatenated, the second encoder's pooled projection, and each picture's size conditioning
+(original size, crop corner, target size).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from PIL import ImageOps
 
 from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
 from ..device import Placement
-from ..embeddings import encode_with_placeholder, extended_vocabulary, initial_vectors, load_embedding, read_metadata, validate_token
+from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
 from ..events import Preview, Reporter
+from ..formats import check_fits, read_embedding
+from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
 from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, optimize, optimizer_state_path
 
@@ -68,11 +75,19 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
     vae = pipe.vae
+    # SDXL's VAE overflows in float16: its pipeline runs it in float32 (force_upcast), and so does this.
+    upcast = vae.dtype == torch.float16 and len(text_encoders(pipe)) == 2 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
     moments = []
-    for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
-        pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
-        with placement.autocast():
-            moments.append(vae.encode(pixels).latent_dist.parameters.float())
+    try:
+        for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
+            pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
+            with contextlib.nullcontext() if upcast else placement.autocast():
+                moments.append(vae.encode(pixels).latent_dist.parameters.float())
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return LatentCache(
         torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
     )
@@ -110,7 +125,8 @@ class DiffusionLoss:
     """The denoising loss of one random batch, with everything per-run prepared once.
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
-    each sample takes a random prompt of the templates.
+    each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
+    per tokenizer (SDXL has two); SDXL also takes each picture's size conditioning, `time_ids`.
     """
 
     def __init__(
@@ -118,18 +134,20 @@ class DiffusionLoss:
         pipe,
         placement: Placement,
         latents: LatentCache,
-        prompts: list[list[int]],
+        prompts: list[list[list[int]]],
         per_picture: bool,
         batch_size: int,
         mirror: bool,
         seed: int,
+        time_ids: torch.Tensor | None = None,
     ):
         self.unet = pipe.unet
-        self.text_encoder = pipe.text_encoder
+        self.text_encoders = text_encoders(pipe)
         self.placement = placement
         self.latents = latents
         self.schedule = NoiseSchedule(pipe.scheduler.config, placement.device)
-        self.prompt_ids, self.attention_mask = pad_prompts(pipe, prompts, placement.device)
+        self.prompts = [pad_prompts(tokenizer, encoded, placement.device) for tokenizer, encoded in zip(tokenizers(pipe), prompts)]
+        self.time_ids = None if time_ids is None else time_ids.to(placement.device)
         self.per_picture = per_picture
         self.batch_size = batch_size
         self.mirror = mirror and latents.mirrored
@@ -144,18 +162,25 @@ class DiffusionLoss:
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
         timesteps = torch.randint(0, self.schedule.num_timesteps, (len(picked),), generator=self.generator, device=device)
         noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
-        rows = picked if self.per_picture else [self.rng.randrange(len(self.prompt_ids)) for _ in picked]
+        rows = picked if self.per_picture else [self.rng.randrange(len(self.prompts[0][0])) for _ in picked]
         dtype = self.unet.dtype
         with self.placement.autocast():
-            hidden = encode_prompts(self.text_encoder, self.prompt_ids[rows], self.attention_mask[rows])
-            prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+            hidden, pooled = encode_prompts(self.text_encoders, [(ids[rows], mask[rows]) for ids, mask in self.prompts])
+            # SDXL's extra conditioning (the mirror of a centered crop has the same corner).
+            extra = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": self.time_ids[picked].to(dtype)}
+            prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=extra).sample
         return F.mse_loss(prediction.float(), target)
 
 
-def pad_prompts(pipe, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to the tokenizer's full length (77), as the pipeline conditions on them,
-    and the attention mask of the real tokens."""
-    tokenizer = pipe.tokenizer
+def sdxl_time_ids(images: list[TrainImage], size: int) -> torch.Tensor:
+    """SDXL's size conditioning of each picture [pictures, 6], as its training computes it: the
+    original (height, width), the crop's (top, left) corner, the target (height, width)."""
+    return torch.tensor([[*(i.original_size or (size, size)), *i.crop_top_left, size, size] for i in images], dtype=torch.float32)
+
+
+def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to the tokenizer's full length (77) with its own padding token, as the
+    pipeline conditions on them, and the attention mask of the real tokens."""
     length = tokenizer.model_max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([p + [pad] * (length - len(p)) for p in prompts], dtype=torch.long, device=device)
@@ -163,20 +188,27 @@ def pad_prompts(pipe, prompts: list[list[int]], device: torch.device) -> tuple[t
     return ids, mask
 
 
-def encode_prompts(text_encoder, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden states, as StableDiffusionPipeline computes them."""
-    use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-    return text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0]
+def encode_prompts(encoders: list, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text conditioning as the pipelines compute it from (ids, attention mask) per text
+    encoder: SD 1.x/2.x, the last hidden states (and None); SDXL, both encoders' penultimate
+    hidden states side by side, and the second encoder's pooled projection."""
+    if len(encoders) == 1:
+        (text_encoder,), ((ids, attention_mask),) = encoders, prompts
+        use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+        return text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0], None
+    outputs = [text_encoder(ids, output_hidden_states=True) for text_encoder, (ids, _) in zip(encoders, prompts)]
+    return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
 
 
-def render_preview(pipe, placement: Placement, prompt_ids: list[int], size: int, steps: int, seed: int, path: Path) -> Path:
-    """Generate one picture from already-encoded prompt ids (the new vectors must be spliced in)
-    with a fixed seed, and save it as PNG."""
-    ids, mask = pad_prompts(pipe, [prompt_ids], placement.device)
+def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size: int, steps: int, seed: int, path: Path) -> Path:
+    """Generate one picture from a prompt already encoded for each tokenizer (the new vectors must
+    be spliced in) with a fixed seed, and save it as PNG."""
+    prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(tokenizers(pipe), prompt_ids)]
     with torch.no_grad():
-        embeds = encode_prompts(pipe.text_encoder, ids, mask).to(pipe.unet.dtype)
+        embeds, pooled = encode_prompts(text_encoders(pipe), prompts)
+    extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
     generator = torch.Generator(placement.device).manual_seed(seed)
-    image = pipe(prompt_embeds=embeds, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
+    image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -205,14 +237,16 @@ class Resumed:
     optimizer_state_file: Path
 
 
-def read_resume(path: str) -> Resumed:
-    """Read an embedding saved by an earlier run, to continue it."""
+def read_resume(path: str, pipe) -> Resumed:
+    """Read an embedding an earlier run saved for `pipe`'s model, to continue it."""
     try:
-        _, vectors = load_embedding(path)
+        embedding = read_embedding(path)
+        check_fits(embedding, pipeline_text_widths(pipe), Path(path).name)
         steps = int(read_metadata(path).get("steps", 0))
     except (OSError, ValueError) as error:
-        raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui ({error})") from None
-    return Resumed(vectors.float(), steps, optimizer_state_path(path))
+        raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui for this model ({error})") from None
+    vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
+    return Resumed(vectors, steps, optimizer_state_path(path))
 
 
 def train_diffusion(
@@ -227,11 +261,11 @@ def train_diffusion(
     resumed: Resumed | None = None,
     phase_offset: int = 0,
 ) -> torch.Tensor:
-    """Train `vectors` ([n, dim], the token's starting point) with the diffusion loss for
-    `settings.steps` steps; `phase_offset` counts the steps of earlier phases of the same job.
-    Saves through `writer` (with the optimizer state, for --resume) and returns the vectors."""
-    tokenizer = pipe.tokenizer
-    token = validate_token(settings.token, tokenizer)
+    """Train `vectors` ([n, dim], the token's starting point; SDXL: [n, dim_l + dim_g]) with the
+    diffusion loss for `settings.steps` steps; `phase_offset` counts the steps of earlier phases
+    of the same job. Saves through `writer` (with the optimizer state, for --resume) and returns
+    the vectors."""
+    token = validate_token(settings.token, pipe.tokenizer)
     size = settings.resolution or native_resolution(pipe)
     start_step = 0
     optimizer_state = None
@@ -251,17 +285,19 @@ def train_diffusion(
 
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
     latents = encode_latents(pipe, images, placement, settings.flip)
-    vocab_size = pipe.text_encoder.get_input_embeddings().num_embeddings
-    placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    encoded = [encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts]
+    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
+    encoded, preview_ids = [], []  # once per tokenizer: SDXL's two pad differently
+    for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
+        vocab_size = text_encoder.get_input_embeddings().num_embeddings
+        placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
+        encoded.append([encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts])
+        preview_ids.append(encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids))
+    time_ids = sdxl_time_ids(images, size) if len(encoded) == 2 else None
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
-    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed)
+    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, time_ids)
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
-
-    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
-    preview_ids = encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids)
 
     def on_step(_step: int, optimizer) -> None:
         done = reporter.steps_done
@@ -273,28 +309,32 @@ def train_diffusion(
 
     loop = LoopSettings.of(settings, phase)
     optimizer = None
-    with extended_vocabulary(pipe.text_encoder, vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
+    with extended_vocabularies(text_encoders(pipe), vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
         try:
-            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step)
+            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step=start_step)
         finally:  # keep the last good vectors, whatever happened
             writer.save(vectors, reporter.steps_done, optimizer)
     return vectors.detach().float().cpu()
 
 
-def starting_vectors(pipe, settings: TrainSettings) -> torch.Tensor:
-    """The token's vectors before training: from --init's words, else random."""
-    table = pipe.text_encoder.get_input_embeddings().weight
-    return initial_vectors(table, pipe.tokenizer, settings.init, settings.vectors, settings.seed)
+def starting_vectors(pipe, init: str | None, count: int, seed: int) -> torch.Tensor:
+    """The token's `count` vectors before training, from `init`'s words (else random): one part
+    per text encoder, side by side."""
+    parts = [
+        initial_vectors(text_encoder.get_input_embeddings().weight, tokenizer, init, count, seed)
+        for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe))
+    ]
+    return torch.cat(parts, dim=1)
 
 
 def train_textual_inversion(pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
     """Textual inversion from --init (or random), or from where --resume's run stopped."""
-    resumed = read_resume(settings.resume) if settings.resume else None
-    vectors = resumed.vectors if resumed else starting_vectors(pipe, settings)
+    resumed = read_resume(settings.resume, pipe) if settings.resume else None
+    vectors = resumed.vectors if resumed else starting_vectors(pipe, settings.init, settings.vectors, settings.seed)
     return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti", resumed)
 
 
-def train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
+def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
     """QuickEmbedding in CLIP space, then textual inversion from where it ended: one job, one
     progress scale (phases "quick" then "ti")."""
     import dataclasses
@@ -302,7 +342,7 @@ def train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, re
     from .quick import train_quick
 
     quick_steps = settings.quick_steps
-    resumed = read_resume(settings.resume) if settings.resume else None
+    resumed = read_resume(settings.resume, pipe) if settings.resume else None
     if resumed is not None and resumed.steps_done < quick_steps:
         raise SettingsError(
             "resume", f"that file was saved during the QuickEmbedding phase (step {resumed.steps_done} of {quick_steps}); start afresh instead"
@@ -312,7 +352,7 @@ def train_quick_then_ti(clip, clip_images, pipe, placement, images, settings, re
             settings, method="quick", steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
             lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
         ).resolved()
-        vectors = train_quick(clip, clip_images, quick_settings, reporter, writer, phase="quick").vectors
+        vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick").vectors
         if reporter.should_stop():
             return vectors
         reporter.log("QuickEmbedding done; textual inversion continues from its vectors")

@@ -21,9 +21,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ..demo_model import ASSETS_DIR, DEMO_NAMES
+from ..demo_model import ASSETS_DIR, DEMO_NAMES, SDXL_DEMO_NAME
 from ..device import PRECISIONS, choose_placement
-from ..embeddings import TokenError, load_embedding, validate_token
+from ..embeddings import TokenError, validate_token
+from ..formats import read_embedding
 from ..engine import Engine, Job
 from ..events import TERMINAL_EVENTS
 from ..models import DEFAULT_MODEL, ModelLoadError
@@ -46,7 +47,9 @@ LOGO = ASSETS_DIR / "logo.svg"
 DEMO_MODEL = "demo"
 MODEL_CHOICES = [
     ("Stable Diffusion 1.5 (downloaded from the Hugging Face Hub)", DEFAULT_MODEL),
+    ("Stable Diffusion XL 1.0 (downloaded from the Hugging Face Hub)", "stabilityai/stable-diffusion-xl-base-1.0"),
     ("Offline demo model (tiny, random weights: for trying the app)", DEMO_MODEL),
+    ("Offline SDXL-shaped demo model (tiny, random weights)", SDXL_DEMO_NAME),
 ]
 SIZES = {
     "Model default": None,
@@ -100,6 +103,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "resume": ("Resume from", "Path of an embedding saved by an earlier run, to continue it. Empty: start fresh."),
     "caption": ("Caption", "From one picture: the sentence to start from. Empty: the captioning model writes it."),
     "caption_model": ("Captioning model", "From one picture: the model that writes the caption. Empty: BLIP."),
+    "clip_model_g": ("Second CLIP model (SDXL)", "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14."),
     "device": ("Device", "auto picks the GPU when there is one. Or cpu, cuda, cuda:1, mps."),
     "precision": ("Precision", "auto picks the fastest safe choice for the device."),
 }
@@ -298,7 +302,7 @@ class TinvApp:
 
     def _submit_training(self, ws: Workspace, model, token, init, preset, captions, options) -> Job:
         model = (model or "").strip()
-        if self.shared and model not in DEMO_NAMES and (not HUB_ID.match(model) or Path(model).exists()):
+        if self.shared and model not in (*DEMO_NAMES, SDXL_DEMO_NAME) and (not HUB_ID.match(model) or Path(model).exists()):
             raise gr.Error("On this shared server, models come from the Hugging Face Hub (owner/name) or are the demo model.")
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
@@ -391,12 +395,13 @@ class TinvApp:
         target = unique_path(ws.embeddings, sanitize_filename(Path(file).name, "embedding"))
         shutil.copyfile(file, target)
         try:
-            token, vectors = load_embedding(str(target))
+            embedding = read_embedding(str(target))
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same plain answer
             target.unlink()
             raise gr.Error(f"{Path(file).name} is not an embedding file this app can read ({error}).") from None
         choices = self.embedding_choices(ws)
-        message = f"Loaded `{token}` ({vectors.shape[0]} vector(s) of width {vectors.shape[1]}). Put `{token}` in your prompt."
+        token, widths = embedding.token, " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
+        message = f"Loaded `{token}` ({embedding.vectors.shape[0]} vector(s) of width{'s' if '+' in widths else ''} {widths}). Put `{token}` in your prompt."
         return gr.update(choices=choices, value=str(target.relative_to(ws.root))), message
 
     def try_in_playground(self, request: gr.Request):
@@ -405,7 +410,7 @@ class TinvApp:
         files = [p for p in self.embedding_files(ws) if p.parent.parent == ws.runs]
         if not files:
             raise gr.Error("Train an embedding first.")
-        token, _ = load_embedding(str(files[0]))
+        token = read_embedding(files[0]).token
         return (
             gr.Tabs(selected="playground"),
             gr.update(choices=self.embedding_choices(ws), value=str(files[0].relative_to(ws.root))),
@@ -419,7 +424,7 @@ class TinvApp:
         if not prompt:
             raise gr.Error("Type a prompt first.")
         path = self._own_embedding(ws, embedding)
-        token = load_embedding(path)[0] if path else None
+        token = read_embedding(path).token if path else None
         note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and token not in prompt else ""
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S"))
         runs = [("with", path)] + ([("without", None)] if compare and path else [])
@@ -471,7 +476,7 @@ class TinvApp:
             raise gr.Error("Choose an embedding to measure.")
         if not dataset.picture_paths(ws):
             raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
-        token, _ = load_embedding(str(path))
+        token = read_embedding(path).token
         prompt = prompt if token in (prompt or "") else f"a photo of {token}"
         settings = EvalSettings(
             model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)

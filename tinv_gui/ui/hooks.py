@@ -5,7 +5,7 @@
 - Issue 4, wired: generation through tinv_gui.generate with a sampler and a strength on top
   (`generate_images`), prompt from an image through Engine.optimize_prompt.
 - Issue 6, wired: downloads in every format (`export_formats`); other tools' files are read by
-  embeddings.load_embedding and scored by tinv_gui.evaluate (TinvApp.measure).
+  formats.read_embedding (SDXL's two-encoder files too) and scored by tinv_gui.evaluate (TinvApp.measure).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from ..embeddings import load_embedding, save_embedding
+from ..formats import read_embedding, write_embedding
 from ..settings import METHOD_DEFAULTS
 
 
@@ -132,9 +132,11 @@ def generate_images(pipe, prompt=None, sampler: str = "Model default", embedding
         if SAMPLERS.get(sampler):
             pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
         if embedding is not None and strength != 1.0:
-            token, vectors = load_embedding(embedding)
-            scaled = embedding.with_name(f".strength-{strength:g}-{embedding.name}")
-            save_embedding(scaled, token, vectors * strength)
+            stronger = read_embedding(embedding)
+            stronger.vectors = stronger.vectors * strength
+            if stronger.is_sdxl:
+                stronger.vectors_g = stronger.vectors_g * strength
+            scaled = write_embedding(stronger, embedding.with_name(f".strength-{strength:g}-{embedding.stem}.safetensors"), "diffusers")
         files = [scaled or embedding] if embedding is not None else []
         return generate(pipe, prompt, embeddings=files, prompt_embeds=prompt_embeds, **options)
     finally:

@@ -1,0 +1,235 @@
+"""SDXL on the offline demo-sdxl model: its shape, the two-encoder embedding layout, loading it
+with diffusers, generating with it, and QuickEmbedding against both CLIP models."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinv_gui import cli
+from tinv_gui.data import load_dataset
+from tinv_gui.demo_model import SDXL_TEXT_WIDTHS, SDXL_TIME_EMBED_WIDTH
+from tinv_gui.embeddings import extended_vocabulary, save_embedding, unload_from_pipeline
+from tinv_gui.events import Reporter
+from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, check_fits, read_embedding
+from tinv_gui.generate import generate
+from tinv_gui.methods.quick import train_quick
+from tinv_gui.models import DEFAULT_CLIP_BY_WIDTH, ModelLoadError, _checkpoint_is_sdxl
+from tinv_gui.settings import TrainSettings
+from tinv_gui.training import EmbeddingWriter
+
+WIDTH_L, WIDTH_G = SDXL_TEXT_WIDTHS
+
+
+@pytest.fixture(scope="module")
+def pipe(store):
+    return store.pipeline("demo-sdxl")
+
+
+def sdxl_file(path, token="<xl>", seed=0, count=2, clip_g=None):
+    """An SDXL embedding file written as training writes it: both parts side by side."""
+    generator = torch.Generator().manual_seed(seed)
+    clip_l = torch.randn(count, WIDTH_L, generator=generator)
+    clip_g = torch.randn(count, WIDTH_G, generator=generator) if clip_g is None else clip_g
+    return save_embedding(path, token, torch.cat([clip_l, clip_g], dim=1), {"steps": 1}, SDXL_TEXT_WIDTHS)
+
+
+def test_demo_sdxl_has_sdxl_shape(store, pipe):
+    assert store.is_sdxl("demo-sdxl") and not store.is_sdxl("demo")
+    assert store.text_widths("demo-sdxl") == SDXL_TEXT_WIDTHS and WIDTH_L != WIDTH_G
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    unet = pipe.unet.config
+    assert unet.addition_embed_type == "text_time" and unet.cross_attention_dim == WIDTH_L + WIDTH_G
+    assert unet.projection_class_embeddings_input_dim == 6 * SDXL_TIME_EMBED_WIDTH + pipe.text_encoder_2.config.projection_dim
+    # Each CLIP's text tower is its text encoder, weight for weight.
+    for encoder, text_encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2.text_model)):
+        clip = store.clip("demo-sdxl", encoder=encoder).model
+        for name, weight in text_encoder.state_dict().items():
+            assert torch.equal(weight, clip.text_model.state_dict()[name]), name
+    assert torch.equal(pipe.text_encoder_2.text_projection.weight, store.clip("demo-sdxl", encoder=1).model.text_projection.weight)
+    # Real SDXL's CLIP models, chosen by each encoder's width.
+    assert DEFAULT_CLIP_BY_WIDTH[768] == "openai/clip-vit-large-patch14"
+    assert DEFAULT_CLIP_BY_WIDTH[1280] == "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+
+
+def test_second_encoder_pools_at_the_end_token_with_new_tokens(pipe):
+    """SDXL's second encoder config would pool at the largest id, i.e. at a learned token."""
+    tokenizer = pipe.tokenizer_2
+    ids = [tokenizer.bos_token_id] + tokenizer("a photo of", add_special_tokens=False).input_ids + [49408, tokenizer.eos_token_id]
+    ids = torch.tensor([ids + [tokenizer.pad_token_id] * 3])
+    with extended_vocabulary(pipe.text_encoder_2, torch.randn(1, WIDTH_G)), torch.no_grad():
+        out = pipe.text_encoder_2(ids, output_hidden_states=True)
+    end = ids[0].tolist().index(tokenizer.eos_token_id)
+    expected = pipe.text_encoder_2.text_projection(out.last_hidden_state[0, end])
+    torch.testing.assert_close(out.text_embeds[0], expected)
+
+
+def test_saved_layout_and_widths(tmp_path):
+    path = sdxl_file(tmp_path / "learned_embeds.safetensors", count=3)
+    tensors = load_file(str(path))
+    assert set(tensors) == {"clip_l", "clip_g"}
+    assert tensors["clip_l"].shape == (3, WIDTH_L) and tensors["clip_g"].shape == (3, WIDTH_G)
+    embedding = read_embedding(path)
+    assert embedding.is_sdxl and embedding.token == "<xl>"
+    check_fits(embedding, SDXL_TEXT_WIDTHS)
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 64 \(SDXL\)"):
+        check_fits(embedding, (WIDTH_G, WIDTH_L))  # the two parts swapped
+    with pytest.raises(EmbeddingFormatError, match="the chosen model has 64"):
+        check_fits(embedding, 64)  # an SD 1.x-shaped model
+    with pytest.raises(EmbeddingFormatError, match=r"the chosen model has text widths 32 \+ 64"):
+        check_fits(EmbeddingFile("<x>", torch.zeros(1, 64)), SDXL_TEXT_WIDTHS)
+
+
+def test_diffusers_loads_both_parts_with_two_load_textual_inversion_calls(pipe, tmp_path):
+    state = load_file(str(sdxl_file(tmp_path / "xl.safetensors")))
+    names = ["<xl>", "<xl>_1"]
+    pipe.load_textual_inversion(state["clip_l"], token="<xl>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="<xl>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    try:
+        for tokenizer, text_encoder, part in ((pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+            ids = tokenizer.convert_tokens_to_ids(names)
+            assert ids == [49408, 49409]
+            assert torch.equal(text_encoder.get_input_embeddings().weight[ids], state[part])
+    finally:
+        unload_from_pipeline(pipe, names)
+    for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+        assert len(tokenizer) == 49408 and text_encoder.get_input_embeddings().num_embeddings == 49408
+        assert not text_encoder.get_input_embeddings().weight.requires_grad
+
+
+def test_generation_uses_both_parts_and_leaves_the_pipeline_clean(pipe, tmp_path):
+    first = sdxl_file(tmp_path / "a.safetensors", seed=1)
+    same_clip_l = sdxl_file(tmp_path / "b.safetensors", seed=1, clip_g=torch.zeros(2, WIDTH_G))
+    common = dict(prompt="a photo of <xl>", steps=2, seed=3)
+    one = generate(pipe, embeddings=[first], **common)
+    other = generate(pipe, embeddings=[same_clip_l], **common)
+    assert one[0].size == (64, 64)
+    assert not np.array_equal(np.asarray(one[0]), np.asarray(other[0]))  # the second encoder's vectors matter
+    assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == 49408
+    sd_embedding = save_embedding(tmp_path / "sd.safetensors", "<sd>", torch.zeros(1, 64))
+    with pytest.raises(EmbeddingFormatError, match="sd.safetensors was made for a model with text width 64"):
+        generate(pipe, prompt="<sd>", embeddings=[sd_embedding], steps=1)
+
+
+def test_playground_draws_with_an_sdxl_embedding_at_any_strength(pipe, tmp_path):
+    from tinv_gui.ui import hooks
+
+    thing = sdxl_file(tmp_path / "thing.safetensors")
+    kwargs = dict(prompt="a photo of <xl>", steps=2, seed=1, sampler="Euler")
+    full = hooks.generate_images(pipe, embedding=thing, **kwargs)
+    weaker = hooks.generate_images(pipe, embedding=thing, strength=0.5, **kwargs)
+    assert not np.array_equal(np.asarray(full[0]), np.asarray(weaker[0]))
+    assert list(tmp_path.iterdir()) == [thing]  # the scaled copy is gone
+    assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == 49408 and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_quick_on_sdxl_trains_both_parts_against_their_own_clip(store, picture_dir, tmp_path):
+    clips = [store.clip("demo-sdxl", encoder=0), store.clip("demo-sdxl", encoder=1)]
+    before = [{k: v.clone() for k, v in clip.model.state_dict().items()} for clip in clips]
+    images = load_dataset(picture_dir, size=74, min_side=32)
+    settings = TrainSettings(images=picture_dir, token="<q>", init="ball", vectors=2, steps=25, batch_size=8, model="demo-sdxl").resolved()
+    losses = []
+    reporter = Reporter(lambda e: losses.append(e.loss) if e.kind == "progress" else None, total_steps=25)
+    writer = EmbeddingWriter(tmp_path, "<q>", 0, {"method": "quick"}, reporter, SDXL_TEXT_WIDTHS)
+    result = train_quick(clips, images, settings, reporter, writer)
+    assert result.steps_done == 25 and result.vectors.shape == (2, WIDTH_L + WIDTH_G)
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:3]) / 3
+    saved = read_embedding(writer.outputs["embedding"])
+    # Both parts moved away from the initializer word's embedding in their own encoder.
+    for clip, part in zip(clips, (saved.vectors, saved.vectors_g)):
+        ball = clip.model.text_model.get_input_embeddings().weight[clip.tokenizer("ball", add_special_tokens=False).input_ids[0]]
+        assert (part - ball).norm(dim=1).min() > 1e-3
+    for clip, state in zip(clips, before):  # the CLIP models are untouched
+        assert all(torch.equal(state[k], v) for k, v in clip.model.state_dict().items())
+
+
+def test_cli_quick_on_sdxl_then_generate(picture_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", "demo-sdxl", "--images", str(picture_dir), "--token", "<cx>", "--init", "ball",
+                     "--steps", "3", "--batch-size", "4", "--output", str(out)])
+    assert code == 0
+    embedding = read_embedding(out / "learned_embeds.safetensors")
+    assert embedding.widths == SDXL_TEXT_WIDTHS and embedding.metadata["method"] == "quick"
+    assert "clip_l" in embedding.metadata["clip_model"] and "clip_g" in embedding.metadata["clip_model"]
+    code = cli.main(["generate", "--model", "demo-sdxl", "--embedding", str(out / "learned_embeds.safetensors"),
+                     "--prompt", "a photo of <cx>", "--steps", "2", "--output", str(tmp_path / "picture.png")])
+    assert code == 0 and (tmp_path / "picture.png").is_file()
+
+
+def test_missing_sdxl_clip_is_explained(store):
+    with pytest.raises(ModelLoadError) as error:
+        store.clip("demo-sdxl", clip_model="someone/not-a-cached-clip", encoder=1)
+    message = str(error.value)
+    assert "someone/not-a-cached-clip" in message and "--clip-model-g" in message
+    assert DEFAULT_CLIP_BY_WIDTH[1280] in message and DEFAULT_CLIP_BY_WIDTH[768] in message
+
+
+def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
+    weight = {"weight": torch.zeros(1)}
+    save_file({f"conditioner.embedders.1.model.ln_final.{k}": v for k, v in weight.items()}, tmp_path / "xl.safetensors")
+    save_file({f"cond_stage_model.transformer.text_model.final_layer_norm.{k}": v for k, v in weight.items()}, tmp_path / "sd15.safetensors")
+    torch.save({"state_dict": {"conditioner.embedders.1.model.text_projection": torch.zeros(1)}}, tmp_path / "xl.ckpt")
+    assert _checkpoint_is_sdxl(tmp_path / "xl.safetensors") and _checkpoint_is_sdxl(tmp_path / "xl.ckpt")
+    assert not _checkpoint_is_sdxl(tmp_path / "sd15.safetensors")
+
+
+# ---- textual inversion through the UNet -----------------------------------------------------
+
+
+def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, picture_dir):
+    from tinv_gui.device import choose_placement
+    from tinv_gui.embeddings import encode_with_placeholder, extended_vocabularies
+    from tinv_gui.methods.textual_inversion import DiffusionLoss, encode_latents, encode_prompts, pad_prompts, sdxl_time_ids
+    from tinv_gui.models import text_encoders, tokenizers
+
+    placement = choose_placement("cpu", "fp32")
+    encoders, prompt = text_encoders(pipe), "a photo of a ball"
+    with torch.no_grad():
+        hidden, pooled = encode_prompts(encoders, [pad_prompts(t, [t(prompt).input_ids], placement.device) for t in tokenizers(pipe)])
+        expected, _, expected_pooled, _ = pipe.encode_prompt(prompt, device=placement.device, do_classifier_free_guidance=False)
+    torch.testing.assert_close(hidden, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+
+    images = load_dataset(picture_dir, size=64)  # 96x80 pictures: scaled to 77x64, 6 pixels cut on the left
+    assert images[0].original_size == (80, 96) and images[0].crop_top_left == (0, 6)
+    encoded = [[encode_with_placeholder(t, "a photo of <t>", "<t>", [49408])] for t in tokenizers(pipe)]
+    loss = DiffusionLoss(pipe, placement, encode_latents(pipe, images, placement, False), encoded, False, 2, False, 0, sdxl_time_ids(images, 64))
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    vectors = torch.randn(1, WIDTH_L + WIDTH_G, requires_grad=True)
+    try:
+        with extended_vocabularies(encoders, vectors):
+            loss().backward()
+            with torch.no_grad():
+                _, token_pooled = encode_prompts(encoders, loss.prompts)
+    finally:
+        hook.remove()
+    (args, kwargs), = seen
+    assert args[2].shape == (2, 77, WIDTH_L + WIDTH_G)
+    assert torch.equal(kwargs["added_cond_kwargs"]["time_ids"], torch.tensor([[80.0, 96, 0, 6, 64, 64]] * 2))
+    torch.testing.assert_close(kwargs["added_cond_kwargs"]["text_embeds"], token_pooled.expand(2, -1))
+    # The loss reaches both encoders' vectors.
+    assert vectors.grad[:, :WIDTH_L].abs().sum() > 0 and vectors.grad[:, WIDTH_L:].abs().sum() > 0
+
+
+def test_textual_inversion_and_caption_init_on_sdxl_through_the_cli(store, pipe, picture_dir, tmp_path):
+    from tinv_gui.methods.textual_inversion import starting_vectors
+
+    out = tmp_path / "ti"
+    code = cli.main(["train", "--method", "textual-inversion", "--model", "demo-sdxl", "--images", str(picture_dir), "--token", "<ti>",
+                     "--init", "ball", "--vectors", "2", "--steps", "3", "--batch-size", "1", "--grad-accum", "1", "--output", str(out)])
+    assert code == 0
+    trained = read_embedding(out / "learned_embeds.safetensors")
+    assert trained.widths == SDXL_TEXT_WIDTHS and trained.metadata["steps"] == "3"
+    start_l, start_g = starting_vectors(pipe, "ball", 2, 0).split(SDXL_TEXT_WIDTHS, dim=1)
+    assert not torch.allclose(trained.vectors, start_l) and not torch.allclose(trained.vectors_g, start_g)
+    assert generate(pipe, prompt="a photo of <ti>", embeddings=[out / "learned_embeds.safetensors"], steps=2)[0].size == (64, 64)
+
+    out = tmp_path / "caption"
+    code = cli.main(["train", "--method", "caption-init", "--caption", "a red ball", "--model", "demo-sdxl", "--images", str(picture_dir),
+                     "--token", "<ci>", "--steps", "2", "--batch-size", "1", "--output", str(out)])
+    assert code == 0
+    captioned = read_embedding(out / "learned_embeds.safetensors")
+    assert captioned.vectors.shape == (3, WIDTH_L) and captioned.vectors_g.shape == (3, WIDTH_G)
