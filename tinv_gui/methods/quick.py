@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip_space import image_features, pooled_text_features, spherical_distance
+from ..clip_space import CachedPrefixPrompts, image_features, spherical_distance
 from ..data import TrainImage, sample_indices, training_prompts
-from ..embeddings import encode_with_placeholder, extended_vocabulary, initial_vectors, pad_batch, validate_token
+from ..embeddings import encode_with_placeholder, extended_vocabulary, initial_vectors, validate_token
 from ..events import Reporter
 from ..models import ClipBundle
 from ..settings import TrainSettings
@@ -50,21 +50,25 @@ def train_quick(
     reporter.log(f"Embedding {len(images)} pictures with CLIP ({settings.crops} views each)")
     targets = image_features(clip, [i.image for i in images], settings.crops)  # [N, P], unit length
 
-    # Prompts are tokenized once; the new vectors take ids just past the vocabulary.
+    # Prompts are tokenized once; the new vectors take ids just past the vocabulary, and what comes
+    # before them in each prompt goes through the text tower once, not at every step.
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     placeholder_ids = list(range(table.shape[0], table.shape[0] + settings.vectors))
     encoded = [encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cached = CachedPrefixPrompts(clip, encoded, first_new_id=table.shape[0])
     rng = random.Random(settings.seed)
 
     def compute_loss(_micro: int) -> torch.Tensor:
-        picked = sample_indices(len(encoded), settings.batch_size, rng)
-        ids = pad_batch([encoded[i] for i in picked], pad_id)
+        picked = torch.tensor(sample_indices(len(encoded), settings.batch_size, rng))
+        # A batch larger than the prompt list repeats prompts: compute each once, count it twice.
+        rows, counts = picked.unique(return_counts=True)
         with clip.placement.autocast():
-            features = pooled_text_features(clip, ids).float()
+            features = cached.pooled(rows.tolist()).float()
         if settings.use_captions:  # each caption belongs to its own picture
-            return spherical_distance(features, targets[picked]).mean()
-        return spherical_distance(features[:, None, :], targets[None, :, :]).mean()
+            distances = spherical_distance(features, targets[rows])
+        else:
+            distances = spherical_distance(features[:, None, :], targets[None, :, :]).mean(dim=1)
+        return (distances * counts.to(distances)).sum() / len(picked)
 
     loop = LoopSettings.of(settings, phase)
     on_step = (lambda step, _optimizer: writer.checkpoint(vectors, reporter.steps_done)) if writer else None
