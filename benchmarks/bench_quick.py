@@ -70,9 +70,13 @@ def run_reference(args) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(location)
     tokenizer.add_tokens([TOKEN])
     placeholder_id = tokenizer.convert_tokens_to_ids(TOKEN)
-    model.resize_token_embeddings(len(tokenizer))
     model.requires_grad_(False)
-    table = model.text_model.embeddings.token_embedding.weight
+    embeddings = model.text_model.embeddings
+    grown = torch.nn.Embedding(len(tokenizer), embeddings.token_embedding.embedding_dim, dtype=torch.bfloat16)
+    with torch.no_grad():
+        grown.weight[: embeddings.token_embedding.num_embeddings] = embeddings.token_embedding.weight
+    embeddings.token_embedding = grown  # CLIPModel has no resize_token_embeddings: grow the table by hand
+    table = grown.weight
     with torch.no_grad():
         table[placeholder_id] = table[tokenizer.encode("toy", add_special_tokens=False)[0]]
     optimizer = WholeTableAdamW(table, placeholder_id, lr=0.1, weight_decay=0.01)
@@ -94,7 +98,7 @@ def run_reference(args) -> dict:
     return clock.result()
 
 
-def time_full_run() -> dict:
+def time_full_run(threads: int | None) -> dict:
     """Wall time of `python -m tinv_gui train --method quick` with its defaults, start to end."""
     import os
 
@@ -108,6 +112,8 @@ def time_full_run() -> dict:
         "--device", "cpu", "--output", str(work / "out"),
     ]
     env = dict(os.environ, PYTHONPATH=str(HERE.parent), HF_HUB_OFFLINE="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=HERE.parent, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -121,18 +127,22 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, choices=range(1, 10), metavar="N", help="untimed steps first (at least 1)")
     parser.add_argument("--no-full-run", action="store_true", help="skip the whole 100-step run")
+    parser.add_argument("--only", choices=("ours", "reference"), default=None, help="run one configuration")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
     parser.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         report({**(run_ours(args) if args.child == "ours" else run_reference(args)), "threads": torch.get_num_threads()})
         return 0
     from shaped_models import clip_vit_l14_dir, sd15_dir
 
     sd15_dir(), clip_vit_l14_dir()  # build the models once, outside the measured processes
-    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
-    rows = compare(Path(__file__), ("ours", "reference"), passed)
+    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads())]
+    rows = compare(Path(__file__), ("ours", "reference") if args.only is None else (args.only,), passed)
     print(f"QuickEmbedding step, CLIP ViT-L/14 shapes, batch {BATCH}, CPU ({torch.get_num_threads()} threads), "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print_table(rows, [
@@ -140,12 +150,12 @@ def main() -> int:
         ("cpu_s_per_step", "CPU s/step", "{:.3f}"),
         ("process_peak_rss_gb", "peak RSS GB", "{:.2f}"),
     ])
-    ours, ref = rows["ours"], rows["reference"]
+    ours, ref = rows.get("ours", {}), rows.get("reference", {})
     if ours.get("s_per_step") and ref.get("s_per_step"):
         print(f"ours is {ref['s_per_step'] / ours['s_per_step']:.1f}x faster per step "
               f"(CPU time {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.1f}x)")
     if not args.no_full_run:
-        full = time_full_run()
+        full = time_full_run(args.threads)
         print(f"full 100-step QuickEmbedding run on 4 pictures, model loading included: "
               + (f"{full['wall_s']:.1f} s" if "wall_s" in full else f"failed: {full['error']}"))
     return 0

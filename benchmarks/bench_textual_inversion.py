@@ -135,17 +135,20 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", help="ours: auto, fp32 or bf16 (the reference is fp32, as at its defaults)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="ours: with gradient checkpointing")
     parser.add_argument("--only", choices=("ours", "reference"), default=None, help="run one configuration")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
     parser.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         report({**(run_ours(args) if args.child == "ours" else run_reference(args)), "threads": torch.get_num_threads()})
         return 0
     from shaped_models import sd15_dir
 
     sd15_dir()  # build the model once, outside the measured processes
-    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision]
+    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads()), "--precision", args.precision]
     if args.gradient_checkpointing:
         passed.append("--gradient-checkpointing")
     rows = compare(Path(__file__), ("ours", "reference") if args.only is None else (args.only,), passed)

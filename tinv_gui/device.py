@@ -8,6 +8,8 @@ copy), so small updates are never rounded away.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -89,3 +91,19 @@ def choose_placement(device: str = "auto", precision: str = "auto") -> Placement
     # let autocast convert, since CPU kernels for stored half weights are often slower.
     weight_dtype = half if dev.type == "cuda" else torch.float32
     return Placement(dev, weight_dtype, half)
+
+
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+
+
+def return_freed_memory_promptly(threshold: int = 1 << 20) -> None:
+    """Have glibc serve allocations of `threshold` bytes or more from fresh pages and give them back
+    to the system when freed. By default glibc raises that threshold after the first large free and
+    reuses its heap instead, which fragments: a training loop's resident memory then creeps up step
+    after step (by about 0.6 GB for SD 1.5 here). Elsewhere than glibc Linux this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        pass

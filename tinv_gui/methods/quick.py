@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..clip_space import image_features, pooled_text_features, spherical_distance
+from ..clip_space import CachedPrefixPrompts, image_features, spherical_distance
 from ..data import TrainImage, sample_indices, training_prompts
-from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, pad_batch, validate_token
+from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, validate_token
 from ..events import Reporter
 from ..models import ClipBundle
 from ..settings import TrainSettings
@@ -58,26 +58,29 @@ def train_quick(
     pictures = [i.image for i in images]
     targets = [image_features(clip, pictures, settings.crops) for clip in clips]  # [N, P] each, unit length
 
-    # Prompts are tokenized once; the new vectors take ids just past the vocabulary.
+    # Prompts are tokenized once; the new vectors take ids just past the vocabulary, and what comes
+    # before them in each prompt goes through the text tower once, not at every step.
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    encoded, pad_ids = [], []
+    cached = []
     for clip, table in zip(clips, tables):
         placeholder_ids = list(range(table.shape[0], table.shape[0] + settings.vectors))
-        encoded.append([encode_with_placeholder(clip.tokenizer, p, token, placeholder_ids) for p in prompts])
-        pad_ids.append(clip.tokenizer.pad_token_id if clip.tokenizer.pad_token_id is not None else clip.tokenizer.eos_token_id)
+        encoded = [encode_with_placeholder(clip.tokenizer, p, token, placeholder_ids) for p in prompts]
+        cached.append(CachedPrefixPrompts(clip, encoded, first_new_id=table.shape[0]))
     rng = random.Random(settings.seed)
 
     def compute_loss(_micro: int) -> torch.Tensor:
-        picked = sample_indices(len(prompts), settings.batch_size, rng)
+        picked = torch.tensor(sample_indices(len(prompts), settings.batch_size, rng))
+        # A batch larger than the prompt list repeats prompts: compute each once, count it twice.
+        rows, counts = picked.unique(return_counts=True)
         losses = []
-        for clip, prompt_ids, pad_id, target in zip(clips, encoded, pad_ids, targets):
-            ids = pad_batch([prompt_ids[i] for i in picked], pad_id)
+        for clip, prompt_cache, target in zip(clips, cached, targets):
             with clip.placement.autocast():
-                features = pooled_text_features(clip, ids).float()
+                features = prompt_cache.pooled(rows.tolist()).float()
             if settings.use_captions:  # each caption belongs to its own picture
-                losses.append(spherical_distance(features, target[picked]).mean())
+                distances = spherical_distance(features, target[rows])
             else:
-                losses.append(spherical_distance(features[:, None, :], target[None, :, :]).mean())
+                distances = spherical_distance(features[:, None, :], target[None, :, :]).mean(dim=1)
+            losses.append((distances * counts.to(distances)).sum() / len(picked))
         return torch.stack(losses).mean()
 
     loop = LoopSettings.of(settings, phase)

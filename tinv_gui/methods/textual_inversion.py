@@ -21,12 +21,14 @@ concatenated, the second encoder's pooled projection, and each picture's size co
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import ImageOps
 
 from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
@@ -215,17 +217,32 @@ def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size
 
 
 @contextlib.contextmanager
-def gradient_checkpointing(unet, enabled: bool):
-    """Recompute the UNet's activations in the backward pass within the block (less memory, ~30%
-    slower); the shared pipeline is left as it was."""
-    if not enabled:
-        yield
+def activation_recomputation(unet, everywhere: bool):
+    """Within the block, the backward pass recomputes activations instead of keeping them.
+
+    `everywhere`: diffusers' gradient checkpointing of the whole UNet (least memory, a step about a
+    third slower). Otherwise only the feed-forward layers at full latent resolution: they keep the
+    largest activations of a step (about 0.3 of 1.4 GB for SD 1.5 at 512 px) and cost about 3% of
+    it to recompute. The shared pipeline is left as it was.
+    """
+    if everywhere:
+        unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            unet.disable_gradient_checkpointing()
         return
-    unet.enable_gradient_checkpointing()
+    from diffusers.models.attention import FeedForward
+
+    full_resolution = [unet.down_blocks[0], unet.up_blocks[-1]]
+    layers = [m for block in full_resolution for m in block.modules() if isinstance(m, FeedForward)]
+    for layer in layers:
+        layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
     try:
         yield
     finally:
-        unet.disable_gradient_checkpointing()
+        for layer in layers:
+            del layer.forward  # the class's own forward again
 
 
 @dataclass
@@ -309,7 +326,7 @@ def train_diffusion(
 
     loop = LoopSettings.of(settings, phase)
     optimizer = None
-    with extended_vocabularies(text_encoders(pipe), vectors), gradient_checkpointing(pipe.unet, settings.gradient_checkpointing):
+    with extended_vocabularies(text_encoders(pipe), vectors), activation_recomputation(pipe.unet, settings.gradient_checkpointing):
         try:
             _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step=start_step)
         finally:  # keep the last good vectors, whatever happened
