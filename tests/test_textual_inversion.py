@@ -205,7 +205,7 @@ def test_recomputing_activations_gives_the_same_gradient(store, picture_dir):
     vectors = word_vectors(pipe, "dog").requires_grad_(True)
 
     def gradient(context):
-        loss = DiffusionLoss(pipe, placement, latents, prompt, False, batch_size=2, mirror=True, seed=3)
+        loss = DiffusionLoss(pipe, placement, latents, [prompt], False, batch_size=2, mirror=True, seed=3)
         with extended_vocabulary(pipe.text_encoder, vectors), context:
             (grad,) = torch.autograd.grad(loss(), vectors)
         return grad
