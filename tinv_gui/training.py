@@ -115,8 +115,9 @@ def optimize(
     reporter: Reporter,
     on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
     optimizer_state: dict | None = None,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     start_step: int = 0,
+    *,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
     """Run optimizer steps `start_step + 1` to `settings.steps` on `vectors` (a float32 leaf tensor).
 

@@ -92,6 +92,17 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "crops": ("Views per picture", "QuickEmbedding: crops of each picture averaged into its CLIP embedding."),
     "save_every": ("Save every N steps", "Also keep a numbered copy every N steps, to pick an earlier one. 0: only the final file."),
     "clip_model": ("CLIP model", "For CLIP-space methods. Empty: the CLIP the chosen model was trained with."),
+    "resolution": ("Resolution", "Textual inversion: the size pictures are trained at (a multiple of 8). 0: the model's own size."),
+    "flip": ("Mirror pictures", "Textual inversion: also train on left-right mirrored pictures. Turn off for text or asymmetric things."),
+    "gradient_checkpointing": ("Gradient checkpointing", "Textual inversion: uses much less memory, about a third slower."),
+    "quick_steps": ("QuickEmbedding steps first", "Balanced: CLIP-space steps before the diffusion steps. 0: the recipe's 100."),
+    "preview_every": ("Preview every N steps", "Draw a picture with the word every N steps to watch it form. 0: no previews."),
+    "preview_prompt": ("Preview prompt", "What the previews draw; {} stands for your word. Empty: 'a photo of {}'."),
+    "preview_steps": ("Preview quality", "Denoising steps of each preview picture."),
+    "scale_lr": ("Scale learning rate", "Multiply the learning rate by batch size x accumulation, as diffusers' --scale_lr."),
+    "resume": ("Resume from", "Path of an embedding saved by an earlier run, to continue it. Empty: start fresh."),
+    "caption": ("Caption", "From one picture: the sentence to start from. Empty: the captioning model writes it."),
+    "caption_model": ("Captioning model", "From one picture: the model that writes the caption. Empty: BLIP."),
     "clip_model_g": ("Second CLIP model (SDXL)", "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14."),
     "device": ("Device", "auto picks the GPU when there is one. Or cpu, cuda, cuda:1, mps."),
     "precision": ("Precision", "auto picks the fastest safe choice for the device."),
@@ -147,6 +158,8 @@ def settings_from_form(method: str, values: dict) -> dict:
             value = int(value)
         if fields[name].default is None and name in defaults and value == defaults[name]:
             continue
+        if fields[name].default is None and value == 0 and name not in defaults:
+            continue  # 0 on the form: leave it to the method or the model
         out[name] = value
     return out
 
@@ -829,10 +842,11 @@ def _option_component(field: dataclasses.Field, method_defaults: dict):
         return gr.Dropdown(CHOICES[field.name], value=default, allow_custom_value=field.name == "device", **common)
     if "bool" in kind:
         return gr.Checkbox(bool(default), **common)
+    # A number left to the method or model (None) shows as 0, and 0 is read back as None.
     if "int" in kind and "float" not in kind:
-        return gr.Number(default, precision=0, minimum=0, **common)
+        return gr.Number(0 if default is None else default, precision=0, minimum=0, **common)
     if "float" in kind:
-        return gr.Number(default, minimum=0, step=0.001, **common)
+        return gr.Number(0 if default is None else default, minimum=0, step=0.001, **common)
     return gr.Textbox(default or "", **common)
 
 
