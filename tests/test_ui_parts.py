@@ -105,6 +105,19 @@ def test_uploads_are_checked_and_problems_named_per_picture(tmp_path):
     assert dataset.list_pictures(ws) == []
 
 
+def test_a_visitor_keeps_at_most_the_picture_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset, "MAX_PICTURES", 2)
+    ws = Workspaces(tmp_path / "visitors").get("visitor-b")
+    up = tmp_path / "uploads"
+    up.mkdir()
+    for i in range(3):
+        make_picture(10 + i, (200, 180)).save(up / f"p{i}.png")
+    added = dataset.add_files(ws, [str(p) for p in sorted(up.iterdir())])
+    assert [p.problem for p in added][:2] == [None, None]
+    assert "at most 2 pictures" in added[2].problem
+    assert len([p for p in dataset.list_pictures(ws) if not p.problem]) == 2
+
+
 def _progress(step, loss, phase, total=4):
     return Progress(step, total, loss, 0.1, step * 0.5, (total - step) * 0.5, phase)
 

@@ -4,6 +4,7 @@ showing each one as the model will see it, with its problem next to it when it h
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from .workspace import Workspace, sanitize_filename, unique_path
 MIN_SIDE = 64
 SOFT_SIDE = 256
 MAX_ZIP_MEMBERS = 500
+# Pictures one visitor may keep: textual inversion wants 3 to 20; this bounds a shared server's disk.
+MAX_PICTURES = int(os.environ.get("TINV_GUI_MAX_PICTURES", "100"))
 MAX_MEMBER_BYTES = 50 * 1024 * 1024
 PROBLEMS_FILE = "problems.json"
 DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
@@ -112,6 +115,9 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
         if path.suffix == ".txt":
             continue
         name = path.name
+        if len(known) >= MAX_PICTURES:
+            added.append(_refuse(ws, path, name, f"not added: at most {MAX_PICTURES} pictures can be kept; remove some first"))
+            continue
         try:
             image = open_image(path)
         except ImageError as error:
