@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_textual_inversion.py [--steps 2] [--warmup 1]
 
-Both run on the Stable Diffusion 1.5-shaped random-weight model (see shaped_models.py) at 512 px,
+Each runs on the Stable Diffusion 1.5-shaped random-weight model (see shaped_models.py) at 512 px,
 batch 1, on the CPU, each in its own subprocess (so each peak resident memory is its own):
 
 - ours: tinv-gui's textual inversion job, exactly as `python -m tinv_gui train --method
@@ -10,7 +10,9 @@ batch 1, on the CPU, each in its own subprocess (so each peak resident memory is
   only the new vector trainable, precision chosen by device.choose_placement);
 - reference: the step of diffusers' examples/textual_inversion/textual_inversion.py at its
   defaults: the VAE encodes the picture every step, the whole token-embedding matrix is trainable
-  with AdamW on it (untouched rows restored after each step), fp32.
+  with AdamW on it (untouched rows restored after each step), fp32;
+- floor: the frozen UNet alone, one forward and the backward to its text conditioning, fp32:
+  the least work any exact textual inversion step does, whatever the trainer.
 
 Prints seconds per step (median of the timed steps, after warm-up), CPU seconds per step, the
 peak resident memory of the whole process and of the training steps alone, and ours/reference.
@@ -128,22 +130,44 @@ def run_reference(args) -> dict:
     return clock.result()
 
 
+def run_floor(args) -> dict:
+    """The frozen UNet's forward and backward to the conditioning, nothing else."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from shaped_models import sd15_dir
+
+    sampler = RssSampler()
+    clock = StepClock(args.warmup, sampler)
+    unet = UNet2DConditionModel.from_pretrained(sd15_dir(), subfolder="unet").eval().requires_grad_(False)
+    latents = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8)
+    conditioning = torch.randn(1, 77, unet.config.cross_attention_dim)
+    clock.start()
+    for step in range(args.warmup + args.steps):
+        hidden = conditioning.clone().requires_grad_(True)
+        unet(latents, torch.tensor([step * 97 % 1000]), hidden).sample.pow(2).mean().backward()
+        clock.tick()
+    return clock.result()
+
+
+RUNS = {"ours": run_ours, "reference": run_reference, "floor": run_floor}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, choices=range(1, 10), metavar="N", help="untimed steps first (at least 1)")
     parser.add_argument("--precision", default="auto", help="ours: auto, fp32 or bf16 (the reference is fp32, as at its defaults)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="ours: with gradient checkpointing")
-    parser.add_argument("--only", choices=("ours", "reference"), default=None, help="run one configuration")
+    parser.add_argument("--only", choices=tuple(RUNS), default=None, help="run one configuration")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
-    parser.add_argument("--child", choices=("ours", "reference"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=tuple(RUNS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        report({**(run_ours(args) if args.child == "ours" else run_reference(args)), "threads": torch.get_num_threads()})
+        report({**RUNS[args.child](args), "threads": torch.get_num_threads()})
         return 0
     from shaped_models import sd15_dir
 
@@ -151,7 +175,7 @@ def main() -> int:
     passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads()), "--precision", args.precision]
     if args.gradient_checkpointing:
         passed.append("--gradient-checkpointing")
-    rows = compare(Path(__file__), ("ours", "reference") if args.only is None else (args.only,), passed)
+    rows = compare(Path(__file__), tuple(RUNS) if args.only is None else (args.only,), passed)
     print(f"textual inversion step, SD 1.5 shapes, {RESOLUTION} px, batch 1, CPU ({torch.get_num_threads()} threads), "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print_table(rows, [
@@ -166,6 +190,10 @@ def main() -> int:
               f"(CPU time {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x) and uses "
               f"{100 * ours['process_peak_rss_gb'] / ref['process_peak_rss_gb']:.0f}% of the reference's peak memory "
               f"({100 * ours['steps_peak_rss_gb'] / ref['steps_peak_rss_gb']:.0f}% during the steps)")
+    floor = rows.get("floor", {})
+    if ref.get("s_per_step") and floor.get("s_per_step"):
+        print(f"the UNet's own forward and backward take {floor['s_per_step']:.2f} s: no exact step here can be more than "
+              f"{ref['s_per_step'] / floor['s_per_step']:.2f}x faster than the reference")
     return 0
 
 

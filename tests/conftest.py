@@ -50,10 +50,9 @@ def store():
     return ModelStore()
 
 
-@pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
+def _serve_app(tmp_path_factory, **env):
     """`python app.py` on a free local port (GRADIO_SERVER_PORT), offline, with its visitors'
-    folders in a temporary folder of its own. Yields (url, visitors folder)."""
+    folders in a temporary folder of its own, and `env` added. Yields (url, visitors folder)."""
     import socket
     import subprocess
     import time
@@ -63,7 +62,7 @@ def app_server(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     visitors = tmp_path_factory.mktemp("visitors")
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), TINV_GUI_VISITORS=str(visitors), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), TINV_GUI_VISITORS=str(visitors), GRADIO_ANALYTICS_ENABLED="False", **env)
     root = Path(__file__).resolve().parent.parent
     log = open(tmp_path_factory.mktemp("app-log") / "app.log", "w")
     process = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -88,3 +87,20 @@ def app_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The app as `python app.py` runs it: (url, visitors folder)."""
+    yield from _serve_app(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def zerogpu_app_server(tmp_path_factory):
+    """The app as on a ZeroGPU Space, with tests/zerogpu_stub standing in for the `spaces`
+    package: (url, visitors folder, file listing each GPU call and the seconds it asked for)."""
+    calls = tmp_path_factory.mktemp("zerogpu") / "calls.log"
+    stub = Path(__file__).resolve().parent / "zerogpu_stub"
+    path = os.pathsep.join(filter(None, [str(stub), os.environ.get("PYTHONPATH")]))
+    for url, visitors in _serve_app(tmp_path_factory, SPACES_ZERO_GPU="true", PYTHONPATH=path, ZEROGPU_STUB_LOG=str(calls)):
+        yield url, visitors, calls

@@ -78,6 +78,11 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
         model="demo", embedding=embedding, prompt="a photo of <toy-robot>", steps=2, compare=True, api_name="/generate"
     )
     assert len(with_it) == 1 and len(without) == 1 and "Seed 0." in note
+
+    with pytest.raises(AppError, match="QuickEmbedding runs start afresh"):
+        _train(client, resume=embedding).result()
+    resumed = _train(client, preset="Thorough", steps=152, batch_size=1, resume=embedding).result()  # named as the Playground lists it
+    assert "Done: step 152 / 152" in resumed[0], resumed[0]
     from PIL import Image
 
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
@@ -142,6 +147,9 @@ def test_mistakes_get_plain_answers(app_server, tmp_path):
     assert any((item["caption"] or "").startswith("✗ broken.png: not a picture") for item in gallery)
     with pytest.raises(AppError, match="already a word"):
         _train(client, token="cat").result()
+    for elsewhere in ("/etc/passwd", "../../outside.safetensors", "runs/none.safetensors"):  # only the visitor's own files
+        with pytest.raises(AppError, match="not one of your embeddings"):
+            _train(client, resume=elsewhere).result()
 
 
 def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):

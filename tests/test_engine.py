@@ -78,3 +78,28 @@ def test_jobs_run_one_at_a_time(engine, picture_dir, tmp_path):
     assert engine.position(jobs[2]) >= 1
     assert all(isinstance(j.wait(), Finished) for j in jobs)
     assert not overlap.is_set()
+
+
+def _submit_in_child(engine, results) -> None:
+    job = engine.submit("in a fork", lambda reporter: {"pid": str(__import__("os").getpid())})
+    results.put(job.wait().outputs)
+
+
+def test_a_forked_process_runs_its_own_jobs(engine):
+    """ZeroGPU runs every GPU call in a fork of the server: jobs submitted there must still run."""
+    import multiprocessing
+    import os
+
+    assert engine.submit("in the parent", lambda reporter: {}).wait().kind == "finished"  # the parent's thread exists
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_submit_in_child, args=(engine, results))
+    child.start()
+    try:
+        outputs = results.get(timeout=60)  # without a thread of its own the child's job never starts
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert outputs["pid"] == str(child.pid) != str(os.getpid())
+    assert engine.submit("in the parent again", lambda reporter: {}).wait().kind == "finished"

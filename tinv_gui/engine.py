@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import traceback
@@ -121,10 +122,18 @@ class Job:
 
 
 class Engine:
-    """Runs submitted jobs one at a time, in order, on one background thread."""
+    """Runs submitted jobs one at a time, in order, on one background thread.
+
+    The thread belongs to the process that started it. A forked process (ZeroGPU runs each
+    GPU call in a fork of the server) has no such thread, so the first job submitted there
+    starts the forked process's own thread and queue."""
 
     def __init__(self, store: ModelStore | None = None):
         self.store = store or ModelStore()
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._pid = os.getpid()
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._waiting: list[Job] = []
         self._lock = threading.Lock()
@@ -134,6 +143,8 @@ class Engine:
 
     def submit(self, description: str, work: Callable[[Reporter], dict], total_steps: int = 0) -> Job:
         """Queue `work(reporter) -> outputs`; returns its Job at once."""
+        if os.getpid() != self._pid:  # forked: the parent's thread (and what it held) is not here
+            self._start_worker()
         job = Job(description, work, total_steps)
         with self._lock:
             self._waiting.append(job)

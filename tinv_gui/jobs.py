@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from .data import load_dataset
-from .device import choose_placement, return_freed_memory_promptly
+from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .models import ModelStore
@@ -45,7 +45,6 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     if settings.method in DIFFUSION_METHODS:
         from .methods import textual_inversion as ti
 
-        return_freed_memory_promptly()
         reporter.log(f"Loading {settings.model}")
         pipe = store.pipeline(settings.model, placement)
         size = settings.resolution or ti.native_resolution(pipe)

@@ -127,6 +127,11 @@ class TrainSettings:
             raise SettingsError("resolution", f"must be a multiple of 8 and at least 64, not {self.resolution!r}")
         if self.resume is not None and not Path(self.resume).is_file():
             raise SettingsError("resume", f"{self.resume} is not a file; give an embedding saved by an earlier run")
+        if self.resume is not None and self.method == "quick":
+            raise SettingsError(
+                "resume", "QuickEmbedding runs start afresh (they take about a minute); resuming continues textual-inversion, "
+                "quick-then-ti and caption-init runs"
+            )
         if self.caption is not None and not self.caption.strip():
             raise SettingsError("caption", "the caption is empty; describe the picture in a few words, or leave it out")
         if self.lr_schedule is not None and self.lr_schedule not in SCHEDULES:

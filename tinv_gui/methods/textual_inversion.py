@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from PIL import ImageOps
 
 from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
-from ..device import Placement
+from ..device import Placement, release_freed_memory
 from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
 from ..events import Preview, Reporter
 from ..formats import check_fits, read_embedding
@@ -234,7 +234,7 @@ def activation_recomputation(unet, everywhere: bool):
         return
     from diffusers.models.attention import FeedForward
 
-    full_resolution = [unet.down_blocks[0], unet.up_blocks[-1]]
+    full_resolution = [unet.down_blocks[0], unet.down_blocks[1], unet.up_blocks[-1], unet.up_blocks[-2]]
     layers = [m for block in full_resolution for m in block.modules() if isinstance(m, FeedForward)]
     for layer in layers:
         layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
@@ -317,6 +317,7 @@ def train_diffusion(
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
 
     def on_step(_step: int, optimizer) -> None:
+        release_freed_memory()
         done = reporter.steps_done
         writer.checkpoint(vectors, done, optimizer)
         if settings.preview_every and done % settings.preview_every == 0:

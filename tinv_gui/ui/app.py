@@ -9,6 +9,8 @@ folder of their own (see workspace.py); features of other branches come in throu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 import re
 import secrets
@@ -61,8 +63,12 @@ SIZES = {
 NO_EMBEDDING = "none"
 EVAL_PICTURES = 4  # per side when measuring: each is a full generation, so keep it small
 MAX_RETURNING = 10_000
+MAX_GPU_DURATION_S = int(os.environ.get("TINV_GUI_MAX_GPU_SECONDS", "1500"))  # ZeroGPU's longest call
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 POLL_S = 0.4  # how often a following handler looks at the job's events
+# On ZeroGPU Spaces every GPU call runs in a fork of the server, which holds the GPU only while
+# the call lasts: a job must start, run and end inside the call that started it.
+ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
 CSS = """
 .tinv-header {display:flex; gap:1rem; align-items:center}
 .tinv-header img {width:64px; height:64px}
@@ -100,7 +106,7 @@ OPTIONS: dict[str, tuple[str, str]] = {
     "preview_prompt": ("Preview prompt", "What the previews draw; {} stands for your word. Empty: 'a photo of {}'."),
     "preview_steps": ("Preview quality", "Denoising steps of each preview picture."),
     "scale_lr": ("Scale learning rate", "Multiply the learning rate by batch size x accumulation, as diffusers' --scale_lr."),
-    "resume": ("Resume from", "Path of an embedding saved by an earlier run, to continue it. Empty: start fresh."),
+    "resume": ("Resume from", "One of your embeddings, as the Playground lists it (runs/.../learned_embeds.safetensors), to continue its run. Empty: start fresh."),
     "caption": ("Caption", "From one picture: the sentence to start from. Empty: the captioning model writes it."),
     "caption_model": ("Captioning model", "From one picture: the model that writes the caption. Empty: BLIP."),
     "clip_model_g": ("Second CLIP model (SDXL)", "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14."),
@@ -126,13 +132,46 @@ def hub_status(model: str = DEFAULT_MODEL, timeout: float = 4.0) -> tuple[bool, 
         return False, f"the Hugging Face Hub cannot be reached from this computer ({type(error).__name__})"
 
 
-def on_gpu(fn, duration: int = 120):
-    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed; as is otherwise."""
+def on_gpu(fn, duration=120, outputs: list | None = None):
+    """`fn` under ZeroGPU's `spaces.GPU` when the `spaces` package is installed; as is otherwise.
+
+    `duration` is seconds, or a function of fn's arguments giving them. ZeroGPU sends every result
+    from the GPU process to the server pickled, where a dict keyed by components would arrive as
+    copies Gradio does not know: with `outputs`, such dicts are sent as a list in that order."""
     try:
         import spaces
     except ImportError:
         return fn
+    if outputs is not None:
+        fn = _results_as_lists(fn, outputs)
     return spaces.GPU(duration=duration)(fn)
+
+
+def _results_as_lists(fn, outputs: list):
+    def as_list(result):
+        return [result.get(component, gr.skip()) for component in outputs] if isinstance(result, dict) else result
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def following(*args, **kwargs):
+            for result in fn(*args, **kwargs):
+                yield as_list(result)
+
+        return following
+
+    @functools.wraps(fn)
+    def once(*args, **kwargs):
+        return as_list(fn(*args, **kwargs))
+
+    return once
+
+
+def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
+    """Seconds of GPU to ask ZeroGPU for one training: the preset's steps at its rough GPU speed,
+    plus loading, within ZeroGPU's limits. A run cut short there keeps its last saved embedding."""
+    chosen = hooks.preset_by_label(preset)
+    steps = int(options.get("steps") or METHOD_DEFAULTS[chosen.method].get("steps") or 0)
+    return int(min(max(120 + 1.5 * steps * chosen.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
 
 
 def option_fields() -> list[dataclasses.Field]:
@@ -297,6 +336,7 @@ class TinvApp:
         ws = self.workspace(request)
         job = self.jobs.get(ws.key)
         if job is None or job.done:
+            ws.take_stop_request()  # a Stop pressed before this run is not meant for it
             job = self._submit_training(ws, model, token, init, preset, captions, options)
         yield from self._follow(ws, job)
 
@@ -308,6 +348,11 @@ class TinvApp:
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
         dataset.save_captions(ws, _rows(captions))
         method = hooks.preset_by_label(preset).method
+        if (options.get("resume") or "").strip():  # only the visitor's own files, named as the Playground lists them
+            resume = ws.root / options["resume"].strip()
+            if not ws.contains(resume) or not resume.is_file():
+                raise gr.Error(f"Resume from: {options['resume'].strip()!r} is not one of your embeddings; pick a name the Playground lists.")
+            options = {**options, "resume": str(resume.resolve())}
         try:
             validate_token(token, self.engine.store.tokenizer(model))
             settings = TrainSettings(
@@ -328,8 +373,20 @@ class TinvApp:
 
     def _follow(self, ws: Workspace, job: Job):
         """Yield the Train tab's state whenever the job has news, until it ends."""
+        try:
+            yield from self._follow_events(ws, job)
+        finally:
+            if ZERO_GPU and not job.done:  # the visitor left: end the job while the GPU is still ours
+                job.cancel()
+                deadline = time.monotonic() + 120
+                while not job.done and time.monotonic() < deadline:
+                    time.sleep(POLL_S)
+
+    def _follow_events(self, ws: Workspace, job: Job):
         seen = -1
         while True:
+            if ws.take_stop_request():
+                job.cancel()
             history = list(job.history)
             ended = bool(history) and isinstance(history[-1], TERMINAL_EVENTS)
             if len(history) != seen or ended:
@@ -363,10 +420,14 @@ class TinvApp:
 
     def stop_training(self, request: gr.Request) -> str:
         """Ask the visitor's job to stop; it saves after the current step."""
-        job = self.jobs.get(self.workspace(request).key)
-        if job is None or job.done:
+        ws = self.workspace(request)
+        job = self.jobs.get(ws.key)
+        if job is not None and not job.done:
+            job.cancel()
+        elif ZERO_GPU:  # the job runs in ZeroGPU's process, out of this one's reach: leave word
+            ws.request_stop()
+        else:
             return "Nothing is training."
-        job.cancel()
         return "Stopping after this step; the embedding so far will be saved."
 
     # ----------------------------------------------------------------------------- Playground
@@ -772,7 +833,7 @@ class TinvApp:
         c["preset"].change(self.preset_changed, c["preset"], [c["method_help"], *option_components], api_name=False)
 
         c["start"].click(
-            on_gpu(self.start_training, duration=600),
+            on_gpu(self.start_training, duration=training_duration, outputs=train_outputs),
             [c["model"], c["token"], c["init"], c["preset"], c["captions"]],
             train_outputs,
             inputs_kwargs=c["options"],

@@ -23,6 +23,7 @@ DEFAULT_MAX_AGE_S = float(os.environ.get("TINV_GUI_VISITOR_HOURS", "24")) * 3600
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 LAST_USED_FILE = ".last_used"
+STOP_FILE = ".stop_requested"  # Stop pressed: read by whichever process runs the visitor's job
 
 
 def sanitize_filename(name: str, fallback: str = "file") -> str:
@@ -80,6 +81,19 @@ class Workspace:
         if not self.contains(path):
             raise PermissionError(f"{Path(path).name} is not one of your files")
         return Path(path).resolve()
+
+    def request_stop(self) -> None:
+        """Leave word for the visitor's running job to stop. A file, not a flag in memory,
+        because on ZeroGPU the job runs in another process than the Stop button's handler."""
+        (self.root / STOP_FILE).touch()
+
+    def take_stop_request(self) -> bool:
+        """True once for each Stop pressed since the last call."""
+        try:
+            (self.root / STOP_FILE).unlink()
+            return True
+        except FileNotFoundError:
+            return False
 
     def new_run_dir(self, token: str) -> Path:
         """A fresh folder for one training run, named after the token and the time."""
