@@ -41,3 +41,36 @@ def test_placement_choices():
         choose_placement("cpu", "fp16")
     with pytest.raises(ValueError, match="precision"):
         choose_placement("cpu", "fp64")
+
+
+def test_downloads_into_the_hub_cache_are_reported_while_loading(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from tinv_gui.models import reporting_downloads
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    blobs = tmp_path / "models--owner--name" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "old").write_bytes(b"x" * 1000)  # already there: not counted as downloaded
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    quiet, said = [], []
+    with reporting_downloads(quiet.append, every_s=0.02):
+        time.sleep(0.15)  # nothing arrives: nothing is said
+    with reporting_downloads(said.append, every_s=0.02):
+        with open(blobs / "new.incomplete", "wb") as part:
+            for _ in range(3):
+                part.write(b"y" * 5_000_000)
+                part.flush()
+                time.sleep(0.1)
+    assert quiet == []
+    import re
+
+    amounts = [int(re.match(r"Downloading the model: (\d+) MB so far \(\d+ MB/s\)$", line).group(1)) for line in said]
+    assert amounts and set(amounts) <= {5, 10, 15} and amounts == sorted(amounts), said
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with reporting_downloads(quiet.append, every_s=0.02):
+        (blobs / "offline").write_bytes(b"z" * 1000)
+        time.sleep(0.1)
+    assert quiet == []

@@ -15,7 +15,7 @@ import traceback
 from typing import Callable, Iterator
 
 from .events import Event, Failed, Finished, Log, Reporter, Started, TERMINAL_EVENTS
-from .models import ModelStore
+from .models import ModelStore, reporting_downloads
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
@@ -108,7 +108,8 @@ class Job:
         reporter = Reporter(self._emit, self._stop, self.total_steps)
         self._emit(Started(self.id, self.description, self.total_steps))
         try:
-            outputs = self._work(reporter)
+            with reporting_downloads(reporter.log):
+                outputs = self._work(reporter)
         except BaseException as error:  # noqa: BLE001 - every failure becomes an event
             log.debug("job %s failed", self.id, exc_info=True)
             self._emit(Log("".join(traceback.format_exception_only(type(error), error)).strip()))

@@ -10,8 +10,12 @@ the checkpoint's keys, and has two text encoders (and tokenizers), numbered 0 an
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -89,6 +93,49 @@ def _explain(source: ModelSource, what: str, error: Exception) -> ModelLoadError
     else:
         hint = f"could not load {what} from {source.location}: it does not look like a Stable Diffusion model ({text[:300]})"
     return ModelLoadError(hint)
+
+
+def _hub_cache_bytes(cache: Path) -> int:
+    """Bytes of every file in the Hub cache's blob folders, finished or still downloading."""
+    total = 0
+    for blobs in cache.glob("*/blobs"):
+        with contextlib.suppress(OSError):
+            total += sum(entry.stat().st_size for entry in os.scandir(blobs) if entry.is_file())
+    return total
+
+
+@contextlib.contextmanager
+def reporting_downloads(log: Callable[[str], None], every_s: float = 3.0):
+    """While the block runs, say every `every_s` seconds how much has been downloaded into the
+    Hugging Face cache, if anything: a first use of a model fetches gigabytes, and a page that only
+    says "Loading" for minutes looks stuck. Does nothing when the Hub is switched off."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        yield
+        return
+    cache = Path(constants.HF_HUB_CACHE)
+    started, stop = time.monotonic(), threading.Event()
+    first = _hub_cache_bytes(cache)
+
+    def watch() -> None:
+        last = first
+        while not stop.wait(every_s):
+            now = _hub_cache_bytes(cache)
+            if now > last:
+                rate = (now - first) / max(time.monotonic() - started, 1e-6)
+                done = now - first
+                amount = f"{done / 1e9:.2f} GB" if done >= 1e9 else f"{done / 1e6:.0f} MB"
+                log(f"Downloading the model: {amount} so far ({rate / 1e6:.0f} MB/s)")
+            last = now
+
+    watcher = threading.Thread(target=watch, name="tinv-download-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 @dataclass
