@@ -4,6 +4,7 @@ with diffusers, generating with it, and QuickEmbedding against both CLIP models.
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from tinv_gui import cli
@@ -233,3 +234,102 @@ def test_textual_inversion_and_caption_init_on_sdxl_through_the_cli(store, pipe,
     assert code == 0
     captioned = read_embedding(out / "learned_embeds.safetensors")
     assert captioned.vectors.shape == (3, WIDTH_L) and captioned.vectors_g.shape == (3, WIDTH_G)
+
+
+# ---- prompt from an image -----------------------------------------------------------------
+
+
+def test_continuous_prompt_on_sdxl_through_the_cli_then_generate(store, pipe, tmp_path):
+    import json
+
+    import torch.nn.functional as F
+    from conftest import make_picture
+
+    from tinv_gui.clip_space import image_features, pooled_text_features
+    from tinv_gui.embeddings import tokenize_words
+    from tinv_gui.ui import hooks
+
+    picture = make_picture(3)
+    picture.save(tmp_path / "p.png")
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+    code = cli.main(["optimize-prompt", "--model", "demo-sdxl", "--image", str(tmp_path / "p.png"), "--prompt", "a photo of",
+                     "--steps", "12", "--output", str(out), "--log-jsonl", str(log)])
+    assert code == 0
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    assert len(losses) == 12 and losses[-1] < 0.7 * losses[0]
+    metrics = json.loads((out / "result.json").read_text())["metrics"]
+    clips = [store.clip("demo-sdxl", encoder=encoder) for encoder in (0, 1)]
+    targets = [image_features(clip, [picture], 1)[0] for clip in clips]
+    # Each CLIP's similarity rose from where its part of the prompt started (the words, then its own
+    # tokenizer's padding up to the 16 free tokens): both parts were optimized.
+    for clip, target, key in zip(clips, targets, ("clip_l_similarity", "clip_g_similarity")):
+        tokenizer = clip.tokenizer
+        words = tokenize_words(tokenizer, "a photo of")
+        start = [tokenizer.bos_token_id, *words, *[tokenizer.pad_token_id] * (16 - len(words)), tokenizer.eos_token_id]
+        with torch.no_grad():
+            start_features = F.normalize(pooled_text_features(clip, torch.tensor([start])), dim=-1)[0]
+        assert metrics[key] > float(start_features @ target) + 0.05, key
+    assert metrics["clip_similarity"] == pytest.approx((metrics["clip_l_similarity"] + metrics["clip_g_similarity"]) / 2)
+
+    saved = load_file(str(out / "prompt_embeds.safetensors"))
+    projection = pipe.text_encoder_2.config.projection_dim
+    assert saved["prompt_embeds"].shape == saved["negative_prompt_embeds"].shape == (1, 77, WIDTH_L + WIDTH_G)
+    assert saved["pooled_prompt_embeds"].shape == saved["negative_pooled_prompt_embeds"].shape == (1, projection)
+    # No negative was optimized: the negative is what diffusers itself uses when none is typed.
+    _, negative, _, negative_pooled = pipe.encode_prompt("", device=torch.device("cpu"), do_classifier_free_guidance=True)
+    torch.testing.assert_close(saved["negative_prompt_embeds"], negative)
+    torch.testing.assert_close(saved["negative_pooled_prompt_embeds"], negative_pooled)
+    # The second encoder is bigG's text tower: the saved pooled output reproduces its reported similarity.
+    pooled = F.normalize(saved["pooled_prompt_embeds"][0], dim=-1)
+    assert float(pooled @ targets[1]) == pytest.approx(metrics["clip_g_similarity"], abs=1e-4)
+
+    picture_path = tmp_path / "found.png"
+    code = cli.main(["generate", "--model", "demo-sdxl", "--prompt-embeds", str(out / "prompt_embeds.safetensors"), "--steps", "2",
+                     "--size", "64x48", "--output", str(picture_path)])
+    assert code == 0 and Image.open(picture_path).size == (64, 48)
+    common = dict(steps=2, seed=5)
+    found = hooks.generate_images(pipe, prompt_embeds=out / "prompt_embeds.safetensors", **common)  # the app's "Generate with it"
+    empty = generate(pipe, prompt="", **common)
+    no_pooled = tmp_path / "no_pooled.safetensors"
+    save_file({**saved, "pooled_prompt_embeds": torch.zeros_like(saved["pooled_prompt_embeds"])}, str(no_pooled))
+    without_pooled = generate(pipe, prompt_embeds=no_pooled, **common)
+    assert not np.array_equal(np.asarray(found[0]), np.asarray(empty[0]))
+    assert not np.array_equal(np.asarray(found[0]), np.asarray(without_pooled[0]))  # the pooled prompt reaches the UNet
+
+
+def test_sdxl_prompt_with_an_optimized_negative_and_files_that_do_not_fit(store, pipe, tmp_path):
+    from conftest import make_picture
+
+    from tinv_gui.engine import Engine
+    from tinv_gui.events import Finished
+    from tinv_gui.settings import PromptSettings
+
+    make_picture(4).save(tmp_path / "p.png")
+    settings = PromptSettings(images=[str(tmp_path / "p.png")], model="demo-sdxl", negative="blurry", length=4, steps=2,
+                              output_dir=str(tmp_path / "out"), device="cpu", precision="fp32")
+    finished = Engine(store).optimize_prompt(settings).wait()
+    assert isinstance(finished, Finished), finished
+    saved = load_file(finished.outputs["prompt_embeds"])
+    assert saved["negative_prompt_embeds"].shape == (1, 77, WIDTH_L + WIDTH_G)
+    assert saved["negative_pooled_prompt_embeds"].abs().sum() > 0  # the optimized negative, not diffusers' zeros
+    assert not torch.equal(saved["negative_pooled_prompt_embeds"], saved["pooled_prompt_embeds"])
+    assert generate(pipe, prompt_embeds=finished.outputs["prompt_embeds"], negative="ugly", steps=1)[0].size == (64, 64)
+
+    sd_shaped = tmp_path / "sd.safetensors"
+    save_file({"prompt_embeds": torch.zeros(1, 77, WIDTH_L)}, str(sd_shaped))
+    with pytest.raises(ValueError, match="total width 32, but this model's is 96"):
+        generate(pipe, prompt_embeds=sd_shaped, steps=1)
+    unpooled = tmp_path / "unpooled.safetensors"
+    save_file({"prompt_embeds": saved["prompt_embeds"]}, str(unpooled))
+    with pytest.raises(ValueError, match="no 'pooled_prompt_embeds'"):
+        generate(pipe, prompt_embeds=unpooled, steps=1)
+
+
+def test_readable_prompt_on_sdxl_still_uses_the_first_clip(tmp_path):
+    from conftest import make_picture
+
+    make_picture(3).save(tmp_path / "p.png")
+    out = tmp_path / "out"
+    code = cli.main(["optimize-prompt", "--model", "demo-sdxl", "--image", str(tmp_path / "p.png"), "--hard", "--steps", "3",
+                     "--length", "4", "--output", str(out)])
+    assert code == 0 and len((out / "prompt.txt").read_text().split()) == 4

@@ -113,6 +113,7 @@ def _add_optimize_prompt(sub) -> None:
     p = sub.add_parser("optimize-prompt", help="find the prompt that describes a picture (continuous, or readable with --hard)")
     _add_model_and_device(p)
     p.add_argument("--clip-model", default=None, help="CLIP model (default: the one matching --model)")
+    p.add_argument("--clip-model-g", default=None, help="SDXL, continuous: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
     p.add_argument("--image", required=True, action="append", help="a picture to describe; repeat for several")
     p.add_argument("--image-weight", type=float, action="append", default=None, help="weight of each --image, in order (default: equal)")
     p.add_argument("--prompt", default="", help="where to start (default: empty)")
@@ -339,6 +340,7 @@ def prompt_settings_from_args(args):
         output_dir=args.output,
         model=args.model,
         clip_model=args.clip_model,
+        clip_model_g=args.clip_model_g,
         prompt=args.prompt,
         anchor=args.anchor,
         anchor_weight=args.anchor_weight,

@@ -27,20 +27,35 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def load_prompt_embeds(path: str | Path, text_width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(prompt_embeds, negative_prompt_embeds or None) from a prompt_embeds.safetensors file."""
+def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The pipeline arguments saved in a prompt_embeds.safetensors file, checked against a model's
+    text encoder widths (pipeline_text_widths): `prompt_embeds` and, when saved,
+    `negative_prompt_embeds`; for SDXL also `pooled_prompt_embeds` (required) and
+    `negative_pooled_prompt_embeds`."""
+    name = Path(path).name
     tensors = load_file(str(path))
     if "prompt_embeds" not in tensors:
-        raise ValueError(f"{Path(path).name} holds no 'prompt_embeds' tensor; make one with optimize-prompt")
-    embeds = tensors["prompt_embeds"]
-    if embeds.shape[-1] != text_width:
+        raise ValueError(f"{name} holds no 'prompt_embeds' tensor; make one with optimize-prompt")
+    # SDXL conditions on both encoders' hidden states side by side.
+    width = sum(text_widths)
+    found = tensors["prompt_embeds"].shape[-1]
+    if found != width:
         raise ValueError(
-            f"{Path(path).name} was made for a text encoder of width {embeds.shape[-1]}, but this model's is "
-            f"{text_width}; use the model it was made with"
+            f"{name} was made for text encoders of total width {found}, but this model's is {width}; use the model it was made with"
         )
-    embeds = embeds.reshape(1, -1, text_width)
-    negative = tensors.get("negative_prompt_embeds")
-    return embeds, None if negative is None else negative.reshape(1, -1, text_width)
+    sdxl = len(text_widths) > 1
+    if sdxl and "pooled_prompt_embeds" not in tensors:
+        raise ValueError(f"{name} holds no 'pooled_prompt_embeds', which SDXL needs; make it again with optimize-prompt on this model")
+    out = {"prompt_embeds": tensors["prompt_embeds"].reshape(1, -1, width)}
+    if "negative_prompt_embeds" in tensors:
+        out["negative_prompt_embeds"] = tensors["negative_prompt_embeds"].reshape(1, -1, width)
+    if sdxl:
+        out["pooled_prompt_embeds"] = tensors["pooled_prompt_embeds"].reshape(1, -1)
+        if "negative_prompt_embeds" in out:
+            if "negative_pooled_prompt_embeds" not in tensors:
+                raise ValueError(f"{name} holds a negative without its 'negative_pooled_prompt_embeds', which SDXL needs")
+            out["negative_pooled_prompt_embeds"] = tensors["negative_pooled_prompt_embeds"].reshape(1, -1)
+    return out
 
 
 @torch.no_grad()
@@ -68,12 +83,11 @@ def generate(
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
-        if len(pipeline_text_widths(pipe)) > 1:
-            raise ValueError("prompt embeddings files are made for SD 1.x/2.x pipelines; with SDXL, use a text prompt")
-        embeds, saved_negative = load_prompt_embeds(prompt_embeds, pipe.text_encoder.config.hidden_size)
-        kwargs["prompt_embeds"] = embeds
-        if negative is None:
-            kwargs["negative_prompt_embeds"] = saved_negative
+        saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe))
+        if negative is not None:  # a typed negative replaces the saved one
+            saved = {k: v for k, v in saved.items() if not k.startswith("negative_")}
+        # SDXL hands the pooled tensors to the UNet as they are: give them the UNet's dtype.
+        kwargs.update({k: v.to(pipe.unet.dtype) for k, v in saved.items()})
     else:
         kwargs["prompt"] = prompt
     if size is not None:

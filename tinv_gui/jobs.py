@@ -11,7 +11,7 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .models import ModelStore
-from .settings import DIFFUSION_METHODS, SettingsError, TrainSettings
+from .settings import DIFFUSION_METHODS, TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -106,22 +106,25 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
-    if not settings.hard and store.is_sdxl(settings.model):
-        raise SettingsError("hard", "prompt embeddings are made for SD 1.x/2.x pipelines; on SDXL, find a readable prompt with --hard")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
-    reporter.log(f"Loading the CLIP model for {settings.model}")
-    clip = store.clip(settings.model, settings.clip_model, placement)
-    # The pipeline's own text encoder makes the saved prompt_embeds; a hard prompt is plain text.
+    # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
+    # saved conditioning holds both; a readable prompt is words, found with the first CLIP alone.
+    names = (settings.clip_model, settings.clip_model_g)[: 1 if settings.hard else store.text_encoder_count(settings.model)]
+    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
+    clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    # The pipeline's own text encoders make the saved prompt_embeds; a hard prompt is plain text.
     pipe = None if settings.hard else store.pipeline(settings.model, placement)
     files = find_images(settings.images)
-    images = [open_image(path, min_side=clip.image_size // 2) for path in files]
+    images = [open_image(path, min_side=min(clip.image_size for clip in clips) // 2) for path in files]
 
-    result = optimize_prompt(clip, images, settings, reporter)
-    metadata = {"base_model": settings.model, "clip_model": clip.name, "steps": result.steps_done}
+    result = optimize_prompt(clips, images, settings, reporter)
+    metadata = {"base_model": settings.model, "clip_model": ", ".join(clip.name for clip in clips), "steps": result.steps_done}
     outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
     reporter.outputs.update(outputs)
     reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
+    if len(clips) == 2:  # SDXL: each CLIP's own figure, the headline being their mean
+        reporter.metrics.update(clip_l_similarity=result.similarities[0], clip_g_similarity=result.similarities[1])
     if result.loss is not None:
         reporter.metrics["loss"] = result.loss
     if result.anchor_similarity is not None:

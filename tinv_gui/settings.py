@@ -163,6 +163,7 @@ class PromptSettings:
     output_dir: str = "output"
     model: str = "demo"
     clip_model: str | None = None
+    clip_model_g: str | None = None  # SDXL, continuous: the CLIP of its second text encoder (default OpenCLIP bigG)
     prompt: str = ""  # where to start; empty starts from padding (continuous) or random words (hard)
     anchor: str | None = None  # a prompt whose meaning the result should stay near
     anchor_weight: float = 0.5

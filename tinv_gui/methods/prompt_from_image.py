@@ -12,6 +12,12 @@ comes out as plain text that works in any Stable Diffusion tool.
 
 Both modes run only the text tower on [start, L tokens, end]: with causal attention nothing
 after the end-of-text token changes the pooled output, so no padding to 77 is computed.
+
+SDXL (continuous only) has two text encoders, the text towers of two CLIP models (ViT-L and
+OpenCLIP bigG). Every free token then has one input embedding per encoder, side by side as in
+QuickEmbedding; each CLIP scores its own part against its own image embeddings, and the loss is
+the mean of the two. The saved result is SDXL's conditioning: both encoders' penultimate hidden
+states side by side, and the second encoder's pooled projection.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip_space import image_features, pooled_text_features, spherical_distance
-from ..embeddings import atomic_save_safetensors, extended_vocabulary, tokenize_words
+from ..embeddings import atomic_save_safetensors, extended_vocabularies, tokenize_words
 from ..events import Reporter
-from ..models import ClipBundle
+from ..models import ClipBundle, text_encoders, tokenizers
 from ..settings import DEFAULT_PROMPT_LENGTH, PromptSettings, SettingsError
 from ..training import LoopSettings, optimize
 
@@ -42,16 +48,18 @@ MAX_DISTANCE = math.pi**2 / 2
 class PromptResult:
     """The optimized prompt (and negative, when one was given)."""
 
-    vectors: torch.Tensor  # [rows * length, dim] input embeddings, float32, CPU: prompt then negative
+    # [rows * length, dim] input embeddings (SDXL: [.., dim_l + dim_g]), float32, CPU: prompt then negative
+    vectors: torch.Tensor
     length: int
     rows: int  # 1, or 2 with an optimized negative
-    similarity: float  # weighted mean cosine similarity of the prompt with the pictures
+    similarity: float  # weighted mean cosine similarity of the prompt with the pictures (SDXL: mean of both CLIPs')
     anchor_similarity: float | None
     steps_done: int
     stopped_early: bool
     loss: float | None  # the final loss (continuous) or the best loss (hard)
     token_ids: list[list[int]] | None = None  # hard: vocabulary ids per row
     texts: list[str] | None = None  # hard: readable text per row
+    similarities: list[float] | None = None  # the similarity per CLIP model (SDXL: ViT-L's, then bigG's)
 
 
 _readable_cache: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
@@ -120,33 +128,44 @@ def text_features(clip: ClipBundle, texts: list[str]) -> torch.Tensor:
         return F.normalize(pooled_text_features(clip, ids).float(), dim=-1)
 
 
-def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: PromptSettings, reporter: Reporter) -> PromptResult:
-    """Find the prompt for `images` as `settings` (resolved) say; see the module notes."""
-    tokenizer = clip.tokenizer
-    device = clip.placement.device
-    text_model = clip.model.text_model
-    table = text_model.get_input_embeddings().weight
-    vocab = table.shape[0]
+def optimize_prompt(
+    clips: ClipBundle | list[ClipBundle], images: list[Image.Image], settings: PromptSettings, reporter: Reporter
+) -> PromptResult:
+    """Find the prompt for `images` as `settings` (resolved) say; see the module notes. `clips` is
+    the CLIP model of the pipeline's text encoder, or (continuous only) a list of one per text
+    encoder (SDXL: ViT-L's, then bigG's)."""
+    clips = [clips] if isinstance(clips, ClipBundle) else list(clips)
+    if settings.hard and len(clips) > 1:
+        # Snapping needs one vocabulary table to snap to; SDXL's readable prompts use its first CLIP.
+        raise ValueError("a readable (hard) prompt is optimized against one CLIP model; pass only the first")
+    tokenizer = clips[0].tokenizer
+    device = clips[0].placement.device
+    text_models = [clip.model.text_model for clip in clips]
+    tables = [text_model.get_input_embeddings().weight for text_model in text_models]
+    table = tables[0]
     length = settings.length or max(DEFAULT_PROMPT_LENGTH, len(tokenize_words(tokenizer, settings.prompt or "")))
     rows = 2 if settings.negative else 1
     weights = _weights(images, settings.image_weights).to(device)
 
-    reporter.log(f"Embedding {len(images)} picture(s) with CLIP")
-    targets = image_features(clip, images, settings.crops)  # [N, P], unit length
-    anchor = text_features(clip, [settings.anchor])[0] if settings.anchor else None
+    models = "CLIP" if len(clips) == 1 else "both CLIP models"
+    reporter.log(f"Embedding {len(images)} picture(s) with {models}")
+    targets = [image_features(clip, images, settings.crops) for clip in clips]  # [N, P] each, unit length
+    anchors = [text_features(clip, [settings.anchor])[0] for clip in clips] if settings.anchor else [None] * len(clips)
 
     readable = readable_token_ids(tokenizer).to(device) if settings.hard else None
-    start = _starting_ids(tokenizer, settings, length, readable)
-    vectors = table.detach()[torch.tensor(start, device=table.device)].float().to(device).requires_grad_(True)
-    ids = _prompt_ids(tokenizer, vocab, length, rows)
+    # Each encoder starts from its own rows for the same words (their padding tokens differ).
+    starts = [_starting_ids(clip.tokenizer, settings, length, readable) for clip in clips]
+    parts = [t.detach()[torch.tensor(ids, device=t.device)].float().to(device) for t, ids in zip(tables, starts)]
+    vectors = torch.cat(parts, dim=1).requires_grad_(True)
+    prompt_ids = [_prompt_ids(clip.tokenizer, t.shape[0], length, rows) for clip, t in zip(clips, tables)]
 
-    def objective(features: torch.Tensor) -> torch.Tensor:
+    def objective(features: torch.Tensor, target: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
         """Loss of pooled features [rows, P]: near the pictures (and the anchor), the negative far."""
-        loss = (spherical_distance(features[0:1], targets) * weights).sum()
+        loss = (spherical_distance(features[0:1], target) * weights).sum()
         if anchor is not None:
             loss = loss + settings.anchor_weight * spherical_distance(features[0], anchor)
         if rows == 2:
-            loss = loss + MAX_DISTANCE - (spherical_distance(features[1:2], targets) * weights).sum()
+            loss = loss + MAX_DISTANCE - (spherical_distance(features[1:2], target) * weights).sum()
         return loss
 
     snapped = {"ids": None}
@@ -159,9 +178,12 @@ def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: Promp
         return table.detach()[snapped["ids"]].float()
 
     def compute_loss(_micro: int) -> torch.Tensor:
-        with clip.placement.autocast():
-            features = pooled_text_features(clip, ids).float()
-        loss = objective(features)
+        losses = []
+        for clip, ids, target, anchor in zip(clips, prompt_ids, targets, anchors):
+            with clip.placement.autocast():
+                features = pooled_text_features(clip, ids).float()
+            losses.append(objective(features, target, anchor))
+        loss = torch.stack(losses).mean()
         if settings.hard and float(loss.detach()) < best["loss"]:
             best["loss"], best["ids"] = float(loss.detach()), snapped["ids"].detach().cpu().view(rows, length)
         return loss
@@ -169,53 +191,71 @@ def optimize_prompt(clip: ClipBundle, images: list[Image.Image], settings: Promp
     loop = LoopSettings(
         steps=settings.steps, lr=settings.lr, weight_decay=settings.weight_decay, phase="hard prompt" if settings.hard else "prompt"
     )
-    with extended_vocabulary(text_model, vectors):
+    with extended_vocabularies(text_models, vectors):
         result, _ = optimize(vectors, compute_loss, loop, reporter, project=project if settings.hard else None)
         if not settings.hard:
-            with torch.no_grad(), clip.placement.autocast():
-                final = F.normalize(pooled_text_features(clip, ids[:1]).float(), dim=-1)[0]
+            finals = []
+            for clip, ids in zip(clips, prompt_ids):
+                with torch.no_grad(), clip.placement.autocast():
+                    finals.append(F.normalize(pooled_text_features(clip, ids[:1]).float(), dim=-1)[0])
 
     token_ids = texts = None
     loss = result.last_loss
     if settings.hard:
         if best["ids"] is None:  # stopped before the first step: the starting words
-            best["ids"] = torch.tensor(start).view(rows, length)
+            best["ids"] = torch.tensor(starts[0]).view(rows, length)
         token_ids = best["ids"].tolist()
         texts = [tokenizer.decode(row) for row in token_ids]
-        final = text_features(clip, texts[:1])[0]
+        finals = [text_features(clips[0], texts[:1])[0]]
         loss = best["loss"] if math.isfinite(best["loss"]) else None
-    similarity = float((targets @ final * weights).sum())
-    anchor_similarity = float(final @ anchor) if anchor is not None else None
+    similarities = [float((target @ final * weights).sum()) for target, final in zip(targets, finals)]
+    anchor_similarity = None
+    if settings.anchor:
+        anchor_similarity = sum(float(final @ anchor) for final, anchor in zip(finals, anchors)) / len(finals)
     return PromptResult(
-        vectors.detach().float().cpu(), length, rows, similarity, anchor_similarity,
-        result.steps_done, result.stopped_early, loss, token_ids, texts,
+        vectors.detach().float().cpu(), length, rows, sum(similarities) / len(similarities), anchor_similarity,
+        result.steps_done, result.stopped_early, loss, token_ids, texts, similarities,
     )
 
 
 @torch.no_grad()
 def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor]:
-    """The pipeline's own text encoder output [1, 77, dim] for the optimized prompt and negative,
-    padded as diffusers pads, ready for `pipe(prompt_embeds=..., negative_prompt_embeds=...)`.
-    Without an optimized negative, the negative is the empty prompt, as diffusers encodes it."""
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    device = encoder.device
-    vocab = encoder.get_input_embeddings().num_embeddings
-    max_length = tokenizer.model_max_length
-    ids = _prompt_ids(tokenizer, vocab, result.length, result.rows)
-    ids = torch.cat([ids, torch.full((result.rows, max_length - ids.shape[1]), _pad_id(tokenizer))], dim=1).to(device)
-    with extended_vocabulary(encoder, result.vectors.to(device)):
-        hidden = encoder(ids)[0]
+    """The pipeline's own conditioning for the optimized prompt and negative, padded to 77 as
+    diffusers pads, ready for `pipe(**tensors)`: `prompt_embeds` [1, 77, dim] and
+    `negative_prompt_embeds`; on SDXL [1, 77, dim_l + dim_g] (both encoders' penultimate hidden
+    states) plus `pooled_prompt_embeds` and `negative_pooled_prompt_embeds` [1, proj] (the second
+    encoder's). Without an optimized negative, the negative is what diffusers' own `encode_prompt`
+    gives when none is typed (SDXL models may make it zeros)."""
+    from .textual_inversion import encode_prompts, pad_prompts
+
+    encoders = text_encoders(pipe)
+    device = encoders[0].device
+    prompts = []
+    for tokenizer, encoder in zip(tokenizers(pipe), encoders):
+        ids = _prompt_ids(tokenizer, encoder.get_input_embeddings().num_embeddings, result.length, result.rows)
+        prompts.append(pad_prompts(tokenizer, ids.tolist(), device))
+    with extended_vocabularies(encoders, result.vectors.to(device)):
+        hidden, pooled = encode_prompts(encoders, prompts)
     out = {"prompt_embeds": hidden[0:1]}
+    if pooled is not None:
+        out["pooled_prompt_embeds"] = pooled[0:1]
     if result.rows == 2:
         out["negative_prompt_embeds"] = hidden[1:2]
-    else:
+        if pooled is not None:
+            out["negative_pooled_prompt_embeds"] = pooled[1:2]
+    elif pooled is None:
         out["negative_prompt_embeds"] = pipe.encode_prompt("", device, 1, False)[0]
-    return out
+    else:
+        # With guidance on, SDXL's encode_prompt returns the negative it would use for no negative prompt.
+        _, negative, _, negative_pooled = pipe.encode_prompt("", device=device, num_images_per_prompt=1, do_classifier_free_guidance=True)
+        out["negative_prompt_embeds"], out["negative_pooled_prompt_embeds"] = negative, negative_pooled
+    return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
 def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: dict | None = None) -> dict[str, str]:
     """Write the result into `output_dir`: prompt.txt (and negative_prompt.txt) for a hard prompt,
-    prompt_embeds.safetensors (needs the pipeline) for a continuous one. Returns what -> path."""
+    prompt_embeds.safetensors (needs the pipeline; see pipeline_prompt_embeds) for a continuous
+    one. Returns what -> path."""
     from pathlib import Path
 
     output_dir = Path(output_dir)
