@@ -68,7 +68,7 @@ def test_downloads_into_the_hub_cache_are_reported_while_loading(tmp_path, monke
     import re
 
     amounts = [int(re.match(r"Downloading the model: (\d+) MB so far \(\d+ MB/s\)$", line).group(1)) for line in said]
-    assert amounts and set(amounts) <= {5, 10, 15} and amounts == sorted(amounts), said
+    assert amounts and amounts == sorted(amounts) and 10 <= amounts[-1] <= 15, said  # writes may be seen mid-way
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with reporting_downloads(quiet.append, every_s=0.02):
         (blobs / "offline").write_bytes(b"z" * 1000)
