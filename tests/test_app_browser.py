@@ -62,7 +62,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_label("New word (token)").fill("<toy-robot>")
     page.get_by_label("Starting word").fill("robot")
     page.get_by_text("Advanced: every training option").click()
-    page.locator("#option-steps input").fill("150")
+    page.locator("#option-steps input").fill("1500")  # long enough (seconds) that the page is seen following it
     page.locator("#option-batch_size input").fill("4")
     page.locator("#option-batch_size input").press("Tab")
     page.screenshot(path=shots / "2-method.png", full_page=True)
@@ -70,7 +70,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Training: step").wait_for()  # the page follows the run as it goes
-    page.get_by_text("Done: step 150 / 150").wait_for()
+    page.get_by_text("Done: step 1500 / 1500").wait_for()
     plot = page.locator(".vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
@@ -99,6 +99,6 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.reload()
     page.get_by_text("4 picture(s) ready").wait_for()
     page.get_by_role("tab", name="3. Train").click()
-    page.get_by_text("Done: step 150 / 150").wait_for()
+    page.get_by_text("Done: step 1500 / 1500").wait_for()
     assert page.locator("#downloads a[data-testid=download-link]").count() == 5  # one per format
     print(f"screenshots in {shots}")

@@ -21,11 +21,11 @@ def _visitor_with_pictures(url: str) -> Client:
 def test_training_and_generation_run_inside_gpu_calls(zerogpu_app_server):
     url, _, calls = zerogpu_app_server
     client = _visitor_with_pictures(url)
-    job = client.submit(model="demo", token="<zero>", init="robot", preset="Quick", steps=400, batch_size=4, api_name="/train")
+    job = client.submit(model="demo", token="<zero>", init="robot", preset="Quick", steps=1000, batch_size=4, api_name="/train")
     final = job.result(timeout=240)  # without a job thread in the GPU process, it never ends
     updates = [update[0] for update in job.outputs()]
     assert any("Training: step" in u for u in updates)  # followed while it ran, across the process boundary
-    assert "Done: step 400 / 400" in final[0], final[0]
+    assert "Done: step 1000 / 1000" in final[0], final[0]
     downloads = {Path(p).name: p for p in final[4]}
     assert "learned_embeds.safetensors" in downloads
     assert load_embedding(downloads["learned_embeds.safetensors"])[0] == "<zero>"
