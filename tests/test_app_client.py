@@ -192,3 +192,9 @@ def test_prompt_from_image_finds_words_and_draws_them(app_server):
     _, _, prompt = client.predict(model="demo", image=handle_file(str(EXAMPLES[1])), readable=False, steps=3, api_name="/find_prompt")
     assert "continuous prompt" in prompt
     assert len(client.predict(model="demo", api_name="/generate_found")) == 1  # drawn from its prompt_embeds
+
+    # SDXL too: its continuous prompt carries both text encoders' conditioning and the pooled one.
+    _, _, prompt = client.predict(model="demo-sdxl", image=handle_file(str(EXAMPLES[2])), readable=False, steps=3, api_name="/find_prompt")
+    assert "continuous prompt" in prompt
+    (picture,) = client.predict(model="demo-sdxl", api_name="/generate_found")
+    assert Path(picture["image"]).is_file()
