@@ -110,9 +110,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
     # saved conditioning holds both; a readable prompt is words, found with the first CLIP alone.
-    names = (settings.clip_model, settings.clip_model_g)[: 1 if settings.hard else store.text_encoder_count(settings.model)]
-    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
-    clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    clips = _load_clips(settings, store, placement, reporter, count=1 if settings.hard else None)
     # The pipeline's own text encoders make the saved prompt_embeds; a hard prompt is plain text.
     pipe = None if settings.hard else store.pipeline(settings.model, placement)
     files = find_images(settings.images)
@@ -150,11 +148,16 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     return {**outputs, "result": str(summary)}
 
 
+def _load_clips(settings, store, placement, reporter, count: int | None = None):
+    """The CLIP model of each of the pipeline's text encoders (SDXL has two), or of the first `count`."""
+    names = (settings.clip_model, settings.clip_model_g)[: count or store.text_encoder_count(settings.model)]
+    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
+    return [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+
+
 def _clips_and_pictures(settings, store, placement, reporter, writer):
     """The CLIP model of each text encoder (SDXL has two), and this process's pictures at CLIP's size."""
-    names = (settings.clip_model, settings.clip_model_g)[: store.text_encoder_count(settings.model)]
-    reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
-    clips = [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    clips = _load_clips(settings, store, placement, reporter)
     writer.metadata["clip_model"] = ", ".join(clip.name for clip in clips)
     # Load slightly above CLIP's size so the corner views have room to differ.
     size = max(clip.image_size for clip in clips)
