@@ -21,9 +21,17 @@ TOKEN = "<tst-precise>"
 
 
 @pytest.fixture(scope="module")
-def pipelines():
-    """The demo pipeline loaded in fp32 and in bf16 (two stores: a store keeps one pipeline)."""
-    return {precision: ModelStore().pipeline("demo", choose_placement("cpu", precision)) for precision in ("fp32", "bf16")}
+def stores():
+    """A store holding the demo pipeline in fp32, and one in bf16 (a store keeps one pipeline)."""
+    stores = {precision: ModelStore() for precision in ("fp32", "bf16")}
+    for precision, store in stores.items():
+        store.pipeline("demo", choose_placement("cpu", precision))
+    return stores
+
+
+@pytest.fixture(scope="module")
+def pipelines(stores):
+    return {precision: store.pipeline("demo", choose_placement("cpu", precision)) for precision, store in stores.items()}
 
 
 def frozen_modules(pipe) -> list[torch.nn.Module]:
@@ -106,20 +114,19 @@ def test_bf16_loss_and_gradient_match_fp32(pipelines, picture_dir):
     assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), dim=0) > 0.95
 
 
-def test_bf16_training_moves_fp32_vectors_and_logs_the_precision(picture_dir, tmp_path):
+def test_bf16_training_moves_fp32_vectors_and_logs_the_precision(stores, pipelines, picture_dir, tmp_path):
     from tinv_gui.embeddings import load_embedding
 
     events = []
     settings = TrainSettings(
-        token=TOKEN, method="textual-inversion", steps=3, batch_size=2, init="dog", device="cpu", precision="bf16",
+        token=TOKEN, method="textual-inversion", steps=2, batch_size=1, init="dog", device="cpu", precision="bf16",
         images=str(picture_dir), output_dir=str(tmp_path), lr=5e-2,
     ).resolved()
-    outputs = run_training(settings, ModelStore(), Reporter(events.append, total_steps=settings.total_steps))
+    outputs = run_training(settings, stores["bf16"], Reporter(events.append, total_steps=settings.total_steps))
     logs = [e.message for e in events if isinstance(e, Log)]
     assert any("bf16 weights, bf16 compute" in line and "--precision bf16" in line for line in logs)
     _, trained = load_embedding(outputs["embedding"])
-    store = ModelStore()
-    pipe = store.pipeline("demo", choose_placement("cpu", "fp32"))
+    pipe = pipelines["fp32"]
     ids = pipe.tokenizer("dog", add_special_tokens=False).input_ids
     start = pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0, keepdim=True)
     assert trained.dtype == torch.float32 and torch.isfinite(trained).all()
