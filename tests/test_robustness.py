@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from tinv_gui import embeddings
+from tinv_gui import files
 from tinv_gui.data import ImageError, open_image
 from tinv_gui.embeddings import load_embedding, save_embedding
 from tinv_gui.engine import Engine
@@ -64,9 +64,16 @@ def test_nan_loss_stops_and_restores_the_last_good_vectors():
         value = ((vectors - target) ** 2).sum()
         return value * float("nan") if step_holder[0] == 4 else value
 
+    after_step = {}
+
+    def remember(step, _optimizer):
+        after_step[step] = vectors.detach().clone()
+
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        optimize(vectors, lambda _m: loss(), LoopSettings(steps=10, lr=0.1), Reporter(total_steps=10))
-    assert torch.isfinite(vectors).all() and vectors.abs().sum() > 0  # three good steps kept
+        optimize(vectors, lambda _m: loss(), LoopSettings(steps=10, lr=0.1), Reporter(total_steps=10), on_step=remember)
+    assert sorted(after_step) == [1, 2, 3]  # step 4's loss was NaN
+    assert torch.equal(vectors.detach(), after_step[3])  # the vectors after the three good steps, not zeros nor NaN
+    assert not torch.equal(after_step[3], after_step[2])
 
 
 def test_out_of_memory_ends_the_job_with_advice_and_the_engine_goes_on():
@@ -89,7 +96,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a fi")
         raise OSError("disk full")
 
-    monkeypatch.setattr(embeddings, "save_file", broken_save)
+    monkeypatch.setattr(files, "save_file", broken_save)
     with pytest.raises(OSError):
         save_embedding(path, "<t>", torch.randn(1, 8))
     assert torch.equal(load_embedding(path)[1], good)
