@@ -84,7 +84,7 @@ def cpu_bf16_flag() -> str | None:
     oneDNN is not capped below them."""
     if _onednn_cap_below_bf16():
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
@@ -103,7 +103,8 @@ def _why_no_bf16() -> str:
     return "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so fp32, the faster there"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             return set(f.read().split())
