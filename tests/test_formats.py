@@ -253,3 +253,15 @@ def test_convert_command(tmp_path):
     from tinv_gui.cli import main
 
     assert main(["convert", str(source), "--format", "kohya", "--output", str(tmp_path / "x.pt")]) == 2
+
+    # diffusers' SDXL output: both files in, one card out, with the picture given.
+    from conftest import make_picture
+
+    xl = EmbeddingFile("<xl>", odd_vectors(2, 768), odd_vectors(2, 1280, seed=1))
+    first = write_embedding(xl, tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
+    make_picture(0).save(tmp_path / "preview.png")
+    assert main(["convert", str(first), str(first.with_name("learned_embeds_2.safetensors")), "--format", "a1111-png",
+                 "--picture", str(tmp_path / "preview.png"), "--output", str(tmp_path / "card.png")]) == 0
+    card = read_embedding(tmp_path / "card.png")
+    assert card.token == "card" and torch.equal(card.vectors_g, xl.vectors_g)
+    assert main(["convert", str(first), "--format", "a1111-pt", "--output", str(tmp_path / "half.pt")]) == 0  # SD 1.x-wide: a valid file of its own

@@ -454,16 +454,16 @@ def _a1111_dict(embedding: EmbeddingFile, name: str) -> dict:
     }
 
 
-def convert(source: str | Path, fmt: str, output: str | Path, token: str | None = None, second: str | Path | None = None) -> Path:
+def convert(source: str | Path, fmt: str, output: str | Path, token: str | None = None, second: str | Path | None = None, picture=None) -> Path:
     """Read `source` (and `second`, the learned_embeds_2 of diffusers' SDXL output) in any
     layout and write it as `fmt`. `output` is a file, or a folder to write the format's usual
-    file name into. `token` renames the embedding."""
+    file name into. `token` renames the embedding; `picture` is an a1111-png card's preview."""
     embedding = read_embedding(source, second)
     if token:
         embedding.token = token
     if Path(output).is_dir() or str(output).endswith(("/", "\\")):  # Path() would drop the slash
         output = Path(output) / default_filename(embedding.token, fmt)
-    return write_embedding(embedding, output, fmt)
+    return write_embedding(embedding, output, fmt, picture)
 
 
 def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, picture=None) -> dict[str, str]:
