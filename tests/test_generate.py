@@ -105,7 +105,7 @@ def test_an_embedding_named_with_an_ordinary_word_is_spliced_in_where_the_prompt
     assert len(pipe.tokenizer) == words
 
 
-def test_cli_generate_takes_diffusers_sdxl_two_files_as_two_embeddings(tmp_path):
+def test_cli_generate_takes_diffusers_sdxl_two_files_as_two_embeddings(tmp_path, capsys):
     from tinv_gui.demo_model import SDXL_TEXT_WIDTHS
     from tinv_gui.formats import EmbeddingFile, write_embedding
 
@@ -118,3 +118,4 @@ def test_cli_generate_takes_diffusers_sdxl_two_files_as_two_embeddings(tmp_path)
     assert cli.main(common + ["--embedding", str(first), "--embedding", str(tmp_path / "learned_embeds_2.safetensors")]) == 0
     assert output.is_file()
     assert cli.main(common + ["--embedding", str(first)]) == 2  # one half alone is refused, with what to give
+    assert "If it is the first of diffusers' two SDXL files" in capsys.readouterr().err

@@ -120,17 +120,18 @@ def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], na
     """Raise EmbeddingFormatError unless `embedding` was made for text encoders of `model_widths`:
     one width (SD 1.x/2.x), or SDXL's pair (768, 1280) for an embedding with both parts."""
     model_widths = (model_widths,) if isinstance(model_widths, int) else tuple(model_widths)
-    if len(model_widths) == 2 and embedding.widths in ((model_widths[0],), (model_widths[1],)):
-        part = "first" if embedding.widths[0] == model_widths[0] else "second"
-        raise EmbeddingFormatError(
-            f"{name} holds only the {part} text encoder's part of an SDXL embedding (diffusers' SDXL example writes "
-            "the first to learned_embeds.safetensors and the second to learned_embeds_2.safetensors). Give both files "
-            "together (a second --embedding, or upload both), or a file holding clip_l and clip_g"
-        )
     if embedding.widths != model_widths:
+        hint = ""
+        if len(model_widths) == 2 and embedding.widths in ((model_widths[0],), (model_widths[1],)):
+            hint = (
+                f" If it is the {'first' if embedding.widths[0] == model_widths[0] else 'second'} of diffusers' two SDXL files "
+                "(learned_embeds.safetensors for the first text encoder, learned_embeds_2.safetensors for the second), "
+                "give both files together (a second --embedding, or upload both)."
+            )
         raise EmbeddingFormatError(
             f"{name} was made for a model with {embedding.describe_width()}; the chosen model has "
             f"{describe_widths(model_widths) if len(model_widths) == 2 else width_label(model_widths[0])}. Use it with a model of the family it was made for, or train it again on this one."
+            + hint
         )
 
 
