@@ -15,7 +15,8 @@ from conftest import make_picture
 from tinv_gui.events import Failed, Finished, Log, Progress, Started
 from tinv_gui.settings import TrainSettings
 from tinv_gui.ui import dataset, hooks
-from tinv_gui.ui.app import NOT_OPTIONS, hub_status, option_fields, settings_from_form
+from tinv_gui.ui.app import hub_status
+from tinv_gui.ui.tab_method import NOT_OPTIONS, option_fields, settings_from_form
 from tinv_gui.ui.progress import RunView, loss_colours, loss_frame
 from tinv_gui.ui.workspace import Workspaces, sanitize_filename
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import atomic_save_safetensors, atomic_write
+from .files import atomic_save_safetensors, atomic_write
 
 FORMATS = {
     "diffusers": "diffusers' load_textual_inversion (.safetensors, or .bin by the file name; SDXL: two files)",

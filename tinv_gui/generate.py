@@ -1,9 +1,15 @@
 """Generate pictures from what tinv-gui learned: embedding files (new tokens) and/or saved
-prompt embeddings, through a diffusers pipeline from the ModelStore."""
+prompt embeddings, through a diffusers pipeline from the ModelStore.
+
+`generate` is the one function that draws: the CLI's `generate`, the Playground, the previews'
+siblings in evaluation all call it. `GenerateSettings` is what a generation job (jobs.py,
+Engine.generate) is asked to draw and where to save it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,6 +20,63 @@ from .device import Placement
 from .embeddings import embeddings_in_pipeline
 from .formats import read_embeddings
 from .models import pipeline_text_widths
+from .settings import SettingsError
+
+# The samplers offered by name: diffusers scheduler classes, built from the pipeline's own
+# scheduler config for one call. "Model default" keeps the pipeline's scheduler.
+SAMPLERS = {
+    "Model default": None,
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler ancestral": "EulerAncestralDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
+
+
+@dataclass
+class GenerateSettings:
+    """What a generation job draws and where it saves it.
+
+    The pictures go to `output` (a .png) when there is one; with `count` > 1 the others get -1,
+    -2... in their names. With `compare`, the same seeds are drawn again without the embeddings,
+    saved with -without in their names."""
+
+    model: str = "demo"
+    output: str = ""
+    prompt: str | None = None
+    prompt_embeds: str | None = None  # a file from optimize-prompt, instead of a prompt
+    negative: str | None = None
+    embeddings: list[str] = field(default_factory=list)  # embedding files whose tokens the prompt uses
+    strength: float = 1.0  # multiplies the embeddings' vectors
+    sampler: str = "Model default"  # one of SAMPLERS
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    size: tuple[int, int] | None = None  # (width, height); None: the model's own
+    count: int = 1
+    compare: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+
+    def check(self) -> None:
+        """Raise SettingsError naming the first value that cannot be used."""
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise SettingsError("prompt", "give a prompt or a prompt_embeds file (one of them)")
+        for name in ("steps", "count"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise SettingsError(name, f"must be a whole number of at least 1, not {value!r}")
+        if self.sampler not in SAMPLERS:
+            raise SettingsError("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not str(self.output).lower().endswith(".png"):
+            raise SettingsError("output", f"the pictures are PNG files: name one ending in .png, not {self.output!r}")
+
+    def picture_paths(self, without: bool = False) -> list[Path]:
+        """Where picture i of the run (with or without the embeddings) is saved."""
+        output = Path(self.output)
+        stem = output.stem + ("-without" if without else "")
+        return [output.with_name(f"{stem}{f'-{i}' if i else ''}{output.suffix}") for i in range(self.count)]
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -71,13 +134,17 @@ def generate(
     size: tuple[int, int] | None = None,
     count: int = 1,
     placement: Placement | None = None,
+    sampler: str = "Model default",
+    strength: float = 1.0,
 ) -> list[Image.Image]:
     """Generate `count` pictures with `pipe` (a StableDiffusionPipeline or StableDiffusionXLPipeline)
     and return them.
 
-    `embeddings` are embedding files whose tokens the prompt may use; they are unloaded again
-    afterwards, so a cached pipeline stays clean. `prompt_embeds` is a file from optimize-prompt,
-    used instead of a text prompt; its saved negative is used unless `negative` is given.
+    `embeddings` are embedding files whose tokens the prompt may use, their vectors multiplied by
+    `strength`; they are unloaded again afterwards, and the `sampler` (one of SAMPLERS) is used for
+    this call only, so a cached pipeline stays as it was. `prompt_embeds` is a file from
+    optimize-prompt, used instead of a text prompt; its saved negative is used unless `negative`
+    is given.
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
@@ -95,8 +162,16 @@ def generate(
     # A CPU generator gives the same pictures for a seed on every device.
     generator = torch.Generator("cpu").manual_seed(seed)
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
-    # Embeddings are called by their names in the prompts; diffusers' SDXL two-file output is one.
-    with embeddings_in_pipeline(pipe, read_embeddings(embeddings)) as rewrite:
-        kwargs.update(prompt=rewrite(kwargs.get("prompt")), negative_prompt=rewrite(kwargs["negative_prompt"]))
-        with autocast:
-            return pipe(generator=generator, **kwargs).images
+    scheduler = pipe.scheduler
+    try:
+        if SAMPLERS.get(sampler):
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler.config)
+        # Embeddings are called by their names in the prompts; diffusers' SDXL two-file output is one.
+        with embeddings_in_pipeline(pipe, read_embeddings(embeddings), scale=strength) as rewrite:
+            kwargs.update(prompt=rewrite(kwargs.get("prompt")), negative_prompt=rewrite(kwargs["negative_prompt"]))
+            with autocast:
+                return pipe(generator=generator, **kwargs).images
+    finally:
+        pipe.scheduler = scheduler
