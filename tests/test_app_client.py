@@ -193,7 +193,7 @@ def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
     with pytest.raises(AppError, match="width 768"):
         client.predict(model="demo", embedding=choice["value"], prompt="a photo of <sd15-made>", steps=1, api_name="/generate")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(AppError, match="not an embedding file"):
+    with pytest.raises(AppError, match="Not an embedding file this app can read: junk.safetensors is neither"):
         client.predict([handle_file(str(tmp_path / "junk.safetensors"))], api_name="/load_embedding")
 
 
