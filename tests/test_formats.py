@@ -12,8 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from tinv_gui import formats
-from tinv_gui.embeddings import load_embedding, load_into_pipeline, save_embedding, unload_from_pipeline
-from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, read_embedding, write_embedding
+from tinv_gui.embeddings import (
+    load_embedding,
+    load_into_pipeline,
+    save_embedding,
+    unload_from_pipeline,
+)
+from tinv_gui.formats import (
+    EmbeddingFile,
+    EmbeddingFormatError,
+    read_embedding,
+    write_embedding,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every file layout the app writes: (format, file name).

@@ -25,7 +25,12 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 
 from tinv_gui import formats
-from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, read_embedding, write_embedding
+from tinv_gui.formats import (
+    EmbeddingFile,
+    EmbeddingFormatError,
+    read_embedding,
+    write_embedding,
+)
 
 SD1 = EmbeddingFile("<my-cat>", torch.randn(3, 768, generator=torch.Generator().manual_seed(0)), metadata={"steps": "50"})
 SDXL = EmbeddingFile(

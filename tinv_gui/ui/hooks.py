@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from ..formats import read_embedding, write_embedding
 from ..settings import METHOD_DEFAULTS
 
