@@ -15,7 +15,7 @@ batch 1, on the CPU, each in its own subprocess (so each peak resident memory is
   the least work any exact textual inversion step does, whatever the trainer;
 - floor-bf16: the same in bf16 as tinv-gui runs it (weights stored in bf16, under bf16
   autocast). Run where oneDNN has bf16 kernels (AVX-512, native or emulated); on a CPU with
-  neither (AVX2 only), bf16 convolutions fall back to kernels hundreds of times slower and it is
+  neither (AVX2 only), bf16 convolutions fall back to kernels ten times slower or worse, and it is
   skipped unless named with --only.
 
 Prints seconds per step (median of the timed steps, after warm-up), CPU seconds per step, the
@@ -192,7 +192,7 @@ def default_runs() -> tuple[str, ...]:
 
     if "avx512f" in cpu_flags():
         return tuple(RUNS)
-    print("floor-bf16 skipped: this CPU has no AVX-512, and bf16 convolutions here run hundreds of times slower "
+    print("floor-bf16 skipped: this CPU has no AVX-512, and a bf16 UNet runs about ten times slower here "
           "than fp32 (name it with --only floor-bf16 to measure it anyway)", file=sys.stderr)
     return tuple(name for name in RUNS if name != "floor-bf16")
 

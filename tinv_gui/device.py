@@ -79,9 +79,9 @@ def cpu_bf16_flag() -> str | None:
 
     Measured (benchmarks/bench_textual_inversion.py, README "Measured speed"): with avx512_bf16
     a textual inversion step in bf16 takes half the time of fp32; with AVX-512 but no bf16
-    instructions (oneDNN emulates them) twice the time; with AVX2 only, convolutions in bf16 are
-    hundreds of times slower. So bf16 only where a flag says the instructions are there, and
-    oneDNN is not capped below them."""
+    instructions (oneDNN emulates them) twice the time; with AVX2 only, bf16 is 5 to 17 times
+    slower for every kind of work (benchmarks/bench_precision.py). So bf16 only where a flag says
+    the instructions are there, and oneDNN is not capped below them."""
     if _onednn_cap_below_bf16():
         return None
     flags = cpu_flags()
