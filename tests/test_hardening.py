@@ -1,6 +1,7 @@
 """Holds of issue 16: a failed job, a full disk, a kill between two saves, a failed resume, an
 unwritable output, signals. Each test reproduces a case that once went wrong."""
 
+import errno
 import os
 import pty
 import signal
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinv_gui.embeddings import read_metadata
+from tinv_gui.embeddings import read_metadata, save_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Log
 from tinv_gui.settings import TrainSettings
@@ -211,3 +212,48 @@ def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp
     assert done.returncode == 0, done.stderr
     assert "cannot write the log /dev/full (the disk is full)" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / EMBEDDING_FILE).is_file()
+
+
+def _fill_the_disk(monkeypatch, owner, name: str, error: Exception) -> None:
+    """Make `owner.name(obj, file, ...)` write half a file and fail as that library does on a
+    full disk, with the disk reported full."""
+    import shutil
+
+    def half_then_fail(*args, **kwargs):
+        target = next(a for a in args if isinstance(a, (str, os.PathLike)))
+        Path(target).write_bytes(b"half a fi")
+        raise error
+
+    monkeypatch.setattr(owner, name, half_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
+
+
+def test_generate_on_a_full_disk_keeps_the_earlier_picture_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from tinv_gui import cli
+
+    picture = tmp_path / "moon.png"
+    args = ["generate", "--model", "demo", "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--output", str(picture)]
+    assert cli.main(args) == 0
+    good = picture.read_bytes()
+    _fill_the_disk(monkeypatch, Image.Image, "save", OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.main([*args[:-1], str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {picture}" in err and "Traceback" not in err
+    assert picture.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["moon.png"]
+
+
+def test_convert_on_a_full_disk_names_the_disk_not_a_stream_error(tmp_path, monkeypatch, capsys):
+    from tinv_gui import cli, files
+
+    source = tmp_path / "learned_embeds.safetensors"
+    save_embedding(source, "<full>", torch.randn(1, 32))
+    target = tmp_path / "full.pt"
+    target.write_bytes(b"an earlier good file")
+    # torch.save says "basic_ios::clear: iostream error" when the disk fills.
+    _fill_the_disk(monkeypatch, files.torch, "save", RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear"))
+    assert cli.main(["convert", str(source), "--format", "a1111-pt", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {target}" in err and "basic_ios" not in err
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))

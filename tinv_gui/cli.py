@@ -416,10 +416,12 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         from .formats import EmbeddingFormatError, convert
 
+        from .engine import explain_failure
+
         try:
             path = convert(args.input, args.format, args.output, args.token)
         except (EmbeddingFormatError, OSError) as error:  # OSError: the output cannot be written
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {explain_failure(error)}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
         return 0
@@ -461,6 +463,7 @@ def prompt_settings_from_args(args):
 def _generate(args) -> int:
     from .device import choose_placement
     from .engine import explain_failure
+    from .files import atomic_save_image
     from .generate import generate, parse_size
     from .models import ModelStore
 
@@ -483,11 +486,9 @@ def _generate(args) -> int:
             size=size,
             placement=placement,
         )
+        output = atomic_save_image(images[0], args.output)  # a full disk never leaves half a picture
     except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
         print(f"error: {explain_failure(error)}", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(output)
     print(f"image: {output}")
     return 0
