@@ -257,3 +257,31 @@ def test_convert_on_a_full_disk_names_the_disk_not_a_stream_error(tmp_path, monk
     err = capsys.readouterr().err
     assert f"the disk is full while writing {target}" in err and "basic_ios" not in err
     assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 2: shared mode
+def test_a_shared_server_takes_no_server_path_in_any_model_field(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = TinvApp(workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    existing, missing = str(picture_dir), str(tmp_path / "no-such-folder")
+    for field in ("clip_model", "clip_model_g", "caption_model"):
+        answers = []
+        for path in (existing, missing, "/etc", "../../x/.."):
+            with pytest.raises(gr.Error) as refused:
+                app._submit_training(ws, "demo", "<x>", "", "Quick", [], {field: path})
+            answers.append(str(refused.value).replace(path, "NAME"))
+        assert "Hugging Face Hub" in answers[0]
+        assert len(set(answers)) == 1, answers  # an existing path and a missing one get the same answer
+    from tinv_gui.models import ModelLoadError
+
+    for path in (existing, missing):  # the Playground loads through the same store
+        with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
+            app.engine.store.pipeline(path)
