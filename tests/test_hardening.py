@@ -221,7 +221,8 @@ def _fill_the_disk(monkeypatch, owner, name: str, error: Exception) -> None:
 
     def half_then_fail(*args, **kwargs):
         target = next(a for a in args if isinstance(a, (str, os.PathLike)))
-        Path(target).write_bytes(b"half a fi")
+        with open(target, "wb") as half:
+            half.write(b"half a fi")
         raise error
 
     monkeypatch.setattr(owner, name, half_then_fail)
@@ -244,18 +245,30 @@ def test_generate_on_a_full_disk_keeps_the_earlier_picture_and_names_the_disk(tm
     assert picture.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["moon.png"]
 
 
-def test_convert_on_a_full_disk_names_the_disk_not_a_stream_error(tmp_path, monkeypatch, capsys):
-    from tinv_gui import cli, files
+def test_convert_on_a_full_disk_keeps_the_earlier_file_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from tinv_gui import cli
 
     source = tmp_path / "learned_embeds.safetensors"
     save_embedding(source, "<full>", torch.randn(1, 32))
     target = tmp_path / "full.pt"
     target.write_bytes(b"an earlier good file")
-    # torch.save says "basic_ios::clear: iostream error" when the disk fills.
-    _fill_the_disk(monkeypatch, files.torch, "save", RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear"))
+    _fill_the_disk(monkeypatch, Path, "write_bytes", OSError(errno.ENOSPC, "No space left on device"))
     assert cli.main(["convert", str(source), "--format", "a1111-pt", "--output", str(target)]) == 2
     err = capsys.readouterr().err
-    assert f"the disk is full while writing {target}" in err and "basic_ios" not in err
+    assert f"the disk is full while writing {target}" in err and "Errno" not in err
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_is_named_whichever_library_was_writing(tmp_path, monkeypatch):
+    from tinv_gui import files
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"an earlier good file")
+    # torch.save says "basic_ios::clear: iostream error" when the disk fills.
+    _fill_the_disk(monkeypatch, files.torch, "save", RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear"))
+    with pytest.raises(OSError) as full:
+        files.atomic_torch_save({"x": torch.zeros(2)}, target)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(target)
     assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
 
 
