@@ -14,17 +14,7 @@ from .device import Placement
 from .embeddings import load_into_pipeline, unload_from_pipeline
 from .formats import check_fits, read_embedding
 from .models import pipeline_text_widths
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x768' -> (512, 768), width first; both multiples of 8 (the VAE's scale)."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
-    if width < 8 or height < 8 or width % 8 or height % 8:
-        raise ValueError(f"size {text!r}: width and height must be multiples of 8, at least 8")
-    return width, height
+from .settings import parse_size  # noqa: F401 - where the CLI and app have always found it
 
 
 def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -33,7 +23,10 @@ def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...]) -> dict[s
     `negative_prompt_embeds`; for SDXL also `pooled_prompt_embeds` (required) and
     `negative_pooled_prompt_embeds`."""
     name = Path(path).name
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets the same answer, naming it
+        raise ValueError(f"{name} is not a prompt_embeds.safetensors file made by optimize-prompt ({error})") from None
     if "prompt_embeds" not in tensors:
         raise ValueError(f"{name} holds no 'prompt_embeds' tensor; make one with optimize-prompt")
     # SDXL conditions on both encoders' hidden states side by side.

@@ -11,7 +11,8 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .models import ModelStore
-from .settings import DIFFUSION_METHODS, TrainSettings
+from .methods import Loaded, method_named
+from .settings import TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -36,31 +37,20 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
-    if settings.method == "quick":
-        from .methods.quick import train_quick
-
-        clips, images = _clips_and_pictures(settings, store, placement, reporter, writer)
-        train_quick(clips, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    if settings.method in DIFFUSION_METHODS:
-        from .methods import textual_inversion as ti
+    method = method_named(settings.method)
+    loaded = Loaded(placement)
+    if "pipeline" in method.loads:
+        from .methods.textual_inversion import native_resolution
 
         reporter.log(f"Loading {settings.model}")
-        pipe = store.pipeline(settings.model, placement)
-        size = settings.resolution or ti.native_resolution(pipe)
-        images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
-        reporter.log(f"{len(images)} pictures ready at {size}x{size}")
-        if settings.method == "textual-inversion":
-            ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
-        elif settings.method == "quick-then-ti":
-            clips, clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-            ti.train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer)
-        else:
-            from .methods.caption_init import train_caption_init
-
-            train_caption_init(pipe, placement, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    raise ValueError(f"unknown method {settings.method!r}")
+        loaded.pipe = store.pipeline(settings.model, placement)
+        size = settings.resolution or native_resolution(loaded.pipe)
+        loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
+        reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
+    if "clip" in method.loads:
+        loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
+    method.run(loaded, settings, reporter, writer)
+    return dict(writer.outputs)
 
 
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):

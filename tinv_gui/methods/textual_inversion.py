@@ -357,6 +357,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
     progress scale (phases "quick" then "ti")."""
     import dataclasses
 
+    from . import QUICK
     from .quick import train_quick
 
     quick_steps = settings.quick_steps
@@ -367,7 +368,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
         )
     if resumed is None:
         quick_settings = dataclasses.replace(
-            settings, method="quick", steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
+            settings, method=QUICK, steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
             lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
         ).resolved()
         vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick").vectors

@@ -8,7 +8,6 @@ folder of their own (see workspace.py); features of other branches come in throu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import os
@@ -24,15 +23,17 @@ import gradio as gr
 import pandas as pd
 
 from ..demo_model import ASSETS_DIR, DEMO_NAMES, SDXL_DEMO_NAME
-from ..device import PRECISIONS, choose_placement
+from ..device import choose_placement
 from ..embeddings import TokenError, validate_token
 from ..formats import read_embedding
 from ..engine import Engine, Job
 from ..events import TERMINAL_EVENTS
 from ..models import DEFAULT_MODEL, ModelLoadError
-from ..settings import METHOD_DEFAULTS, SCHEDULES, STYLES, SettingsError, TrainSettings
+from ..methods import METHODS, method_with_label
+from ..settings import GenerateSettings, SettingsError, TrainSettings
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
+from .options import option_component, option_defaults, option_fields, settings_from_form, whole_number
 from .progress import RunView, format_seconds, loss_colours
 from .workspace import Workspace, Workspaces, sanitize_filename, unique_path
 
@@ -79,43 +80,6 @@ CSS = """
 .tinv-card {border:1px solid var(--border-color-primary); border-radius:var(--radius-lg); padding:0 1rem}
 .tinv-warning {border-left:4px solid #d68910; padding:.5rem 1rem; background:rgba(214,137,16,.08)}
 """
-
-# Every training option in the Advanced accordion: label and help. A TrainSettings field missing
-# here (say, one a new method adds) is still offered, under its own name, until it gets a line.
-OPTIONS: dict[str, tuple[str, str]] = {
-    "steps": ("Steps", "How many optimization steps. More steps fit the pictures more closely."),
-    "batch_size": ("Batch size", "Prompts (or pictures) per step. Larger is steadier but slower and uses more memory."),
-    "lr": ("Learning rate", "Size of each update. Too high and the loss jumps around or fails; too low and nothing changes."),
-    "weight_decay": ("Weight decay", "Pulls the vectors gently towards zero, which keeps them from growing wild."),
-    "lr_schedule": ("Learning-rate schedule", "How the learning rate changes over the run."),
-    "warmup_steps": ("Warm-up steps", "Steps at the start during which the learning rate climbs from zero."),
-    "grad_clip": ("Gradient clipping", "Caps the size of each update; 0 turns it off."),
-    "grad_accum": ("Gradient accumulation", "Adds up this many batches before each update: a bigger batch without more memory."),
-    "vectors": ("Vectors per token", "How many word-slots the new word uses. 1 is usual; 2 to 4 can hold more detail."),
-    "seed": ("Seed", "Makes a run repeatable: the same seed and settings give the same result."),
-    "style": ("Object or style", "Object: a thing (my cat). Style: a look (my watercolors). Chooses the training prompts."),
-    "use_captions": ("Train on captions", "Use each picture's caption (Dataset tab) instead of generic prompts."),
-    "crops": ("Views per picture", "QuickEmbedding: crops of each picture averaged into its CLIP embedding."),
-    "save_every": ("Save every N steps", "Also keep a numbered copy every N steps, to pick an earlier one. 0: only the final file."),
-    "clip_model": ("CLIP model", "For CLIP-space methods. Empty: the CLIP the chosen model was trained with."),
-    "resolution": ("Resolution", "Textual inversion: the size pictures are trained at (a multiple of 8). 0: the model's own size."),
-    "flip": ("Mirror pictures", "Textual inversion: also train on left-right mirrored pictures. Turn off for text or asymmetric things."),
-    "gradient_checkpointing": ("Gradient checkpointing", "Textual inversion: uses much less memory, about a third slower."),
-    "quick_steps": ("QuickEmbedding steps first", "Balanced: CLIP-space steps before the diffusion steps. 0: the recipe's 100."),
-    "preview_every": ("Preview every N steps", "Draw a picture with the word every N steps to watch it form. 0: no previews."),
-    "preview_prompt": ("Preview prompt", "What the previews draw; {} stands for your word. Empty: 'a photo of {}'."),
-    "preview_steps": ("Preview quality", "Denoising steps of each preview picture."),
-    "scale_lr": ("Scale learning rate", "Multiply the learning rate by batch size x accumulation, as diffusers' --scale_lr."),
-    "resume": ("Resume from", "One of your embeddings, as the Playground lists it (runs/.../learned_embeds.safetensors), to continue its run. Empty: start fresh."),
-    "caption": ("Caption", "From one picture: the sentence to start from. Empty: the captioning model writes it."),
-    "caption_model": ("Captioning model", "From one picture: the model that writes the caption. Empty: BLIP."),
-    "clip_model_g": ("Second CLIP model (SDXL)", "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14."),
-    "device": ("Device", "auto picks the GPU when there is one. Or cpu, cuda, cuda:1, mps."),
-    "precision": ("Precision", "auto picks the fastest safe choice for the device."),
-}
-CHOICES = {"lr_schedule": list(SCHEDULES), "style": list(STYLES), "precision": list(PRECISIONS), "device": ["auto", "cpu", "cuda", "mps"]}
-NOT_OPTIONS = {"images", "token", "output_dir", "method", "model", "init", "extra"}
-
 
 def hub_status(model: str = DEFAULT_MODEL, timeout: float = 4.0) -> tuple[bool, str]:
     """Whether `model` can be loaded from the Hub (or its cache): (ok, reason when not)."""
@@ -169,38 +133,9 @@ def _results_as_lists(fn, outputs: list):
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
     """Seconds of GPU to ask ZeroGPU for one training: the preset's steps at its rough GPU speed,
     plus loading, within ZeroGPU's limits. A run cut short there keeps its last saved embedding."""
-    chosen = hooks.preset_by_label(preset)
-    steps = int(options.get("steps") or METHOD_DEFAULTS[chosen.method].get("steps") or 0)
-    return int(min(max(120 + 1.5 * steps * chosen.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
-
-
-def option_fields() -> list[dataclasses.Field]:
-    """The TrainSettings fields the Advanced accordion offers, known ones first."""
-    fields = {f.name: f for f in dataclasses.fields(TrainSettings) if f.name not in NOT_OPTIONS}
-    known = [fields.pop(name) for name in OPTIONS if name in fields]
-    return known + [f for f in fields.values() if any(t in str(f.type) for t in ("int", "float", "str", "bool"))]
-
-
-def settings_from_form(method: str, values: dict) -> dict:
-    """TrainSettings keyword arguments from the form: a value equal to the method's default is
-    left as None, so the method (not the form) decides, e.g. per phase of a two-phase run."""
-    defaults = METHOD_DEFAULTS.get(method, {})
-    fields = {f.name: f for f in dataclasses.fields(TrainSettings)}
-    out = {}
-    for name, value in values.items():
-        if name not in fields or value is None or value == "":
-            continue
-        kind = str(fields[name].type)
-        if "int" in kind and "float" not in kind and isinstance(value, float):
-            if not value.is_integer():
-                raise SettingsError(name, f"must be a whole number, not {value}")
-            value = int(value)
-        if fields[name].default is None and name in defaults and value == defaults[name]:
-            continue
-        if fields[name].default is None and value == 0 and name not in defaults:
-            continue  # 0 on the form: leave it to the method or the model
-        out[name] = value
-    return out
+    chosen = method_with_label(preset)
+    steps = int(options.get("steps") or chosen.defaults.get("steps") or 0)
+    return int(min(max(120 + 1.5 * steps * chosen.preset.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
 
 
 def _embedding_label(ws: Workspace, path: Path) -> str:
@@ -313,10 +248,11 @@ class TinvApp:
     # ----------------------------------------------------------------------------- Method
     def method_help(self, label: str) -> str:
         """What the chosen preset does, when to pick it, and how long it should take here."""
-        preset = hooks.preset_by_label(label)
-        steps = METHOD_DEFAULTS[preset.method].get("steps") or 0
+        method = method_with_label(label)
+        preset = method.preset
+        steps = method.defaults.get("steps") or 0
         placement = choose_placement()
-        measured = self.speeds.get(preset.method)
+        measured = self.speeds.get(method.name)
         per_step = measured or (preset.s_per_step_gpu if placement.device.type == "cuda" else preset.s_per_step_cpu)
         how = "measured on this machine" if measured else f"a rough figure for {placement.describe()} with Stable Diffusion 1.5"
         return (
@@ -326,8 +262,8 @@ class TinvApp:
 
     def preset_changed(self, label: str):
         """Show the preset's explanation and fill the Advanced options with its method's defaults."""
-        defaults = METHOD_DEFAULTS[hooks.preset_by_label(label).method]
-        updates = [gr.update(value=defaults[f.name]) if f.name in defaults else gr.update() for f in option_fields()]
+        defaults = method_with_label(label).defaults
+        updates = [gr.update(value=defaults[name]) if name in defaults else gr.update() for name, _, _ in option_fields()]
         return (self.method_help(label), *updates)
 
     # ----------------------------------------------------------------------------- Train
@@ -347,7 +283,7 @@ class TinvApp:
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
         dataset.save_captions(ws, _rows(captions))
-        method = hooks.preset_by_label(preset).method
+        method = method_with_label(preset).name
         if (options.get("resume") or "").strip():  # only the visitor's own files, named as the Playground lists them
             resume = ws.root / options["resume"].strip()
             if not ws.contains(resume) or not resume.is_file():
@@ -484,6 +420,11 @@ class TinvApp:
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("Type a prompt first.")
+        try:  # the values are checked where they enter, as the command line's are
+            steps, seed = whole_number("steps", steps), whole_number("seed", seed)
+            GenerateSettings(model=model, prompt=prompt, negative=negative, steps=steps, guidance=float(guidance), seed=seed).check()
+        except SettingsError as error:
+            raise gr.Error(str(error)) from None
         path = self._own_embedding(ws, embedding)
         token = read_embedding(path).token if path else None
         note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and token not in prompt else ""
@@ -539,10 +480,11 @@ class TinvApp:
             raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
         token = read_embedding(path).token
         prompt = prompt if token in (prompt or "") else f"a photo of {token}"
-        settings = EvalSettings(
-            model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)
-        )
         try:
+            settings = EvalSettings(
+                model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES,
+                steps=whole_number("steps", steps), seed=whole_number("seed", seed),
+            )
             job = self.engine.evaluate(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None
@@ -626,7 +568,7 @@ class TinvApp:
     # ----------------------------------------------------------------------------- The page
     def build(self) -> gr.Blocks:
         """The Blocks page. Handlers are this object's methods."""
-        presets = hooks.available_presets()
+        presets = [m.preset for m in METHODS.values()]
         default_model = DEFAULT_MODEL if self.hub_ok else DEMO_MODEL
         c: dict[str, gr.components.Component] = {}
         self.components = c
@@ -709,12 +651,12 @@ class TinvApp:
                         )
                     with gr.Accordion("Advanced: every training option", open=False):
                         c["options"] = {}
-                        defaults = METHOD_DEFAULTS[presets[0].method]
+                        defaults = option_defaults(next(iter(METHODS)))
                         fields = option_fields()
                         for start in range(0, len(fields), 4):
                             with gr.Row(equal_height=True):
-                                for f in fields[start : start + 4]:
-                                    c["options"][f.name] = _option_component(f, defaults)
+                                for name, spec, kind in fields[start : start + 4]:
+                                    c["options"][name] = option_component(name, spec, kind, defaults[name])
 
                 with gr.Tab("3. Train", id="train"):
                     with gr.Row():
@@ -891,24 +833,6 @@ def _rows(table) -> list[list]:
     if isinstance(table, dict):
         return table.get("data") or []
     return list(table)
-
-
-def _option_component(field: dataclasses.Field, method_defaults: dict):
-    """The Advanced control for one TrainSettings field, with its label and help."""
-    label, info = OPTIONS.get(field.name, (field.name.replace("_", " ").capitalize(), None))
-    default = method_defaults.get(field.name, None if field.default is dataclasses.MISSING else field.default)
-    kind = str(field.type)
-    common = dict(label=label, info=info, min_width=220, elem_id=f"option-{field.name}")
-    if field.name in CHOICES:
-        return gr.Dropdown(CHOICES[field.name], value=default, allow_custom_value=field.name == "device", **common)
-    if "bool" in kind:
-        return gr.Checkbox(bool(default), **common)
-    # A number left to the method or model (None) shows as 0, and 0 is read back as None.
-    if "int" in kind and "float" not in kind:
-        return gr.Number(0 if default is None else default, precision=0, minimum=0, **common)
-    if "float" in kind:
-        return gr.Number(0 if default is None else default, minimum=0, step=0.001, **common)
-    return gr.Textbox(default or "", **common)
 
 
 def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
