@@ -12,16 +12,17 @@ from safetensors.torch import load_file
 
 from .device import Placement
 from .embeddings import load_into_pipeline, unload_from_pipeline
+from .families import family_of
 from .formats import check_fits, read_embedding
 from .models import pipeline_text_widths
 from .settings import parse_size  # noqa: F401 - where the CLI and app have always found it
 
 
-def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...], pooled: bool = False) -> dict[str, torch.Tensor]:
     """The pipeline arguments saved in a prompt_embeds.safetensors file, checked against a model's
     text encoder widths (pipeline_text_widths): `prompt_embeds` and, when saved,
-    `negative_prompt_embeds`; for SDXL also `pooled_prompt_embeds` (required) and
-    `negative_pooled_prompt_embeds`."""
+    `negative_prompt_embeds`; for a family with `pooled` parts (SDXL: Family.pooled_in_prompt_embeds)
+    also `pooled_prompt_embeds` (required) and `negative_pooled_prompt_embeds`."""
     name = Path(path).name
     try:
         tensors = load_file(str(path))
@@ -36,13 +37,12 @@ def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...]) -> dict[s
         raise ValueError(
             f"{name} was made for text encoders of total width {found}, but this model's is {width}; use the model it was made with"
         )
-    sdxl = len(text_widths) > 1
-    if sdxl and "pooled_prompt_embeds" not in tensors:
+    if pooled and "pooled_prompt_embeds" not in tensors:
         raise ValueError(f"{name} holds no 'pooled_prompt_embeds', which SDXL needs; make it again with optimize-prompt on this model")
     out = {"prompt_embeds": tensors["prompt_embeds"].reshape(1, -1, width)}
     if "negative_prompt_embeds" in tensors:
         out["negative_prompt_embeds"] = tensors["negative_prompt_embeds"].reshape(1, -1, width)
-    if sdxl:
+    if pooled:
         out["pooled_prompt_embeds"] = tensors["pooled_prompt_embeds"].reshape(1, -1)
         if "negative_prompt_embeds" in out:
             if "negative_pooled_prompt_embeds" not in tensors:
@@ -76,7 +76,7 @@ def generate(
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
-        saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe))
+        saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe), family_of(pipe).pooled_in_prompt_embeds)
         if negative is not None:  # a typed negative replaces the saved one
             saved = {k: v for k, v in saved.items() if not k.startswith("negative_")}
         # SDXL hands the pooled tensors to the UNet as they are: give them the UNet's dtype.

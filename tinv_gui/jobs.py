@@ -33,18 +33,19 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
-    widths = store.text_widths(settings.model)  # two for SDXL: one set of vectors per text encoder
-    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
+    family = store.family(settings.model)
+    widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
+    writer = EmbeddingWriter(
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+    )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
     method = method_named(settings.method)
     loaded = Loaded(placement)
     if "pipeline" in method.loads:
-        from .methods.textual_inversion import native_resolution
-
         reporter.log(f"Loading {settings.model}")
         loaded.pipe = store.pipeline(settings.model, placement)
-        size = settings.resolution or native_resolution(loaded.pipe)
+        size = settings.resolution or family.native_resolution(loaded.pipe)
         loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
     if "clip" in method.loads:
@@ -111,8 +112,9 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
     reporter.outputs.update(outputs)
     reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
-    if len(clips) == 2:  # SDXL: each CLIP's own figure, the headline being their mean
-        reporter.metrics.update(clip_l_similarity=result.similarities[0], clip_g_similarity=result.similarities[1])
+    keys = store.family(settings.model).embedding_keys
+    if len(clips) > 1:  # each CLIP's own figure (SDXL: clip_l, clip_g), the headline being their mean
+        reporter.metrics.update({f"{key}_similarity": value for key, value in zip(keys, result.similarities)})
     if result.loss is not None:
         reporter.metrics["loss"] = result.loss
     if result.anchor_similarity is not None:
