@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from tinv_gui import embeddings
+from tinv_gui import files
 from tinv_gui.data import ImageError, open_image
 from tinv_gui.embeddings import load_embedding, save_embedding
 from tinv_gui.engine import Engine
@@ -89,7 +89,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
         Path(filename).write_bytes(b"half a fi")
         raise OSError("disk full")
 
-    monkeypatch.setattr(embeddings, "save_file", broken_save)
+    monkeypatch.setattr(files, "save_file", broken_save)
     with pytest.raises(OSError):
         save_embedding(path, "<t>", torch.randn(1, 8))
     assert torch.equal(load_embedding(path)[1], good)

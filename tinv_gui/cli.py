@@ -213,38 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args) -> int:
-    from .settings import GenerateSettings, SettingsError, parse_size
+    """Draw through the engine, as the app does; every value is checked before anything loads."""
+    from .settings import GenerateSettings
 
-    try:  # every value is checked before the slow load
-        settings = _settings(GenerateSettings, args).check()
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from .device import choose_placement
-    from .engine import explain_failure
-    from .generate import generate
-    from .models import ModelStore
-
-    try:
-        placement = choose_placement(settings.device, settings.precision)
-        pipe = ModelStore().pipeline(settings.model, placement)
-        images = generate(
-            pipe,
-            prompt=settings.prompt,
-            negative=settings.negative,
-            embeddings=settings.embeddings,
-            prompt_embeds=settings.prompt_embeds,
-            steps=settings.steps,
-            guidance=settings.guidance,
-            seed=settings.seed,
-            size=parse_size(settings.size) if settings.size else None,
-            placement=placement,
-        )
-        output = Path(settings.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        images[0].save(output)
-    except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
-        print(f"error: {explain_failure(error)}", file=sys.stderr)
-        return 2
-    print(f"image: {output}")
-    return 0
+    return _run_job(lambda engine: engine.generate(_settings(GenerateSettings, args)))

@@ -12,14 +12,12 @@ NaN guard and checkpoints see one tensor whatever the model; `split_columns` cut
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
-from safetensors.torch import save_file
+
+from .files import atomic_save_safetensors
 
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
@@ -154,32 +152,6 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
     """Pad to the longest sequence of the batch (not to 77: see the QuickEmbedding notes)."""
     longest = max(len(s) for s in sequences)
     return torch.tensor([s + [pad_id] * (longest - len(s)) for s in sequences], dtype=torch.long)
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call `write(temporary_path)`, then move the result into place, so that a crash never
-    leaves a half-written file where `path` was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); give it the usual permissions for a file to share.
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file so that a crash never leaves a half-written file in its place."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_embedding(

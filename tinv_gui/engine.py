@@ -174,6 +174,14 @@ class Engine:
         description = f"evaluation of {settings.embedding} on {settings.model}"
         return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
 
+    def generate(self, settings) -> Job:
+        """Queue a generation job (tinv_gui.generate.GenerateSettings); checked before queueing."""
+        from .jobs import run_generation
+
+        settings.check()
+        what = repr(settings.prompt) if settings.prompt is not None else "a saved prompt"
+        return self.submit(f"generate {what} on {settings.model}", lambda reporter: run_generation(settings, self.store, reporter))
+
     def optimize_prompt(self, settings) -> Job:
         """Queue a prompt-from-image job (PromptSettings); settings are checked now."""
         from .jobs import run_prompt_optimization

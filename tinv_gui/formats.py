@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .embeddings import atomic_save_safetensors, atomic_write
+from .files import atomic_save_safetensors, atomic_torch_save
 
 FORMATS = {
     "diffusers": "diffusers' load_textual_inversion (.safetensors, or .bin by the file name)",
@@ -230,11 +230,6 @@ def _interpret_a1111(data: dict, path: Path) -> EmbeddingFile:
 
 
 # ---- writing -------------------------------------------------------------------------------
-
-
-def atomic_torch_save(obj, path: str | Path) -> Path:
-    """torch.save into a temporary file beside `path`, then move it into place."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str) -> Path:

@@ -1,5 +1,10 @@
 """Generate pictures from what tinv-gui learned: embedding files (new tokens) and/or saved
-prompt embeddings, through a diffusers pipeline from the ModelStore."""
+prompt embeddings, through a diffusers pipeline from the ModelStore.
+
+`generate` is the one function that draws: the CLI's `generate`, the Playground, the previews'
+siblings in evaluation all call it. `GenerateSettings` (settings.py) is what a generation job
+(jobs.py, Engine.generate) is asked to draw and where to save it.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from .embeddings import load_into_pipeline, unload_from_pipeline
 from .families import family_of
 from .formats import check_fits, read_embedding
 from .models import pipeline_text_widths
-from .settings import parse_size  # noqa: F401 - where the CLI and app have always found it
+from .settings import SAMPLERS, GenerateSettings, parse_size  # noqa: F401 - described once in settings.py
 
 
 def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...], pooled: bool = False) -> dict[str, torch.Tensor]:
@@ -64,13 +69,17 @@ def generate(
     size: tuple[int, int] | None = None,
     count: int = 1,
     placement: Placement | None = None,
+    sampler: str = "Model default",
+    strength: float = 1.0,
 ) -> list[Image.Image]:
     """Generate `count` pictures with `pipe` (a StableDiffusionPipeline or StableDiffusionXLPipeline)
     and return them.
 
-    `embeddings` are embedding files whose tokens the prompt may use; they are unloaded again
-    afterwards, so a cached pipeline stays clean. `prompt_embeds` is a file from optimize-prompt,
-    used instead of a text prompt; its saved negative is used unless `negative` is given.
+    `embeddings` are embedding files whose tokens the prompt may use, their vectors multiplied by
+    `strength`; they are unloaded again afterwards, and the `sampler` (one of SAMPLERS) is used for
+    this call only, so a cached pipeline stays as it was. `prompt_embeds` is a file from
+    optimize-prompt, used instead of a text prompt; its saved negative is used unless `negative`
+    is given.
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
@@ -89,13 +98,19 @@ def generate(
     generator = torch.Generator("cpu").manual_seed(seed)
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
     added: list[str] = []
+    scheduler = pipe.scheduler
     try:
+        if SAMPLERS.get(sampler):
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler.config)
         for path in embeddings:
             embedding = read_embedding(path)
             check_fits(embedding, pipeline_text_widths(pipe), Path(path).name)
-            added += load_into_pipeline(pipe, embedding.token, embedding.vectors, vectors_g=embedding.vectors_g)
+            added += load_into_pipeline(pipe, embedding.token, embedding.vectors, scale=strength, vectors_g=embedding.vectors_g)
         with autocast:
             return pipe(generator=generator, **kwargs).images
     finally:
+        pipe.scheduler = scheduler
         if added:  # the pipeline stays cached for other jobs: leave it clean
             unload_from_pipeline(pipe, added)

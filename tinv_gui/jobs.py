@@ -10,6 +10,7 @@ from .data import load_dataset
 from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
+from .files import atomic_write_text
 from .models import ModelStore
 from .methods import Loaded, method_named
 from .settings import TrainSettings
@@ -75,7 +76,6 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     the finished event's metrics and, with `settings.json_path`, to a JSON file ({"json": path})."""
     import json
 
-    from .embeddings import atomic_write
     from .evaluate import evaluate_embedding
 
     result = evaluate_embedding(settings, store, reporter)
@@ -85,9 +85,31 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     reporter.metrics.update({k: v for k, v in result.items() if k.endswith("similarity")})
     if not settings.json_path:
         return {}
-    text = json.dumps(result, indent=2)
-    atomic_write(settings.json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(settings.json_path, json.dumps(result, indent=2))
     return {"json": str(settings.json_path)}
+
+
+def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
+    """Draw pictures as `settings` (GenerateSettings, checked) say and save them;
+    returns {"image": path, "image-1": ..., "without": ..., "without-1": ...}."""
+    from .files import atomic_save_image
+    from .generate import generate
+
+    placement = choose_placement(settings.device, settings.precision)
+    pipe = store.pipeline(settings.model, placement)
+    runs = [("image", settings.embeddings, False)]
+    if settings.compare and settings.embeddings:
+        runs.append(("without", [], True))
+    outputs = {}
+    for name, embeddings, without in runs:
+        pictures = generate(
+            pipe, settings.prompt, settings.negative, embeddings, settings.prompt_embeds, settings.steps, settings.guidance,
+            settings.seed, settings.dimensions, settings.count, placement, settings.sampler, settings.strength,
+        )
+        for i, (picture, path) in enumerate(zip(pictures, settings.picture_paths(without))):
+            outputs[name + (f"-{i}" if i else "")] = str(atomic_save_image(picture, path))
+    return outputs
+
 
 def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
     """Find the prompt for some pictures as `settings` (resolved PromptSettings) say; writes the
@@ -135,8 +157,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
         "negative_prompt": texts[1] if len(texts) > 1 else None,
         "metrics": reporter.metrics,
     }
-    summary = Path(settings.output_dir) / "result.json"
-    summary.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    summary = atomic_write_text(Path(settings.output_dir) / "result.json", json.dumps(record, indent=2))
     return {**outputs, "result": str(summary)}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 from .methods import DIFFUSION_METHODS, METHOD_NAMES, METHODS, method_named
@@ -31,7 +32,6 @@ MAX_STEPS = 1_000_000
 MAX_SEED = 2**32 - 1  # what every Stable Diffusion tool takes, and exact in a browser's numbers
 MAX_PROMPT_LENGTH = 75  # tokens: 77 positions less the start and end markers
 DEFAULT_PROMPT_LENGTH = 16
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SEARCH_MODES = ("continuous", "hard")
 
 # Settings several classes share.
@@ -293,9 +293,26 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+# The samplers offered by name: diffusers scheduler classes, built from the pipeline's own
+# scheduler config for one call. "Model default" keeps the pipeline's scheduler.
+SAMPLERS = {
+    "Model default": None,
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler ancestral": "EulerAncestralDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "UniPC": "UniPCMultistepScheduler",
+}
+Sampler = Literal[tuple(SAMPLERS)]
+
+
 @dataclass
 class GenerateSettings:
-    """A picture from a prompt (with learned tokens) or from saved prompt embeddings."""
+    """What a generation job (jobs.py, Engine.generate) draws and where it saves it.
+
+    The pictures go to `output` (a .png); with `count` > 1 the others get -1, -2... in their
+    names. With `compare`, the same seeds are drawn again without the embeddings, saved with
+    -without in their names."""
 
     model: str = _model()
     embeddings: list[str] = setting(label="Embeddings", help="an embedding file whose token the prompt uses; repeatable", flag="--embedding",
@@ -304,12 +321,15 @@ class GenerateSettings:
                                         path="file", suffixes=(".safetensors",))
     prompt: str | None = setting(None, label="Prompt", help="what to draw; the tokens of --embedding files may be used in it")
     negative: str | None = setting(None, label="Negative prompt", help="what to keep out of the picture")
+    strength: float = setting(1.0, label="Strength", help="multiplies the embeddings' vectors: below 1 weaker, above 1 stronger", ge=0, le=10)
+    sampler: Sampler = setting("Model default", label="Sampler", help="the diffusers scheduler that draws")
     steps: int = setting(25, label="Steps", help="denoising steps", ge=1, le=1000)
     guidance: float = setting(7.5, label="Guidance", help="how closely to follow the prompt", ge=0, le=100)
     seed: int = _seed()
     size: str | None = setting(None, label="Size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's own size)", max_length=32)
-    output: str = setting("", label="Output", help="the picture to write (.png, .jpg or .webp)", required=True, path="output_file",
-                          suffixes=IMAGE_SUFFIXES)
+    count: int = setting(1, label="Pictures", help="how many pictures, seeds seed, seed+1, ...", ge=1, le=16)
+    compare: bool = setting(False, label="Compare", help="also draw the same seeds without the embeddings (saved as NAME-without.png)")
+    output: str = setting("", label="Output", help="the PNG to write", required=True, path="output_file", suffixes=(".png",))
     device: str = _device()
     precision: Precision = _precision()
 
@@ -318,6 +338,16 @@ class GenerateSettings:
         check_fields(self)
         if (self.prompt is None) == (self.prompt_embeds is None):
             raise SettingsError("prompt", "give a prompt or a prompt_embeds file (one of them)")
-        if self.size:
-            parse_size(self.size)
+        self.dimensions  # noqa: B018 - checks the size
         return self
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) of `size`, or None for the model's own."""
+        return parse_size(self.size) if self.size else None
+
+    def picture_paths(self, without: bool = False) -> list[Path]:
+        """Where picture i of the run (with or without the embeddings) is saved."""
+        output = Path(self.output)
+        stem = output.stem + ("-without" if without else "")
+        return [output.with_name(f"{stem}{f'-{i}' if i else ''}{output.suffix}") for i in range(self.count)]

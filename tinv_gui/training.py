@@ -84,7 +84,7 @@ def optimizer_state_path(embedding_path) -> "Path":
 
 def save_optimizer_state(path, optimizer: torch.optim.Optimizer, step: int) -> None:
     """Save AdamW's moments for the one trainable tensor as safetensors (no pickle)."""
-    from .embeddings import atomic_save_safetensors
+    from .files import atomic_save_safetensors
 
     state = optimizer.state_dict()["state"].get(0)
     if not state:

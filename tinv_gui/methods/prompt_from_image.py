@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..clip_space import image_features, pooled_text_features, spherical_distance
-from ..embeddings import atomic_save_safetensors, extended_vocabularies, tokenize_words
+from ..embeddings import extended_vocabularies, tokenize_words
+from ..files import atomic_save_safetensors, atomic_write_text
 from ..events import Reporter
 from ..families import family_of
 from ..models import ClipBundle
@@ -262,11 +263,7 @@ def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: di
     if result.texts is not None:
         outputs = {}
         for name, text, file in zip(("prompt", "negative_prompt"), result.texts, (PROMPT_FILE, NEGATIVE_PROMPT_FILE)):
-            path = output_dir / file
-            tmp = path.with_name(f".{file}.tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            tmp.replace(path)
-            outputs[name] = str(path)
+            outputs[name] = str(atomic_write_text(output_dir / file, text + "\n"))
         return outputs
     meta = {"format": "prompt_embeds", "similarity": f"{result.similarity:.6f}", "length": str(result.length)}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})

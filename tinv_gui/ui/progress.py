@@ -13,6 +13,7 @@ from ..events import Event, Failed, Finished, Log, Preview, Progress, Started
 SMOOTHING = 0.9  # weight of the past in the smoothed curve (an exponential moving average)
 MAX_PLOT_POINTS = 500  # per curve: more only slows the browser, which redraws on every update
 LOSS_COLUMNS = ["step", "loss", "curve", "phase"]
+POLL_S = 0.4  # how often a handler following a job looks at its events
 
 
 def format_seconds(seconds: float | None) -> str:

@@ -1,0 +1,128 @@
+"""The Dataset tab: upload pictures (or zips of them), see each one as the model will, edit captions.
+
+The work on files (checking, fingerprints, captions) is in dataset.py; this module holds the
+tab's controls and handlers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..demo_model import ASSETS_DIR
+from . import dataset, hooks
+from .gpu import on_gpu
+from .workspace import Workspace
+
+EXAMPLES_DIR = ASSETS_DIR / "examples"
+
+
+def table_rows(table) -> list[list]:
+    """Rows of a Dataframe value, whatever shape Gradio hands over."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        return table.values.tolist()
+    if isinstance(table, dict):
+        return table.get("data") or []
+    return list(table)
+
+
+class DatasetTab:
+    """The Dataset tab's controls and handlers (a part of TinvApp)."""
+
+    def dataset_view(self, ws: Workspace, message: str = ""):
+        pictures = dataset.list_pictures(ws)
+        refused = [p for p in pictures if p.problem]
+        usable = len(pictures) - len(refused)
+        status = f"**{usable} picture(s) ready to train on.**" if pictures else "No pictures yet."
+        if refused:
+            status += f" {len(refused)} refused (marked ✗ in the gallery):\n" + "".join(f"\n- {p.name}: {p.problem}" for p in refused)
+        if usable and usable < 3:
+            status += " Three to ten pictures work best (the *From one picture* method needs only one)."
+        return dataset.gallery_items(ws), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
+
+    def add_pictures(self, files: list[str] | None, request: gr.Request):
+        """Take uploaded pictures (or zips of them) into the visitor's folder."""
+        ws = self.workspace(request)
+        added = dataset.add_files(ws, files or [])
+        refused = [p for p in added if p.problem]
+        message = f"Added {len(added) - len(refused)} picture(s)." + (f" Refused {len(refused)}." if refused else "")
+        return (*self.dataset_view(ws, message), None)
+
+    def add_examples(self, request: gr.Request):
+        """Load the example pictures shipped in assets/examples."""
+        ws = self.workspace(request)
+        dataset.add_files(ws, sorted(str(p) for p in EXAMPLES_DIR.glob("*.png")))
+        return self.dataset_view(ws, "Example pictures added: a small toy robot. Try the token `<toy-robot>` and the initializer `robot`.")
+
+    def clear_pictures(self, request: gr.Request):
+        ws = self.workspace(request)
+        dataset.clear(ws)
+        return self.dataset_view(ws, "All pictures removed.")
+
+    def save_captions(self, rows, request: gr.Request) -> str:
+        ws = self.workspace(request)
+        saved = dataset.save_captions(ws, table_rows(rows))
+        return f"{saved} caption(s) saved."
+
+    def auto_caption(self, model: str, request: gr.Request):
+        """HOOK (issue 3): caption every picture with BLIP, then show the captions for editing."""
+        ws = self.workspace(request)
+        paths = [str(p) for p in dataset.picture_paths(ws)]
+        if not paths:
+            raise gr.Error("Add pictures first.")
+        captions = hooks.auto_caption(paths, model)
+        dataset.save_captions(ws, [[Path(p).name, c] for p, c in zip(paths, captions)])
+        return dataset.caption_rows(ws), f"{len(captions)} caption(s) written; edit them as you like."
+
+    def build_dataset_tab(self, c: dict) -> None:
+        with gr.Tab("1. Dataset", id="dataset"):
+            gr.Markdown(
+                "Add 3 to 10 pictures of your concept: different backgrounds and angles, the concept clearly "
+                "visible. The gallery shows each picture as the model will see it (turned upright, cropped "
+                "to a square). Pictures with a problem are refused, and the reason is shown under them."
+            )
+            with gr.Row():
+                with gr.Column(scale=1):
+                    c["upload"] = gr.File(
+                        label="Drop pictures or a .zip here",
+                        file_count="multiple",
+                        file_types=["image", ".zip", ".txt"],
+                    )
+                    with gr.Row():
+                        c["examples"] = gr.Button("Use the example pictures", size="sm")
+                        c["clear"] = gr.Button("Remove all pictures", size="sm", variant="stop")
+                    c["dataset_status"] = gr.Markdown("No pictures yet.")
+                with gr.Column(scale=2):
+                    c["gallery"] = gr.Gallery(label="What will be trained on", columns=4, height=360, object_fit="cover")
+            c["captions"] = gr.Dataframe(
+                headers=["Picture", "Caption"],
+                type="array",
+                label="Captions (optional: used when 'Train on captions' is on, and by the 'From one picture' method)",
+                interactive=True,
+                static_columns=[0],
+                wrap=True,
+            )
+            with gr.Row():
+                c["save_captions"] = gr.Button("Save captions", size="sm")
+                c["auto_caption"] = gr.Button(
+                    "Auto-caption (BLIP)", size="sm", visible=hooks.auto_caption_available()
+                )
+            c["caption_status"] = gr.Markdown()
+
+    def dataset_outputs(self) -> list:
+        c = self.components
+        return [c["gallery"], c["captions"], c["dataset_status"]]
+
+    def wire_dataset_tab(self, c: dict) -> None:
+        dataset_out = self.dataset_outputs()
+        c["upload"].upload(self.add_pictures, c["upload"], dataset_out + [c["upload"]], api_name="add_pictures")
+        c["examples"].click(self.add_examples, None, dataset_out, api_name="add_examples")
+        c["clear"].click(self.clear_pictures, None, dataset_out, api_name="clear_pictures")
+        c["save_captions"].click(self.save_captions, c["captions"], c["caption_status"], api_name="save_captions")
+        if hooks.auto_caption_available():
+            c["auto_caption"].click(
+                on_gpu(self.auto_caption), c["model"], [c["captions"], c["caption_status"]], concurrency_id="gpu", concurrency_limit=1
+            )

@@ -1,0 +1,187 @@
+"""The Train tab: start (or rejoin) the visitor's training, follow it (progress, loss curve,
+previews, log), stop it, and offer its files for download."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
+from ..embeddings import TokenError, validate_token
+from ..engine import Job
+from ..events import TERMINAL_EVENTS
+from ..models import ModelLoadError
+from ..methods import method_with_label
+from ..settings import SettingsError, TrainSettings
+from . import dataset, hooks
+from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
+from .progress import POLL_S, RunView, loss_colours
+from .tab_dataset import table_rows
+from .options import settings_from_form
+from .workspace import Workspace
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
+    """Seconds of GPU to ask ZeroGPU for one training: the preset's steps at its rough GPU speed,
+    plus loading, within ZeroGPU's limits. A run cut short there keeps its last saved embedding."""
+    chosen = method_with_label(preset)
+    steps = int(options.get("steps") or chosen.defaults.get("steps") or 0)
+    return int(min(max(120 + 1.5 * steps * chosen.preset.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
+
+
+class TrainTab:
+    """The Train tab's controls and handlers (a part of TinvApp)."""
+
+    def start_training(self, model: str, token: str, init: str, preset: str, captions, request: gr.Request, **options):
+        """Start (or rejoin) the visitor's training job and follow it until it ends."""
+        ws = self.workspace(request)
+        job = self.jobs.get(ws.key)
+        if job is None or job.done:
+            ws.take_stop_request()  # a Stop pressed before this run is not meant for it
+            job = self._submit_training(ws, model, token, init, preset, captions, options)
+        yield from self._follow(ws, job)
+
+    def _submit_training(self, ws: Workspace, model, token, init, preset, captions, options) -> Job:
+        model = (model or "").strip()
+        if self.shared and model not in (*DEMO_NAMES, SDXL_DEMO_NAME) and (not HUB_ID.match(model) or Path(model).exists()):
+            raise gr.Error("On this shared server, models come from the Hugging Face Hub (owner/name) or are the demo model.")
+        if not dataset.picture_paths(ws):
+            raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
+        dataset.save_captions(ws, table_rows(captions))
+        method = method_with_label(preset).name
+        if (options.get("resume") or "").strip():  # only the visitor's own files, named as the Playground lists them
+            resume = ws.root / options["resume"].strip()
+            if not ws.contains(resume) or not resume.is_file():
+                raise gr.Error(f"Resume from: {options['resume'].strip()!r} is not one of your embeddings; pick a name the Playground lists.")
+            options = {**options, "resume": str(resume.resolve())}
+        try:
+            validate_token(token, self.engine.store.tokenizer(model))
+            settings = TrainSettings(
+                images=str(ws.pictures),
+                token=token.strip(),
+                output_dir=str(ws.new_run_dir(token)),
+                method=method,
+                model=model,
+                init=(init or "").strip() or None,
+                **settings_from_form(method, options),
+            )
+            job = self.engine.train(settings)
+        except (TokenError, SettingsError, ModelLoadError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        self.jobs[ws.key] = job
+        self.job_methods[job.id] = method
+        return job
+
+    def _follow(self, ws: Workspace, job: Job):
+        """Yield the Train tab's state whenever the job has news, until it ends."""
+        try:
+            yield from self._follow_events(ws, job)
+        finally:
+            if ZERO_GPU and not job.done:  # the visitor left: end the job while the GPU is still ours
+                job.cancel()
+                deadline = time.monotonic() + 120
+                while not job.done and time.monotonic() < deadline:
+                    time.sleep(POLL_S)
+
+    def _follow_events(self, ws: Workspace, job: Job):
+        seen = -1
+        while True:
+            if ws.take_stop_request():
+                job.cancel()
+            history = list(job.history)
+            ended = bool(history) and isinstance(history[-1], TERMINAL_EVENTS)
+            if len(history) != seen or ended:
+                seen = len(history)
+                view = RunView.from_events(history, self.engine.position(job))
+                yield self._train_outputs(ws, view)
+            if ended:
+                if view.progress:
+                    last = view.progress[-1]
+                    self.speeds[self.job_methods.get(job.id, "")] = last.elapsed_s / max(last.step, 1)
+                return
+            time.sleep(POLL_S)
+
+    def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
+        c = self.components
+        embedding = view.outputs.get("embedding")
+        files = hooks.export_formats(ws.inside(embedding)) if view.done and embedding else []
+        legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
+        return {
+            c["progress"]: view.progress_html(),
+            c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
+            c["previews"]: gr.update(value=view.previews or None, visible=bool(view.previews)),  # only methods that draw
+            c["log"]: view.log_text(),
+            c["downloads"]: [str(path) for path, _ in files] or None,
+            c["download_help"]: f"**Which file for which tool:**{legend}" if files else "",
+            c["start"]: gr.update(interactive=view.done, value="Start training"),
+            c["stop"]: gr.update(interactive=not view.done),
+            c["try_it"]: gr.update(interactive=bool(files)),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
+        }
+
+    def stop_training(self, request: gr.Request) -> str:
+        """Ask the visitor's job to stop; it saves after the current step."""
+        ws = self.workspace(request)
+        job = self.jobs.get(ws.key)
+        if job is not None and not job.done:
+            job.cancel()
+        elif ZERO_GPU:  # the job runs in ZeroGPU's process, out of this one's reach: leave word
+            ws.request_stop()
+        else:
+            return "Nothing is training."
+        return "Stopping after this step; the embedding so far will be saved."
+
+    def build_train_tab(self, c: dict) -> None:
+        with gr.Tab("3. Train", id="train"):
+            with gr.Row():
+                c["start"] = gr.Button("Start training", variant="primary")
+                c["stop"] = gr.Button("Stop", variant="stop", interactive=False)
+            c["progress"] = gr.HTML(RunView().progress_html())
+            with gr.Row():
+                c["loss_plot"] = gr.LinePlot(
+                    RunView().loss_frame(),
+                    x="step",
+                    y="loss",
+                    color="curve",
+                    title="Loss (lower is better)",
+                    x_title="step",
+                    y_title="loss",
+                    height=320,
+                    scale=2,
+                )
+                c["previews"] = gr.Gallery(
+                    label="Previews (same seed and prompt, as training goes)", columns=3, height=320, scale=1, visible=False
+                )
+            with gr.Row():
+                c["log"] = gr.Textbox(label="Log", lines=8, max_lines=12, autoscroll=True, scale=2)
+                with gr.Column(scale=1):
+                    c["downloads"] = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
+                    c["download_help"] = gr.Markdown()
+                    c["try_it"] = gr.Button("Try it in the Playground", interactive=False)
+                    c["stop_status"] = gr.Markdown()
+
+    def train_outputs(self) -> list:
+        """The components a training's state is drawn in (welcome and start_training update them)."""
+        c = self.components
+        return [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "download_help", "start", "stop", "try_it", "embedding")]
+
+    def wire_train_tab(self, c: dict) -> None:
+        train_outputs = self.train_outputs()
+        c["start"].click(
+            on_gpu(self.start_training, duration=training_duration, outputs=train_outputs),
+            [c["model"], c["token"], c["init"], c["preset"], c["captions"]],
+            train_outputs,
+            inputs_kwargs=c["options"],
+            api_name="train",
+            show_progress="hidden",  # the page draws its own progress bar
+            concurrency_id="gpu",
+            concurrency_limit=1,
+        )
+        c["stop"].click(self.stop_training, None, c["stop_status"], api_name="stop", queue=False)
+        c["try_it"].click(self.try_in_playground, None, [c["tabs"], c["embedding"], c["prompt"]], api_name=False)
+
