@@ -62,9 +62,16 @@ class Family:
         """Per-picture extra ids the UNet takes in training (SDXL's sizes), or None."""
         return None
 
-    def unet_extra(self, pooled: torch.Tensor | None, size_ids: torch.Tensor | None, dtype: torch.dtype) -> dict | None:
-        """The UNet's `added_cond_kwargs` for a batch, or None."""
-        return None
+    def denoiser(self, pipe):
+        """The network that denoises (a UNet here; a transformer in SD3 and Flux)."""
+        return pipe.unet
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                pooled: torch.Tensor | None, size_ids: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's prediction for a training batch (latents in the VAE's layout; a family
+        that packs latents, like Flux, packs and unpacks here)."""
+        dtype = denoiser.dtype
+        return denoiser(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
 
     def pipeline_conditioning(self, hidden: torch.Tensor, pooled: torch.Tensor | None, prefix: str = "") -> dict:
         """Encoded prompts as pipeline arguments: {prefix + "prompt_embeds": ..., ...}."""
@@ -78,7 +85,8 @@ class Family:
     # ------------------------------------------------------------------------- training objective
     def objective(self, scheduler_config, device: torch.device):
         """What the denoiser is trained to predict from noised latents: an object with
-        `num_timesteps`, `prediction_type` and `noisy_and_target(latents, noise, timesteps)`."""
+        `num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)` and
+        `noisy_and_target(latents, noise, timesteps)` (flow matching would be another such object)."""
         from ..methods.textual_inversion import NoiseSchedule
 
         return NoiseSchedule(scheduler_config, device)

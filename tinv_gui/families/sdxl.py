@@ -49,8 +49,10 @@ class StableDiffusionXL(Family):
         (top, left) corner, the target (height, width)."""
         return torch.tensor([[*(i.original_size or (size, size)), *i.crop_top_left, size, size] for i in images], dtype=torch.float32)
 
-    def unet_extra(self, pooled, size_ids, dtype):
-        return {"text_embeds": pooled.to(dtype), "time_ids": size_ids.to(dtype)}
+    def predict(self, denoiser, noisy, timesteps, hidden, pooled, size_ids):
+        dtype = denoiser.dtype
+        extra = {"text_embeds": pooled.to(dtype), "time_ids": size_ids.to(dtype)}
+        return denoiser(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=extra).sample
 
     def pipeline_conditioning(self, hidden, pooled, prefix: str = "") -> dict:
         return {f"{prefix}prompt_embeds": hidden, f"{prefix}pooled_prompt_embeds": pooled}

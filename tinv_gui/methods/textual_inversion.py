@@ -106,6 +106,10 @@ class NoiseSchedule:
         self.signal = alphas_cumprod.sqrt()
         self.noise = (1.0 - alphas_cumprod).sqrt()
 
+    def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Training timesteps drawn uniformly from the whole schedule."""
+        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+
     def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The noised latents at `timesteps`, and what the UNet should predict from them."""
         signal = self.signal[timesteps].view(-1, 1, 1, 1)
@@ -139,7 +143,7 @@ class DiffusionLoss:
         size_ids: torch.Tensor | None = None,
     ):
         self.family = family_of(pipe)
-        self.unet = pipe.unet
+        self.denoiser = self.family.denoiser(pipe)
         self.text_encoders = self.family.text_encoders(pipe)
         self.placement = placement
         self.latents = latents
@@ -158,15 +162,14 @@ class DiffusionLoss:
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
-        timesteps = torch.randint(0, self.schedule.num_timesteps, (len(picked),), generator=self.generator, device=device)
+        timesteps = self.schedule.sample_timesteps(len(picked), self.generator, device)
         noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
         rows = picked if self.per_picture else [self.rng.randrange(len(self.prompts[0][0])) for _ in picked]
-        dtype = self.unet.dtype
         with self.placement.autocast():
             hidden, pooled = self.family.encode_prompts(self.text_encoders, [(ids[rows], mask[rows]) for ids, mask in self.prompts])
-            # The family's extra conditioning (SDXL: pooled and sizes; a mirrored centered crop has the same corner).
-            extra = self.family.unet_extra(pooled, None if self.size_ids is None else self.size_ids[picked], dtype)
-            prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=extra).sample
+            # The family adds its own conditioning (SDXL: pooled and sizes; a mirrored centered crop has the same corner).
+            size_ids = None if self.size_ids is None else self.size_ids[picked]
+            prediction = self.family.predict(self.denoiser, noisy, timesteps, hidden, pooled, size_ids)
         return F.mse_loss(prediction.float(), target)
 
 
