@@ -315,7 +315,9 @@ class GenerateSettings:
     -without in their names."""
 
     model: str = _model()
-    embeddings: list[str] = setting(label="Embeddings", help="an embedding file whose token the prompt uses; repeatable", flag="--embedding",
+    embeddings: list[str] = setting(label="Embeddings", flag="--embedding",
+                                    help="an embedding file whose name the prompt uses (the name the Playground shows); repeatable. "
+                                    "diffusers' SDXL output is two files: give both",
                                     repeat="append", path="file", default_factory=list)
     prompt_embeds: str | None = setting(None, label="Prompt embeddings", help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)",
                                         path="file", suffixes=(".safetensors",))
