@@ -424,13 +424,15 @@ def _main(argv: list[str] | None = None) -> int:
         from .data import ImageError, open_image
         from .formats import EmbeddingFormatError, convert
 
+        from .engine import explain_failure
+
         try:
             if len(args.input) > 2:
                 raise EmbeddingFormatError("give one embedding file, or the two files of diffusers' SDXL output")
             picture = open_image(args.picture) if args.picture else None
             path = convert(args.input[0], args.format, args.output, args.token, second=(args.input[1:] or [None])[0], picture=picture)
         except (EmbeddingFormatError, ImageError, OSError) as error:  # OSError: the output cannot be written
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {explain_failure(error)}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
         return 0
@@ -472,6 +474,7 @@ def prompt_settings_from_args(args):
 def _generate(args) -> int:
     from .device import choose_placement
     from .engine import explain_failure
+    from .files import atomic_save_image
     from .generate import generate, parse_size
     from .models import ModelStore
 
@@ -494,11 +497,9 @@ def _generate(args) -> int:
             size=size,
             placement=placement,
         )
+        output = atomic_save_image(images[0], args.output)  # a full disk never leaves half a picture
     except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
         print(f"error: {explain_failure(error)}", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(output)
     print(f"image: {output}")
     return 0
