@@ -300,13 +300,15 @@ def _main(argv: list[str] | None = None) -> int:
         from .data import ImageError, open_image
         from .formats import EmbeddingFormatError, convert
 
+        from .engine import explain_failure
+
         try:
             if len(args.input) > 2:
                 raise EmbeddingFormatError("give one embedding file, or the two files of diffusers' SDXL output")
             picture = open_image(args.picture) if args.picture else None
             path = convert(args.input[0], args.format, args.output, args.token, second=(args.input[1:] or [None])[0], picture=picture)
         except (EmbeddingFormatError, ImageError, OSError) as error:  # OSError: the output cannot be written
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {explain_failure(error)}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
         return 0

@@ -167,6 +167,8 @@ def save_embedding(
     holds the parts side by side, of `widths`, and is saved as {key: part}, the token in the metadata."""
     meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    if widths is not None and len(widths) != max(len(keys), 1):
+        raise ValueError(f"vectors for {len(widths)} text encoders need a key each (the family's embedding_keys), not {keys}")
     if keys:
         meta["dim"] = "+".join(str(w) for w in widths)
         return atomic_save_safetensors(dict(zip(keys, split_columns(vectors, widths))), path, meta)
@@ -234,12 +236,16 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         text_encoder.config.vocab_size = table.num_embeddings
 
 
-def _name_pattern(name: str) -> re.Pattern:
-    """`name` as a whole word, in any case, as A1111 finds an embedding's name in a prompt (it
-    matches the name's CLIP tokens, and CLIP lowercases): 'fresh' in 'fresh-looking', not in 'freshly'."""
+def _name_regex(name: str) -> str:
+    """`name` as a whole word, as A1111 finds an embedding's name in a prompt (it matches the
+    name's CLIP tokens): 'fresh' in 'fresh-looking', not in 'freshly'."""
     before = r"(?<!\w)" if re.match(r"\w", name[:1]) else ""
     after = r"(?!\w)" if re.match(r"\w", name[-1:]) else ""
-    return re.compile(before + re.escape(name) + after, re.IGNORECASE)
+    return before + re.escape(name) + after
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    return re.compile(_name_regex(name), re.IGNORECASE)  # in any case: CLIP lowercases
 
 
 def mentions(text: str | None, name: str) -> bool:
@@ -270,10 +276,13 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
             internal[embedding.token] = f"<tinv-embedding-{i}>"
             added += load_into_pipeline(pipe, internal[embedding.token], embedding.vectors, scale, embedding.vectors_g)
 
+        # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
+        # name is found inside another's replacement.
+        names = sorted(internal, key=len, reverse=True)
+        pattern = re.compile("|".join(f"(?P<n{i}>{_name_regex(name)})" for i, name in enumerate(names)), re.IGNORECASE)
+
         def rewrite(text):
-            for name in sorted(internal, key=len, reverse=True):  # 'my-cat-2' before 'my-cat'
-                text = replace_name(text, name, internal[name])
-            return text
+            return pattern.sub(lambda m: internal[names[int(m.lastgroup[1:])]], text) if text and names else text
 
         yield rewrite
     finally:

@@ -13,7 +13,7 @@ from ..data import open_image
 from ..device import choose_placement
 from ..embeddings import mentions, save_embedding
 from ..events import TERMINAL_EVENTS
-from ..formats import read_embedding, read_embeddings, write_embedding
+from ..formats import SDXL_KEYS, read_embedding, read_embeddings, write_embedding
 from ..settings import GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
@@ -85,7 +85,8 @@ class PlaygroundTab:
             target = unique_path(ws.embeddings, sanitize_filename(embedding.token, "embedding") + ".safetensors")
             vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
             origin = " + ".join(Path(f).name for f in files) if embedding.layout == "diffusers-sdxl" else embedding.path.name
-            save_embedding(target, embedding.token, vectors, {**embedding.metadata, "loaded_from": origin}, embedding.widths if embedding.is_sdxl else None)
+            meta = {**embedding.metadata, "loaded_from": origin}
+            save_embedding(target, embedding.token, vectors, meta, embedding.widths, SDXL_KEYS if embedding.is_sdxl else ())
             widths = " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
             lines.append(
                 f"Loaded `{embedding.token}` from {origin} ({embedding.vectors.shape[0]} vector(s) of width{'s' if embedding.is_sdxl else ''} "
