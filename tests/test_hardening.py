@@ -298,3 +298,42 @@ def test_a_shared_server_takes_no_server_path_in_any_model_field(tmp_path, monke
     for path in (existing, missing):  # the Playground loads through the same store
         with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
             app.engine.store.pipeline(path)
+
+
+# ----------------------------------------------------------------------------- 6, 7: returning visitors
+class _Request:
+    def __init__(self, session_hash):
+        self.session_hash = session_hash
+
+
+def _page(tmp_path, monkeypatch):
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.delenv("TINV_GUI_SECRET", raising=False)
+    app = TinvApp(workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    app.build()
+    return app
+
+
+def test_a_restart_keeps_the_secret_that_seals_visitor_keys(tmp_path, monkeypatch):
+    first = _page(tmp_path, monkeypatch).components["visitor"].secret
+    after_restart = _page(tmp_path, monkeypatch).components["visitor"].secret
+    assert first and first == after_restart
+    elsewhere = _page(tmp_path / "other", monkeypatch).components["visitor"].secret
+    assert elsewhere != first
+    assert ((tmp_path / "visitors" / ".visitor-key-secret").stat().st_mode & 0o777) == 0o600
+
+
+def test_a_flood_of_page_loads_never_evicts_a_visitor_with_files(tmp_path, monkeypatch, picture_dir):
+    from tinv_gui.ui import app as app_module, dataset
+
+    monkeypatch.setattr(app_module, "MAX_RETURNING", 5)
+    app = _page(tmp_path, monkeypatch)
+    victim = _Request("victim-session")
+    key = app.welcome("", victim)[app.components["visitor"]]
+    dataset.add_files(app.workspace(victim), [str(p) for p in picture_dir.iterdir()])
+    for i in range(30):
+        app.welcome("", _Request(f"flood-{i}"))
+    assert app.workspace(victim).key == key and dataset.picture_paths(app.workspace(victim))
+    assert len(app.returning) <= 6  # the table stays bounded: idle visitors are forgotten

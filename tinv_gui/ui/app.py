@@ -96,9 +96,7 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         """On page load: give the browser a lasting key (or take back the one it kept), and show
         that visitor's pictures, embeddings and last run, finished or still going."""
         key = stored_key if stored_key and self.workspaces.exists(stored_key) else secrets.token_urlsafe(18)
-        self.returning[request.session_hash] = key
-        while len(self.returning) > MAX_RETURNING:
-            self.returning.popitem(last=False)
+        self._remember(request.session_hash, key)
         ws = self.workspace(request)
         c = self.components
         gallery, captions, status = self.dataset_view(ws)
@@ -111,13 +109,30 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
                 shown[c["start"]] = gr.update(interactive=True, value="Follow my running training")
         return shown
 
+    def _remember(self, session: str, key: str) -> None:
+        """Map a page session to the visitor's key, keeping the table at about MAX_RETURNING
+        entries: the oldest idle visitors are forgotten first (they come back with an empty
+        folder, which is what they had); visitors with a job running or files in their folder
+        are never dropped, however many pages others load."""
+        self.returning[session] = key
+        for _ in range(len(self.returning) - MAX_RETURNING):
+            oldest, oldest_key = next(iter(self.returning.items()))
+            if self._holds_something(oldest_key):
+                self.returning.move_to_end(oldest)
+            else:
+                del self.returning[oldest]
+
+    def _holds_something(self, key: str) -> bool:
+        running = any(key in jobs and not jobs[key].done for jobs in (self.jobs, self.prompt_jobs))
+        return running or self.workspaces.holds_files(key)
+
     # ----------------------------------------------------------------------------- The page
     def build(self) -> gr.Blocks:
         """The Blocks page. Handlers are this object's methods."""
         c: dict[str, gr.components.Component] = {}
         self.components = c
         with gr.Blocks(title="tinv-gui", delete_cache=(3600, 24 * 3600)) as page:
-            c["visitor"] = gr.BrowserState("", storage_key="tinv-gui-visitor")
+            c["visitor"] = gr.BrowserState("", storage_key="tinv-gui-visitor", secret=self.workspaces.secret())
             logo = LOGO.read_text() if LOGO.exists() else ""  # inline: no file route needed
             gr.HTML(f'<div class="tinv-header">{logo}<div><h1>{TITLE}</h1></div></div>')
             gr.Markdown(INTRO)

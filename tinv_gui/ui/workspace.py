@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,7 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 LAST_USED_FILE = ".last_used"
 STOP_FILE = ".stop_requested"  # Stop pressed: read by whichever process runs the visitor's job
+SECRET_FILE = ".visitor-key-secret"
 
 
 def sanitize_filename(name: str, fallback: str = "file") -> str:
@@ -116,6 +118,21 @@ class Workspaces:
         # Whether a visitor's folder is in use (a job of theirs running): such folders are kept.
         self.in_use: Callable[[str], bool] = in_use or (lambda key: False)
 
+    def secret(self) -> str:
+        """The secret that seals the visitor key kept in each browser. It must outlive a restart,
+        or every returning visitor would get a new, empty folder: TINV_GUI_SECRET when set, else
+        one made once and kept in a private file beside the visitors' folders."""
+        if os.environ.get("TINV_GUI_SECRET"):
+            return os.environ["TINV_GUI_SECRET"]
+        path = self.root / SECRET_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
     def get(self, session_key: str | None) -> Workspace:
         """The folder of the visitor with this session key, created on first use."""
         if not session_key or not _SESSION_KEY.match(session_key):
@@ -124,6 +141,18 @@ class Workspaces:
         if not root.exists():
             self.expire()
         return Workspace(root)
+
+    def holds_files(self, session_key: str) -> bool:
+        """True when the visitor's folder holds anything of theirs (pictures, runs, embeddings...)."""
+        root = self.root / session_key
+        for sub in ("pictures", "rejected", "runs", "embeddings", "images"):
+            try:
+                with os.scandir(root / sub) as entries:
+                    if any(True for _ in entries):
+                        return True
+            except OSError:
+                continue
+        return False
 
     def exists(self, session_key: str) -> bool:
         """True when a visitor with this key has a folder (kept from an earlier visit)."""
