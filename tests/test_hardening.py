@@ -337,3 +337,44 @@ def test_a_flood_of_page_loads_never_evicts_a_visitor_with_files(tmp_path, monke
         app.welcome("", _Request(f"flood-{i}"))
     assert app.workspace(victim).key == key and dataset.picture_paths(app.workspace(victim))
     assert len(app.returning) <= 6  # the table stays bounded: idle visitors are forgotten
+
+
+# ----------------------------------------------------------------------------- 4: uploads
+def test_uploads_are_bounded_refused_bytes_dropped_and_big_pictures_downscaled_once(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from conftest import make_picture
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setattr(dataset, "MAX_UNPACKED_BYTES", 3 * 1024 * 1024)
+    ws = Workspaces(tmp_path / "visitors").get("visitor-a")
+    up = tmp_path / "uploads"
+    up.mkdir()
+    # A small zip that unpacks to far more than an upload may: members of 1 MB of zeros (compressed to ~1 kB).
+    with zipfile.ZipFile(up / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(10):
+            zf.writestr(f"junk{i}.png", b"\0" * (1024 * 1024))
+    (up / "evil.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
+    big = make_picture(5, (3000, 2400))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=90)
+    (up / "huge.jpg").write_bytes(buffer.getvalue())
+
+    added = dataset.add_files(ws, [str(p) for p in sorted(up.iterdir())])
+
+    problems = {p.name: p.problem for p in added if p.problem}
+    assert sum("at most 3 MB" in why for why in problems.values()) == 7, problems  # 3 unpacked, 7 left packed
+    assert "evil.svg" in problems
+    stored = sum(f.stat().st_size for f in (tmp_path / "visitors").rglob("*") if f.is_file())
+    assert stored < 2 * 1024 * 1024  # refused files keep their names and reasons, not their bytes
+    assert not list(ws.rejected.glob("*.svg")) and not list(ws.rejected.glob("junk*"))
+    listed = {p.name: p.problem for p in dataset.list_pictures(ws)}
+    assert listed["evil.svg"] == problems["evil.svg"] and len(listed) == len(added)
+    kept = dataset.picture_paths(ws)
+    assert [p.name for p in kept] == ["huge.jpg"]
+    with Image.open(kept[0]) as picture:
+        assert min(picture.size) == dataset.MAX_SIDE and picture.size == (1280, 1024)

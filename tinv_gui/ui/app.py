@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 from collections import OrderedDict
-from pathlib import Path
+
 
 import gradio as gr
 
@@ -170,21 +169,13 @@ def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
 
 def launch(**launch_kwargs):
     """Build and serve the page; GRADIO_SERVER_PORT and GRADIO_SERVER_NAME are honoured."""
-    page, app = build_app()
-    allowed = [] if _under_served_roots(app.workspaces.root) else [str(app.workspaces.root)]
+    page, _app = build_app()
     return page.launch(
         theme=gr.themes.Soft(primary_hue="indigo"),
         css=CSS,
         favicon_path=str(LOGO) if LOGO.exists() else None,
-        allowed_paths=allowed,
+        allowed_paths=[],  # never the visitors' folders: their files go out through each visitor's session (Workspace.served)
         max_file_size="200mb",
         footer_links=["gradio", "settings"],
         **launch_kwargs,
     )
-
-
-def _under_served_roots(path: Path) -> bool:
-    """True when Gradio may hand out files from `path` without adding it to allowed_paths (which
-    would also make its files directly reachable by URL)."""
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(Path(root).resolve()) for root in (tempfile.gettempdir(), os.getcwd()))

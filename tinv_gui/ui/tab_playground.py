@@ -155,7 +155,7 @@ class PlaygroundTab:
             raise gr.Error(getattr(final, "message", "generation failed"))
 
         def pictures(name: str) -> list[Path] | None:
-            return [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
+            return [ws.served(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
 
         return pictures("with"), pictures("without"), note or f"Seed {int(seed)}."
 

@@ -77,7 +77,7 @@ class PromptTab:
         final = self.engine.submit(f"generate from a found prompt on {model}", work).wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
-        return [ws.inside(final.outputs["picture"])]
+        return [ws.served(final.outputs["picture"])]
 
     def build_prompt_tab(self, c: dict) -> None:
         with gr.Tab("5. Prompt from image", id="prompt-from-image"):

@@ -113,9 +113,9 @@ class TrainTab:
         return {
             c["progress"]: view.progress_html(),
             c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
-            c["previews"]: gr.update(value=view.previews or None, visible=bool(view.previews)),  # only methods that draw
+            c["previews"]: gr.update(value=[(ws.served(path), caption) for path, caption in view.previews] or None, visible=bool(view.previews)),  # only methods that draw
             c["log"]: view.log_text(),
-            c["downloads"]: [str(path) for path, _ in files] or None,
+            c["downloads"]: [ws.served(path) for path, _ in files] or None,
             c["download_help"]: f"**Which file for which tool:**{legend}" if files else "",
             c["start"]: gr.update(interactive=view.done, value="Start training"),
             c["stop"]: gr.update(interactive=not view.done),

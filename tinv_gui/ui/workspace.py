@@ -26,6 +26,7 @@ _SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 LAST_USED_FILE = ".last_used"
 STOP_FILE = ".stop_requested"  # Stop pressed: read by whichever process runs the visitor's job
 SECRET_FILE = ".visitor-key-secret"
+HANDOUT_FOLDER = "tinv-gui-handout"  # copies of files handed to visitors, when their folders lie outside the temp folder
 
 
 def sanitize_filename(name: str, fallback: str = "file") -> str:
@@ -48,6 +49,12 @@ def unique_path(folder: Path, name: str) -> Path:
         path = folder / f"{stem}-{n}{suffix}"
         n += 1
     return path
+
+
+def _gradio_takes_files_from(folder: Path) -> bool:
+    """True when Gradio accepts a handler's files from `folder` without it being in allowed_paths."""
+    resolved = folder.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in (tempfile.gettempdir(), os.getcwd()))
 
 
 class Workspace:
@@ -83,6 +90,23 @@ class Workspace:
         if not self.contains(path):
             raise PermissionError(f"{Path(path).name} is not one of your files")
         return Path(path).resolve()
+
+    def served(self, path: str | os.PathLike) -> str:
+        """`path` (one of this visitor's files) as a file the page may hand to this visitor.
+
+        Gradio takes a handler's files from the system's temporary folder (or the working folder)
+        into its cache, from where only the session they were given to gets a link to them. A
+        visitors' folder elsewhere is not added to Gradio's allowed paths (that would serve every
+        file in it to anyone naming its path, and inline): its files are copied, once, into a
+        hand-out folder under the temporary folder instead."""
+        path = self.inside(path)
+        if _gradio_takes_files_from(self.root):
+            return str(path)
+        handout = Path(tempfile.gettempdir()) / HANDOUT_FOLDER / self.key / path.relative_to(self.root.resolve())
+        if not handout.exists() or handout.stat().st_mtime < path.stat().st_mtime:
+            handout.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, handout)
+        return str(handout)
 
     def request_stop(self) -> None:
         """Leave word for the visitor's running job to stop. A file, not a flag in memory,
@@ -174,5 +198,6 @@ class Workspaces:
                 last_used = marker.stat().st_mtime if marker.exists() else folder.stat().st_mtime
                 if current - last_used > self.max_age_s:
                     shutil.rmtree(folder, ignore_errors=True)
+                    shutil.rmtree(Path(tempfile.gettempdir()) / HANDOUT_FOLDER / folder.name, ignore_errors=True)
                     removed.append(folder.name)
             return removed
