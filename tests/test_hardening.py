@@ -378,3 +378,39 @@ def test_uploads_are_bounded_refused_bytes_dropped_and_big_pictures_downscaled_o
     assert [p.name for p in kept] == ["huge.jpg"]
     with Image.open(kept[0]) as picture:
         assert min(picture.size) == dataset.MAX_SIDE and picture.size == (1280, 1024)
+
+
+# ----------------------------------------------------------------------------- 3: serving
+@pytest.fixture(scope="module")
+def app_outside_temp(tmp_path_factory):
+    """The app with its visitors' folders outside the system's temporary folder (as with
+    TINV_GUI_VISITORS=/srv/visitors): the app's TMPDIR is a folder of its own."""
+    from conftest import _serve_app
+
+    temp = tmp_path_factory.mktemp("server-temp")
+    yield from _serve_app(tmp_path_factory, TMPDIR=str(temp))
+
+
+def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_outside_temp, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    url, visitors = app_outside_temp
+    client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    examples = sorted((ROOT / "assets" / "examples").glob("*.png"))
+    evil = tmp_path / "evil.svg"
+    evil.write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cookie)</script></svg>')
+    _, _, status, _ = client.predict([handle_file(str(p)) for p in [*examples, evil]], api_name="/add_pictures")
+    assert "evil.svg" in status
+    final = client.submit(model="demo", token="<far>", init="robot", preset="Quick", steps=5, batch_size=4, api_name="/train").result()
+    downloads = {Path(p).name: Path(p) for p in final[4]}
+    assert downloads["learned_embeds.safetensors"].stat().st_size > 0  # the visitor gets their files
+
+    [embedding] = visitors.glob("*/runs/*/learned_embeds.safetensors")
+    assert not list(visitors.rglob("*.svg"))  # a refused upload is not kept
+    for path in (embedding, embedding.parent.parent.parent / "pictures" / examples[0].name):
+        with pytest.raises(urllib.error.HTTPError) as refused:  # nobody gets them by naming their path
+            urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
+        assert refused.value.code in (403, 404)
