@@ -15,7 +15,7 @@ batch 1, on the CPU, each in its own subprocess (so each peak resident memory is
   the least work any exact textual inversion step does, whatever the trainer;
 - floor-bf16: the same in bf16 as tinv-gui runs it (weights stored in bf16, under bf16
   autocast). Run where oneDNN has bf16 kernels (AVX-512, native or emulated); on a CPU with
-  neither (AVX2 only), bf16 convolutions fall back to kernels hundreds of times slower and it is
+  neither (AVX2 only), bf16 convolutions fall back to kernels ten times slower or worse, and it is
   skipped unless named with --only.
 
 Prints seconds per step (median of the timed steps, after warm-up), CPU seconds per step, the
@@ -176,23 +176,23 @@ def cpu_flags_line() -> str:
     """The CPU's model and the flags that decide bf16's speed, and any oneDNN ISA cap."""
     import os
 
-    from tinv_gui.device import _cpu_flags
+    from tinv_gui.device import cpu_flags
 
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    flags = sorted(flag for flag in _cpu_flags() if flag in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
+    flags = sorted(flag for flag in cpu_flags() if flag in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return f"CPU: {model or 'unknown'}; flags {' '.join(flags) or 'none of avx2/avx512'}" + (f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
 
 
 def default_runs() -> tuple[str, ...]:
     """Every configuration, but the bf16 floor only where oneDNN has bf16 kernels (AVX-512)."""
-    from tinv_gui.device import _cpu_flags
+    from tinv_gui.device import cpu_flags
 
-    if "avx512f" in _cpu_flags():
+    if "avx512f" in cpu_flags():
         return tuple(RUNS)
-    print("floor-bf16 skipped: this CPU has no AVX-512, and bf16 convolutions here run hundreds of times slower "
+    print("floor-bf16 skipped: this CPU has no AVX-512, and a bf16 UNet runs about ten times slower here "
           "than fp32 (name it with --only floor-bf16 to measure it anyway)", file=sys.stderr)
     return tuple(name for name in RUNS if name != "floor-bf16")
 

@@ -49,7 +49,7 @@ def frozen_modules(pipe) -> list[torch.nn.Module]:
     ],
 )
 def test_automatic_precision_follows_the_cpu_and_says_why(monkeypatch, flags, cap, expected):
-    monkeypatch.setattr(device, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     if cap:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)

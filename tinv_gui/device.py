@@ -79,12 +79,12 @@ def cpu_bf16_flag() -> str | None:
 
     Measured (benchmarks/bench_textual_inversion.py, README "Measured speed"): with avx512_bf16
     a textual inversion step in bf16 takes half the time of fp32; with AVX-512 but no bf16
-    instructions (oneDNN emulates them) twice the time; with AVX2 only, convolutions in bf16 are
-    hundreds of times slower. So bf16 only where a flag says the instructions are there, and
-    oneDNN is not capped below them."""
+    instructions (oneDNN emulates them) twice the time; with AVX2 only, bf16 is 5 to 17 times
+    slower for every kind of work (benchmarks/bench_precision.py). So bf16 only where a flag says
+    the instructions are there, and oneDNN is not capped below them."""
     if _onednn_cap_below_bf16():
         return None
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
 
 
@@ -103,7 +103,8 @@ def _why_no_bf16() -> str:
     return "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so fp32, the faster there"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             return set(f.read().split())
