@@ -345,8 +345,9 @@ def follow(job, log_jsonl: str | None = None) -> int:
     code = 1
     try:
         for event in job.events():
+            code = _exit_status(event, received, code)
             try:
-                code = _show(event, bar, step_log, prefix, rank, received, code)
+                _show(event, bar, step_log, prefix, rank, received)
             except OSError:  # the terminal went away mid-line; the run and its files matter more
                 pass
     finally:
@@ -360,15 +361,25 @@ def follow(job, log_jsonl: str | None = None) -> int:
     return code
 
 
-def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list[int], code: int) -> int:
-    """Show one event of `follow`; returns the exit status so far."""
+def _exit_status(event, received: list[int], code: int) -> int:
+    """The exit status once `event` has come: 0 finished, 2 failed, 128 + the signal's number
+    when a signal stopped the run early."""
+    from .events import Failed, Finished
+
+    if isinstance(event, Finished):
+        return 128 + received[0] if event.stopped_early and received else 0
+    return EXIT_FAILED if isinstance(event, Failed) else code
+
+
+def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list[int]) -> None:
+    """Show one event of `follow` in the terminal."""
     from .events import Failed, Finished, Log, Preview, Progress
 
     if isinstance(event, Progress):
+        step_log.write({k: v for k, v in event.to_dict().items() if k != "event"})  # first: the terminal may fail
         bar.total = event.total
         bar.update(event.step - bar.n)
         bar.set_postfix(loss=f"{event.loss:.4f}", phase=event.phase)
-        step_log.write({k: v for k, v in event.to_dict().items() if k != "event"})
     elif isinstance(event, Log):
         bar.write(prefix + event.message, file=sys.stderr)
     elif isinstance(event, Preview):
@@ -380,21 +391,18 @@ def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list
         for name, value in event.metrics.items():
             print(f"{name}: {value:.4f}")
         if not event.stopped_early:
-            return 0
+            return
         saved = "the embedding so far was saved" if event.outputs.get("embedding") else "nothing was saved (no step had finished)"
         if received:
             name = signal.Signals(received[0]).name
             print(f"stopped early by {name}; {saved}", file=sys.stderr)
-            return 128 + received[0]
+            return
         print(f"stopped early; {saved}", file=sys.stderr)
-        return 0
     elif isinstance(event, Failed):
         bar.close()
         print(f"error: {event.message}", file=sys.stderr)
         for what, path in event.outputs.items():
             print(f"kept {what}: {path}", file=sys.stderr)
-        return EXIT_FAILED
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:
