@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tinv_gui.embeddings import read_metadata, save_embedding
 from tinv_gui.engine import Engine
-from tinv_gui.events import Failed, Finished, Log
+from tinv_gui.events import Failed, Finished, Log, Progress
 from tinv_gui.settings import TrainSettings
 from tinv_gui.training import EMBEDDING_FILE, optimizer_state_path
 
@@ -414,3 +414,77 @@ def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_outs
         with pytest.raises(urllib.error.HTTPError) as refused:  # nobody gets them by naming their path
             urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
         assert refused.value.code in (403, 404)
+
+
+# ----------------------------------------------------------------------------- 1, 5: the queue on a shared server
+def test_a_job_past_the_time_limit_stops_and_keeps_what_it_saved():
+    engine = Engine()
+    engine.time_limit_s = 0.3
+
+    def endless(reporter):
+        while not reporter.should_stop():
+            time.sleep(0.01)
+        return {"embedding": "kept.safetensors"}
+
+    job = engine.submit("endless", endless)
+    event = job.wait()
+    assert isinstance(event, Finished) and event.stopped_early and event.outputs
+    assert any(isinstance(e, Log) and "at most 0.005 minutes" in e.message for e in job.history)
+    engine.close()
+
+
+def _shared_page(tmp_path, monkeypatch, picture_dir):
+    from tinv_gui.ui import dataset
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = _page(tmp_path, monkeypatch)
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    return app, ws
+
+
+def test_a_shared_server_caps_steps_and_stops_the_jobs_of_visitors_who_left(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui import tab_train
+
+    app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
+    assert app.engine.time_limit_s == 3600  # the default cap on a job's time
+    with pytest.raises(gr.Error, match="at most 3000 steps"):
+        app._submit_training(ws, "demo", "<x>", "toy", "Quick", [], {"steps": 10**12})
+
+    monkeypatch.setattr(tab_train, "LEFT_GRACE_S", 0.5)
+    blocker = app.engine.submit("someone else's run", lambda r: time.sleep(3) or {})  # the visitor's run waits behind it
+    following = app.start_training("demo", "<left>", "toy", "Quick", [], _Request("visitor-a"), steps=3000, batch_size=1)
+    next(following)
+    job = next(iter(app.jobs.values()))
+    following.close()  # the visitor closed the page
+    assert not job.done
+    deadline = time.monotonic() + 60
+    while not job.done and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.cancelled and job.done
+    blocker.wait()
+
+
+def test_a_waiting_visitor_sees_their_place_and_the_expected_wait(tmp_path, monkeypatch, picture_dir):
+    app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
+    release = threading.Event()
+
+    def running(reporter):  # another visitor's run: 10 steps at 1 s each, 5 done
+        reporter.total_steps = 10
+        for _ in range(5):
+            reporter.step_started()
+            reporter.step_finished(1.0, 0.1, "quick")
+        release.wait(30)
+        return {}
+
+    app.engine.submit("someone else's run", running, total_steps=10)
+    while not app.engine.current or not any(isinstance(e, Progress) for e in app.engine.current.history):
+        time.sleep(0.05)
+    following = app.start_training("demo", "<wait>", "toy", "Quick", [], _Request("visitor-a"), steps=20)
+    shown = next(following)
+    progress = shown[app.components["progress"]]
+    release.set()
+    following.close()
+    assert "1 job(s) ahead of yours" in progress and "Expected wait: about" in progress, progress

@@ -80,6 +80,9 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
+        if self.shared:  # one visitor's job cannot hold the queue for ever
+            self.engine.time_limit_s = float(os.environ.get("TINV_GUI_MAX_JOB_MINUTES", "60")) * 60
+        self.followers: dict[str, int] = {}  # job id -> pages following it now
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
         # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
         self.returning: OrderedDict[str, str] = OrderedDict()

@@ -3,7 +3,9 @@ previews, log), stop it, and offer its files for download."""
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +24,10 @@ from .tab_dataset import table_rows
 from .tab_method import settings_from_form
 from .workspace import Workspace
 
+# A shared server's limits (README, Spaces): steps a run may ask for, and how long a visitor may
+# be away from a running job of theirs before it is stopped (a reload within it rejoins the job).
+MAX_STEPS = int(os.environ.get("TINV_GUI_MAX_STEPS", "3000"))
+LEFT_GRACE_S = float(os.environ.get("TINV_GUI_LEFT_GRACE_SECONDS", "120"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -60,6 +66,9 @@ class TrainTab:
             options = {**options, "resume": str(resume.resolve())}
         try:
             validate_token(token, self.engine.store.tokenizer(model))
+            steps = TrainSettings(images=str(ws.pictures), token=token.strip(), method=method, model=model, **settings_from_form(method, options)).resolved().total_steps
+            if self.shared and steps > MAX_STEPS:
+                raise SettingsError("steps", f"this shared server trains at most {MAX_STEPS} steps a run (this run asks for {steps}); ask for fewer")
             settings = TrainSettings(
                 images=str(ws.pictures),
                 token=token.strip(),
@@ -78,14 +87,22 @@ class TrainTab:
 
     def _follow(self, ws: Workspace, job: Job):
         """Yield the Train tab's state whenever the job has news, until it ends."""
+        self.followers[job.id] = self.followers.get(job.id, 0) + 1
         try:
             yield from self._follow_events(ws, job)
         finally:
+            self.followers[job.id] -= 1
             if ZERO_GPU and not job.done:  # the visitor left: end the job while the GPU is still ours
                 job.cancel()
                 deadline = time.monotonic() + 120
                 while not job.done and time.monotonic() < deadline:
                     time.sleep(POLL_S)
+            elif self.shared and not job.done:  # the visitor left: stop their job unless they come back soon
+                threading.Timer(LEFT_GRACE_S, self._stop_if_unfollowed, (job,)).start()
+
+    def _stop_if_unfollowed(self, job: Job) -> None:
+        if not job.done and not self.followers.get(job.id):
+            job.cancel()
 
     def _follow_events(self, ws: Workspace, job: Job):
         seen = -1
@@ -96,7 +113,7 @@ class TrainTab:
             ended = bool(history) and isinstance(history[-1], TERMINAL_EVENTS)
             if len(history) != seen or ended:
                 seen = len(history)
-                view = RunView.from_events(history, self.engine.position(job))
+                view = RunView.from_events(history, self.engine.position(job), self.engine.expected_wait(job))
                 yield self._train_outputs(ws, view)
             if ended:
                 if view.progress:
@@ -171,6 +188,9 @@ class TrainTab:
 
     def wire_train_tab(self, c: dict) -> None:
         train_outputs = self.train_outputs()
+        # The engine runs one job at a time and tells each visitor their place in its queue, which
+        # the page shows; Gradio's own queue would hide that (its position sits in the hidden
+        # progress element), so training waits there only on ZeroGPU, where the GPU call must.
         c["start"].click(
             on_gpu(self.start_training, duration=training_duration, outputs=train_outputs),
             [c["model"], c["token"], c["init"], c["preset"], c["captions"]],
@@ -178,8 +198,8 @@ class TrainTab:
             inputs_kwargs=c["options"],
             api_name="train",
             show_progress="hidden",  # the page draws its own progress bar
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            concurrency_id="gpu" if ZERO_GPU else "train",
+            concurrency_limit=1 if ZERO_GPU else None,
         )
         c["stop"].click(self.stop_training, None, c["stop_status"], api_name="stop", queue=False)
         c["try_it"].click(self.try_in_playground, None, [c["tabs"], c["embedding"], c["prompt"]], api_name=False)
