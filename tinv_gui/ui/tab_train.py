@@ -99,7 +99,9 @@ class TrainTab:
                 while not job.done and time.monotonic() < deadline:
                     time.sleep(POLL_S)
             elif self.shared and not job.done:  # the visitor left: stop their job unless they come back soon
-                threading.Timer(LEFT_GRACE_S, self._stop_if_unfollowed, (job,)).start()
+                timer = threading.Timer(LEFT_GRACE_S, self._stop_if_unfollowed, (job,))
+                timer.daemon = True  # never holds the server's exit
+                timer.start()
 
     def _stop_if_unfollowed(self, job: Job) -> None:
         if not job.done and not self.followers.get(job.id):
