@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_client.utils import Status
 
 from tinv_gui.embeddings import load_embedding
 from tinv_gui.formats import EmbeddingFile, read_embedding, write_embedding
@@ -118,15 +117,16 @@ def test_two_visitors_never_see_each_others_files(app_server):
     bob_gallery, _, bob_status, _ = bob.predict([handle_file(str(EXAMPLES[0]))], api_name="/add_pictures")
     assert len(bob_gallery) == 1 and "1 picture(s) ready" in bob_status
 
-    # Alice trains a long run; Bob's training waits in the queue (one training at a time).
+    # Alice trains a long run; Bob's training waits in the queue (one training at a time), and
+    # his page says so, with his place in it.
     alice_job = _train(alice, steps=100_000, token="<alice-secret>")
     _wait_until_training(alice_job)
+    assert "Nothing is training" in bob.predict(api_name="/stop")  # Bob cannot stop Alice's run
     bob_job = _train(bob, steps=5, token="<bob-thing>")
     deadline = time.monotonic() + 60
-    while bob_job.status().code != Status.IN_QUEUE:
-        assert time.monotonic() < deadline, bob_job.status()
+    while not any("1 job(s) ahead of yours" in update[0] for update in bob_job.outputs()):
+        assert time.monotonic() < deadline and not bob_job.done(), bob_job.outputs()[-1:]
         time.sleep(0.2)
-    assert "Nothing is training" in bob.predict(api_name="/stop")  # Bob cannot stop Alice's run
     assert not alice_job.done()
     alice.predict(api_name="/stop")
     alice_final, bob_final = alice_job.result(), bob_job.result()
