@@ -40,7 +40,7 @@ def browser_page():
 
 
 def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_path):
-    from tinv_gui.embeddings import load_embedding
+    from tinv_gui.formats import read_embedding
 
     url, _ = app_server
     shots = Path(os.environ.get("TINV_GUI_SCREENSHOTS") or tempfile.mkdtemp(prefix="tinv-gui-screens-"))
@@ -84,7 +84,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
         page.locator("#downloads a[data-testid=download-link]").first.click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
-    assert saved.name == "learned_embeds.safetensors" and load_embedding(saved)[0] == "<toy-robot>"
+    assert saved.name == "learned_embeds.safetensors" and read_embedding(saved).token == "<toy-robot>"
 
     page.get_by_role("button", name="Try it in the Playground").click()
     assert page.locator("#playground-prompt").get_by_role("textbox").input_value() == "a photo of <toy-robot>"

@@ -10,7 +10,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
-from tinv_gui.embeddings import load_embedding
+from tinv_gui.formats import read_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
 
@@ -72,7 +72,8 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     downloads = {Path(p).name: p for p in final[4]}  # every format, each said what it is for
     assert set(downloads) == {"learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot-kohya.safetensors"}
     for path in downloads.values():
-        token, vectors = load_embedding(path)
+        read = read_embedding(path)
+        token, vectors = read.token, read.vectors
         assert token in ("<toy-robot>", "toy-robot", "toy-robot-kohya") and tuple(vectors.shape) == (1, 64)
     assert "kohya" in final[5] and "AUTOMATIC1111" in final[5]
 
@@ -104,7 +105,7 @@ def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
     assert "Stopping" in client.predict(api_name="/stop")
     final = job.result()
     assert final[0].startswith('<div class="tinv-progress">') and "Stopped: step" in final[0]
-    assert load_embedding(final[4][0])[0] == "<stopped>"  # the diffusers file comes first
+    assert read_embedding(final[4][0]).token == "<stopped>"  # the diffusers file comes first
 
 
 def test_two_visitors_never_see_each_others_files(app_server):

@@ -16,7 +16,8 @@ from PIL import Image
 
 from tinv_gui import files
 from tinv_gui.data import ImageError, open_image
-from tinv_gui.embeddings import load_embedding, save_embedding
+from tinv_gui.embeddings import save_embedding
+from tinv_gui.formats import read_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Reporter
 from tinv_gui.training import LoopSettings, TrainingDiverged, optimize
@@ -92,7 +93,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "save_file", broken_save)
     with pytest.raises(OSError):
         save_embedding(path, "<t>", torch.randn(1, 8))
-    assert torch.equal(load_embedding(path)[1], good)
+    assert torch.equal(read_embedding(path).vectors, good)
     assert [p.name for p in tmp_path.iterdir()] == ["learned_embeds.safetensors"]
 
 
@@ -114,7 +115,8 @@ def test_interrupting_the_cli_saves_the_embedding(picture_dir, tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "stopped early" in stderr
-    token, vectors = load_embedding(out / "learned_embeds.safetensors")
+    read = read_embedding(out / "learned_embeds.safetensors")
+    token, vectors = read.token, read.vectors
     assert token == "<int>" and torch.isfinite(vectors).all()
 
 

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "optimize-prompt":
         return _run_job(lambda engine: engine.optimize_prompt(prompt_settings_from_args(args)), args.log_jsonl)
     if args.command == "generate":
-        return _generate(args)
+        return _run_job(lambda engine: engine.generate(generate_settings_from_args(args)))
     return 2
 
 
@@ -355,36 +355,20 @@ def prompt_settings_from_args(args):
     )
 
 
-def _generate(args) -> int:
-    from .device import choose_placement
-    from .engine import explain_failure
-    from .generate import generate, parse_size
-    from .models import ModelStore
+def generate_settings_from_args(args):
+    from .generate import GenerateSettings, parse_size
 
-    if (args.prompt is None) == (args.prompt_embeds is None):
-        print("error: give --prompt or --prompt-embeds (one of them)", file=sys.stderr)
-        return 2
-    try:
-        size = parse_size(args.size) if args.size else None  # before the slow load
-        placement = choose_placement(args.device, args.precision)
-        pipe = ModelStore().pipeline(args.model, placement)
-        images = generate(
-            pipe,
-            prompt=args.prompt,
-            negative=args.negative,
-            embeddings=args.embedding,
-            prompt_embeds=args.prompt_embeds,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            size=size,
-            placement=placement,
-        )
-    except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
-        print(f"error: {explain_failure(error)}", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(output)
-    print(f"image: {output}")
-    return 0
+    return GenerateSettings(
+        model=args.model,
+        output=args.output,
+        prompt=args.prompt,
+        prompt_embeds=args.prompt_embeds,
+        negative=args.negative,
+        embeddings=args.embedding,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        size=parse_size(args.size) if args.size else None,
+        device=args.device,
+        precision=args.precision,
+    )

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_save_safetensors
 
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
@@ -157,30 +156,15 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 def save_embedding(
     path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None, widths: tuple[int, ...] | None = None
 ) -> Path:
-    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. With
-    two text encoder `widths` (SDXL), `vectors` holds both parts side by side and is saved in
-    SDXL's layout {"clip_l": [n, 768], "clip_g": [n, 1280]}, the token in the metadata."""
-    meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
-    meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    if widths is not None and len(widths) == 2:
-        clip_l, clip_g = split_columns(vectors, widths)
-        meta["dim"] = f"{widths[0]}+{widths[1]}"
-        return atomic_save_safetensors({"clip_l": clip_l, "clip_g": clip_g}, path, meta)
-    return atomic_save_safetensors({token: vectors}, path, meta)
+    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically
+    (formats.write_embedding). With two text encoder `widths` (SDXL), `vectors` holds both parts
+    side by side and is saved in SDXL's layout {"clip_l": [n, 768], "clip_g": [n, 1280]}, the
+    token in the metadata."""
+    from .formats import EmbeddingFile, write_embedding
 
-
-def load_embedding(path: str | Path, width: int | None = None) -> tuple[str, torch.Tensor]:
-    """Read an SD 1.x/2.x embedding file of any layout (diffusers, A1111, kohya; see formats.py):
-    (token, tensor[n, dim]). With `width`, a file made for another text width is refused with a
-    message naming both widths."""
-    from .formats import EmbeddingFormatError, check_fits, read_embedding
-
-    embedding = read_embedding(path)
-    if width is not None:
-        check_fits(embedding, width, Path(path).name)
-    if embedding.is_sdxl:
-        raise EmbeddingFormatError(f"{Path(path).name} is an SDXL embedding ({embedding.describe_width()}); SD 1.x/2.x models cannot use it")
-    return embedding.token, embedding.vectors
+    parts = split_columns(vectors, widths) if widths is not None and len(widths) == 2 else [vectors]
+    meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
+    return write_embedding(EmbeddingFile(token, *parts, metadata=meta), path, "diffusers")
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

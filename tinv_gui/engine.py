@@ -159,12 +159,14 @@ class Engine:
                 return 0
             return self._waiting.index(job) + (1 if self.current is not None else 0)
 
-    def train(self, settings) -> Job:
-        """Queue a training job. Settings are checked now, so bad values fail before queueing."""
-        from .jobs import describe, run_training
+    def train(self, settings, export: bool = False) -> Job:
+        """Queue a training job. Settings are checked now, so bad values fail before queueing.
+        With `export`, the job also writes the embedding for every other tool when it ends."""
+        from .jobs import describe, run_training, run_training_and_export
 
         resolved = settings.resolved()
-        return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+        run = run_training_and_export if export else run_training
+        return self.submit(describe(resolved), lambda reporter: run(resolved, self.store, reporter), resolved.total_steps)
 
     def evaluate(self, settings) -> Job:
         """Queue an evaluation job (tinv_gui.evaluate.EvalSettings); checked before queueing."""

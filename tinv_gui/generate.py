@@ -84,9 +84,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+        raise SettingsError("size", f"{text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
     if width < 8 or height < 8 or width % 8 or height % 8:
-        raise ValueError(f"size {text!r}: width and height must be multiples of 8, at least 8")
+        raise SettingsError("size", f"{text!r}: width and height must be multiples of 8, at least 8")
     return width, height
 
 

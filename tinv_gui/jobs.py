@@ -64,6 +64,45 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     raise ValueError(f"unknown method {settings.method!r}")
 
 
+# The other tools' files offered beside a run's embedding, in the order the page lists them.
+EXPORTS = ("a1111-pt", "a1111-safetensors", "diffusers-bin", "kohya")
+
+
+def run_training_and_export(settings: TrainSettings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
+    """run_training, then the embedding written once for every other tool (export_for_other_tools).
+    A run that fails or is stopped has the embedding it kept exported too."""
+    try:
+        outputs = run_training(settings, store, reporter)
+    except BaseException:
+        kept = reporter.outputs.get("embedding")
+        if kept:
+            try:
+                reporter.outputs.update(export_for_other_tools(kept))
+            except Exception as error:  # noqa: BLE001 - the training's own error is the one to report
+                reporter.log(f"the kept embedding could not be exported for other tools: {error}")
+        raise
+    if outputs.get("embedding"):
+        outputs.update(export_for_other_tools(outputs["embedding"]))
+    return outputs
+
+
+def export_for_other_tools(embedding: str) -> dict[str, str]:
+    """The embedding in every format of EXPORTS (formats.export_all, in an `export` folder beside
+    it): {format: path}. Files that would share a name in one download list (A1111's and kohya's
+    .safetensors) get the format in theirs."""
+    from .formats import export_all
+
+    written = export_all(embedding)
+    names, out = {Path(embedding).name}, {}
+    for fmt in EXPORTS:
+        path = Path(written[fmt])
+        if path.name in names:
+            path = path.replace(path.with_name(f"{path.stem}-{fmt}{path.suffix}"))
+        names.add(path.name)
+        out[fmt] = str(path)
+    return out
+
+
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
     """This process's pictures; with several processes, says which ones and the effective batch."""
     if not process.distributed:

@@ -216,10 +216,6 @@ class ModelStore:
         except Exception as error:  # noqa: BLE001
             raise _explain(source, "the text encoder config", error) from error
 
-    def text_width(self, model: str) -> int:
-        """Width of the pipeline's (first) text encoder (768 for SD 1.x and SDXL, 1024 for SD 2.x)."""
-        return self.text_widths(model)[0]
-
     def pipeline(self, model: str, placement: Placement | None = None):
         """A diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) on `placement`'s device
         (default: the automatic choice), loaded once."""

@@ -13,8 +13,8 @@ import gradio as gr
 from ..demo_model import SDXL_DEMO_NAME
 from ..device import PRECISIONS, choose_placement
 from ..models import DEFAULT_MODEL
+from ..presets import available_presets, preset_by_label
 from ..settings import METHOD_DEFAULTS, SCHEDULES, STYLES, SettingsError, TrainSettings
-from . import hooks
 from .progress import format_seconds
 
 DEMO_MODEL = "demo"
@@ -114,7 +114,7 @@ class MethodTab:
 
     def method_help(self, label: str) -> str:
         """What the chosen preset does, when to pick it, and how long it should take here."""
-        preset = hooks.preset_by_label(label)
+        preset = preset_by_label(label)
         steps = METHOD_DEFAULTS[preset.method].get("steps") or 0
         placement = choose_placement()
         measured = self.speeds.get(preset.method)
@@ -127,12 +127,12 @@ class MethodTab:
 
     def preset_changed(self, label: str):
         """Show the preset's explanation and fill the Advanced options with its method's defaults."""
-        defaults = METHOD_DEFAULTS[hooks.preset_by_label(label).method]
+        defaults = METHOD_DEFAULTS[preset_by_label(label).method]
         updates = [gr.update(value=defaults[f.name]) if f.name in defaults else gr.update() for f in option_fields()]
         return (self.method_help(label), *updates)
 
     def build_method_tab(self, c: dict) -> None:
-        presets = hooks.available_presets()
+        presets = available_presets()
         default_model = DEFAULT_MODEL if self.hub_ok else DEMO_MODEL
         with gr.Tab("2. Method", id="method"):
             gr.Markdown("Choose how to learn the word. You can change every detail under *Advanced*.")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..device import choose_placement
-from ..events import TERMINAL_EVENTS
+from ..embeddings import read_metadata
 from ..formats import read_embedding
+from ..generate import SAMPLERS, GenerateSettings
 from ..settings import SettingsError
 from ..training import EMBEDDING_FILE
-from . import dataset, hooks
+from . import dataset
 from .gpu import on_gpu
 from .progress import POLL_S, RunView
 from .workspace import Workspace, sanitize_filename, unique_path
@@ -32,11 +32,8 @@ EVAL_PICTURES = 4  # per side when measuring: each is a full generation, so keep
 
 def _embedding_label(ws: Workspace, path: Path) -> str:
     """How an embedding is listed in the Playground: its token, where it came from, how it was made."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        meta = read_metadata(path)
     except Exception:  # noqa: BLE001 - a broken file still gets listed, by name
         meta = {}
     if path.parent.parent == ws.runs:
@@ -107,31 +104,22 @@ class PlaygroundTab:
         token = read_embedding(path).token if path else None
         note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and token not in prompt else ""
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S"))
-        runs = [("with", path)] + ([("without", None)] if compare and path else [])
-        options = dict(
-            negative=(negative or "").strip() or None, steps=int(steps), guidance=float(guidance), seed=int(seed),
-            size=SIZES.get(size), count=int(count), placement=choose_placement(),
+        settings = GenerateSettings(
+            model=model, output=str(out / "picture.png"), prompt=prompt, negative=(negative or "").strip() or None,
+            embeddings=[str(path)] if path else [], strength=float(strength), sampler=sampler, steps=int(steps),
+            guidance=float(guidance), seed=int(seed), size=SIZES.get(size), count=int(count), compare=bool(compare),
         )
-
-        def work(reporter):
-            pipe = self.engine.store.pipeline(model)
-            saved = {}
-            out.mkdir(parents=True)
-            for name, file in runs:
-                pictures = hooks.generate_images(pipe, prompt, sampler, embedding=file, strength=float(strength), **options)
-                for i, picture in enumerate(pictures):
-                    saved[f"{name}-{i}"] = str(out / f"{name}-{i}.png")
-                    picture.save(saved[f"{name}-{i}"])
-            return saved
-
-        final = self.engine.submit(f"generate {prompt!r} on {model}", work).wait()
-        if not isinstance(final, TERMINAL_EVENTS) or final.kind == "failed":
-            raise gr.Error(getattr(final, "message", "generation failed"))
+        try:
+            final = self.engine.generate(settings).wait()
+        except (SettingsError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        if final.kind == "failed":
+            raise gr.Error(final.message)
 
         def pictures(name: str) -> list[Path] | None:
-            return [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
+            return [ws.inside(p) for k, p in final.outputs.items() if k.split("-")[0] == name] or None
 
-        return pictures("with"), pictures("without"), note or f"Seed {int(seed)}."
+        return pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
@@ -209,7 +197,7 @@ class PlaygroundTab:
                         c["seed"] = gr.Number(0, label="Seed", precision=0, info="Same seed, same picture.")
                         c["count"] = gr.Slider(1, 4, 1, step=1, label="Pictures")
                     with gr.Row():
-                        c["sampler"] = gr.Dropdown(list(hooks.SAMPLERS), value="Model default", label="Sampler")
+                        c["sampler"] = gr.Dropdown(list(SAMPLERS), value="Model default", label="Sampler")
                         c["size"] = gr.Dropdown(list(SIZES), value="Model default", label="Size")
                     c["strength"] = gr.Slider(
                         0, 2, 1, step=0.05, label="Strength", info="Scales the learned vectors: below 1 weaker, above 1 stronger."

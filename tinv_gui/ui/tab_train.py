@@ -13,9 +13,12 @@ from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
+from ..formats import FORMATS
+from ..jobs import EXPORTS
 from ..models import ModelLoadError
+from ..presets import preset_by_label
 from ..settings import METHOD_DEFAULTS, SettingsError, TrainSettings
-from . import dataset, hooks
+from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .progress import POLL_S, RunView, loss_colours
 from .tab_dataset import table_rows
@@ -28,7 +31,7 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
     """Seconds of GPU to ask ZeroGPU for one training: the preset's steps at its rough GPU speed,
     plus loading, within ZeroGPU's limits. A run cut short there keeps its last saved embedding."""
-    chosen = hooks.preset_by_label(preset)
+    chosen = preset_by_label(preset)
     steps = int(options.get("steps") or METHOD_DEFAULTS[chosen.method].get("steps") or 0)
     return int(min(max(120 + 1.5 * steps * chosen.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
 
@@ -52,7 +55,7 @@ class TrainTab:
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
         dataset.save_captions(ws, table_rows(captions))
-        method = hooks.preset_by_label(preset).method
+        method = preset_by_label(preset).method
         if (options.get("resume") or "").strip():  # only the visitor's own files, named as the Playground lists them
             resume = ws.root / options["resume"].strip()
             if not ws.contains(resume) or not resume.is_file():
@@ -69,7 +72,7 @@ class TrainTab:
                 init=(init or "").strip() or None,
                 **settings_from_form(method, options),
             )
-            job = self.engine.train(settings)
+            job = self.engine.train(settings, export=True)  # the downloads, written once when it ends
         except (TokenError, SettingsError, ModelLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         self.jobs[ws.key] = job
@@ -105,10 +108,20 @@ class TrainTab:
                 return
             time.sleep(POLL_S)
 
+    @staticmethod
+    def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
+        """A finished run's files to download, each with the tools it is for: the embedding, then
+        the copies the job exported for other tools (jobs.export_for_other_tools)."""
+        files = [(ws.inside(outputs["embedding"]), FORMATS["diffusers"])]
+        for fmt in EXPORTS:
+            if fmt in outputs:
+                files.append((ws.inside(outputs[fmt]), FORMATS.get(fmt, "diffusers' older .bin layout")))
+        return files
+
     def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
         c = self.components
         embedding = view.outputs.get("embedding")
-        files = hooks.export_formats(ws.inside(embedding)) if view.done and embedding else []
+        files = self.download_files(ws, view.outputs) if view.done and embedding else []
         legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
         return {
             c["progress"]: view.progress_html(),
