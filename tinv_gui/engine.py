@@ -1,7 +1,7 @@
 """The engine: runs jobs one at a time on a background thread and streams their events.
 
-Everything that drives training (the CLI, the app, the tests) submits a job and reads its
-events; nothing here knows about Gradio or terminals.
+Everything that drives training, evaluation, prompt search or generation (the CLI, the app,
+the tests) submits a job and reads its events; nothing here knows about Gradio or terminals.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from .data import load_dataset
 from .device import Placement, choose_placement
 from .events import Reporter
 from .formats import check_fits, read_embedding
+from .files import atomic_save_image
 from .generate import generate
 from .models import ClipBundle, ModelStore, pipeline_text_widths
 from .settings import SettingsError
@@ -153,7 +154,6 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
 
 
 def _save_pictures(folder: Path, with_token: list[Image.Image], baseline: list[Image.Image]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for kind, images in (("token", with_token), ("baseline", baseline)):
         for i, image in enumerate(images):
-            image.save(folder / f"{kind}-{i:02d}.png")
+            atomic_save_image(image, folder / f"{kind}-{i:02d}.png")

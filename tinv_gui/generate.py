@@ -1,9 +1,10 @@
 """Generate pictures from what tinv-gui learned: embedding files (new tokens) and/or saved
 prompt embeddings, through a diffusers pipeline from the ModelStore.
 
-`generate` is the one function that draws: the CLI's `generate`, the Playground, the previews'
-siblings in evaluation all call it. `GenerateSettings` is what a generation job (jobs.py,
-Engine.generate) is asked to draw and where to save it.
+`generate` is the one function that draws from embedding files or saved prompts: the CLI's
+`generate`, the Playground and evaluation all call it (training previews draw from the vectors
+being trained, in textual_inversion.render_preview). `GenerateSettings` is what a generation
+job (jobs.run_generation, Engine.generate) is asked to draw and where to save it.
 """
 
 from __future__ import annotations

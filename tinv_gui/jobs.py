@@ -1,5 +1,6 @@
-"""Jobs: what runs on the engine's thread. A job loads what it needs (through the ModelStore,
-so models stay warm), prepares the data, calls a method, and returns its output files."""
+"""Jobs: what runs on the engine's thread (training, with or without the exports for other
+tools; evaluation; prompt search; generation). A job loads what it needs (through the
+ModelStore, so models stay warm), prepares the data, calls a method, and returns its output files."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, trainin
 from ..device import Placement, release_freed_memory
 from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
 from ..events import Preview, Reporter
+from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
 from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
@@ -211,9 +212,7 @@ def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size
     extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
     generator = torch.Generator(placement.device).manual_seed(seed)
     image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return atomic_save_image(image, path)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from ..files import atomic_write_text
 from .workspace import Workspace, sanitize_filename, unique_path
 
 # Smaller than this a picture is refused; smaller than SOFT_SIDE it is kept with a warning.
@@ -61,7 +62,7 @@ def _refuse(ws: Workspace, source: Path, name: str, problem: str) -> Picture:
     source.replace(target)
     problems = _problems(ws)
     problems[target.name] = problem
-    (ws.rejected / PROBLEMS_FILE).write_text(json.dumps(problems, indent=1))
+    atomic_write_text(ws.rejected / PROBLEMS_FILE, json.dumps(problems, indent=1))
     return Picture(target.name, target, problem=problem)
 
 
@@ -197,7 +198,7 @@ def save_captions(ws: Workspace, rows) -> int:
         caption = str(row[1] or "").strip()
         sidecar = picture.with_suffix(".txt")
         if caption:
-            sidecar.write_text(caption + "\n", encoding="utf-8")
+            atomic_write_text(sidecar, caption + "\n")
             saved += 1
         else:
             sidecar.unlink(missing_ok=True)
