@@ -85,3 +85,17 @@ def test_cli_generate_with_an_embedding(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(output).size == (64, 64)
+    assert f"image: {output}" in done.stdout  # the engine job's outputs, as every command lists them
+
+
+def test_cli_generate_refuses_bad_requests_before_loading_a_model(tmp_path, capsys):
+    from tinv_gui import cli
+
+    common = ["generate", "--model", "demo", "--steps", "1"]
+    assert cli.main([*common, "--prompt", "x", "--size", "512", "--output", str(tmp_path / "p.png")]) == 2
+    assert "error: size: '512' is not WIDTHxHEIGHT" in capsys.readouterr().err
+    assert cli.main([*common, "--prompt", "x", "--output", str(tmp_path / "p.jpg")]) == 2
+    assert "error: output: the pictures are PNG files" in capsys.readouterr().err
+    assert cli.main([*common, "--output", str(tmp_path / "p.png")]) == 2
+    assert "error: prompt: give a prompt or a prompt_embeds file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
