@@ -31,6 +31,8 @@ def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path
 
     from safetensors.torch import load_file
 
+    from tinv_gui.embeddings import unload_from_pipeline
+
     vector = load_file(str(saved))["<cli-toy>"]
     pipe = store.pipeline("demo")
     pipe.load_textual_inversion(str(saved))
@@ -38,7 +40,7 @@ def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path
         token_id = pipe.tokenizer.convert_tokens_to_ids("<cli-toy>")
         assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vector[0])
     finally:
-        pipe.unload_textual_inversion()
+        unload_from_pipeline(pipe, ["<cli-toy>"])
 
 
 def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path):

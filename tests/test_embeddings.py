@@ -1,5 +1,6 @@
 """New tokens: validation, initialization, only-new-vectors training, saving."""
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -14,7 +15,6 @@ from tinv_gui.embeddings import (
     validate_token,
 )
 from tinv_gui.formats import read_embedding
-import pytest
 
 
 @pytest.fixture(scope="module")

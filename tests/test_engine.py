@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from tinv_gui.formats import read_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Progress, Started
+from tinv_gui.formats import read_embedding
 from tinv_gui.settings import SettingsError, TrainSettings
 
 

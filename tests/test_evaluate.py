@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from PIL import Image
 
 from tinv_gui.clip_space import image_features
 from tinv_gui.data import load_dataset
@@ -41,12 +43,22 @@ def test_evaluation_job_reports_figures_and_leaves_the_cached_pipeline_clean(tmp
     pipe = store.pipeline("demo", placement)
     table_before = pipe.text_encoder.get_input_embeddings().weight.clone()
     embedding = save_embedding(tmp_path / "e.safetensors", "<my-cat>", torch.randn(2, 64) * 0.02, {"init": "cat"})
-    settings = EvalSettings(model="demo", embedding=str(embedding), images=str(picture_dir), prompt="a photo of <my-cat>", n=1, steps=2, device="cpu", precision="fp32")
+    saved = tmp_path / "drawn"
+    settings = EvalSettings(model="demo", embedding=str(embedding), images=str(picture_dir), prompt="a photo of <my-cat>", n=1, steps=2,
+                            device="cpu", precision="fp32", save_images=str(saved))
     engine = Engine(store)
     event = engine.evaluate(settings).wait()
     assert isinstance(event, Finished), getattr(event, "message", event)
     assert set(event.metrics) == set(FIGURES)
-    assert all(-1 <= v <= 1 for v in event.metrics.values())
+    # The figures are those of the pictures it drew: scored again from the saved files, against the
+    # training pictures and the prompt without its token.
+    clip = store.clip("demo", placement=placement)
+    reference = image_features(clip, [p.image for p in load_dataset(picture_dir, size=clip.image_size)], crops=1)
+    for kind, prefix in (("token", ""), ("baseline", "baseline_")):
+        drawn = [Image.open(path).convert("RGB") for path in sorted(saved.glob(f"{kind}-*.png"))]
+        image_similarity, text_similarity = clip_similarities(clip, drawn, reference, "a photo of")
+        assert event.metrics[f"{prefix}clip_image_similarity"] == pytest.approx(image_similarity, abs=1e-5)
+        assert event.metrics[f"{prefix}clip_text_similarity"] == pytest.approx(text_similarity, abs=1e-5)
     assert store.pipeline("demo", placement) is pipe  # reused, and as it was
     assert len(pipe.tokenizer) == 49408
     table = pipe.text_encoder.get_input_embeddings().weight

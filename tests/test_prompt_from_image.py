@@ -13,6 +13,7 @@ from conftest import make_picture
 from safetensors.torch import load_file
 
 from tinv_gui.clip_space import image_features
+from tinv_gui.device import choose_placement
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Progress, Reporter
 from tinv_gui.methods.prompt_from_image import optimize_prompt, readable_token_ids, text_features
@@ -144,15 +145,21 @@ def _cli(*args, cwd):
     return done
 
 
-def test_cli_continuous_prompt_then_generate(tmp_path, picture):
+def test_cli_continuous_prompt_then_generate(tmp_path, picture, store):
     picture.save(tmp_path / "p.png")
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
     _cli("optimize-prompt", "--model", "demo", "--image", str(tmp_path / "p.png"), "--prompt", "a photo",
-         "--steps", "4", "--output", str(out), "--log-jsonl", str(log), cwd=tmp_path)
+         "--steps", "4", "--output", str(out), "--log-jsonl", str(log), "--device", "cpu", "--precision", "fp32", cwd=tmp_path)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert all({"loss", "elapsed_s"} <= set(line) for line in lines)
-    assert json.loads((out / "result.json").read_text())["metrics"]["clip_similarity"] > 0
+    # The similarity it reports is the one the saved prompt gets (the demo's text encoder is its CLIP's text tower).
+    result = json.loads((out / "result.json").read_text())
+    clip = store.clip("demo", placement=choose_placement("cpu", "fp32"))
+    saved = load_file(str(out / "prompt_embeds.safetensors"))
+    pooled = clip.model.text_projection(saved["prompt_embeds"][0, result["length"] + 1])
+    target = image_features(clip, [picture], 1)[0]
+    assert float(F.normalize(pooled, dim=-1) @ target) == pytest.approx(result["metrics"]["clip_similarity"], abs=1e-4)
     _cli("generate", "--model", "demo", "--prompt-embeds", str(out / "prompt_embeds.safetensors"), "--steps", "2",
          "--size", "64x48", "--output", str(tmp_path / "image.png"), cwd=tmp_path)
     from PIL import Image

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from tinv_gui.device import choose_placement
 from tinv_gui.embeddings import extended_vocabulary, load_into_pipeline, read_metadata
-from tinv_gui.formats import read_embedding
 from tinv_gui.events import Log, Preview, Progress, Reporter
+from tinv_gui.formats import read_embedding
 from tinv_gui.jobs import run_training
 from tinv_gui.settings import SettingsError, TrainSettings
 from tinv_gui.training import optimizer_state_path
@@ -198,7 +198,11 @@ def test_vae_encodes_each_picture_and_mirror_once_and_models_stay_frozen(store, 
 
 def test_recomputing_activations_gives_the_same_gradient(store, picture_dir):
     from tinv_gui.data import load_dataset
-    from tinv_gui.methods.textual_inversion import DiffusionLoss, activation_recomputation, encode_latents
+    from tinv_gui.methods.textual_inversion import (
+        DiffusionLoss,
+        activation_recomputation,
+        encode_latents,
+    )
 
     placement = choose_placement("auto", "auto")
     pipe = store.pipeline("demo", placement)

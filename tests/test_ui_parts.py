@@ -9,17 +9,17 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import make_picture
 from PIL import Image
 
-from conftest import make_picture
 from tinv_gui.events import Failed, Finished, Log, Progress, Started
-from tinv_gui.settings import TrainSettings
 from tinv_gui.generate import generate
 from tinv_gui.presets import available_presets
+from tinv_gui.settings import TrainSettings
 from tinv_gui.ui import dataset
 from tinv_gui.ui.app import hub_status
-from tinv_gui.ui.tab_method import NOT_OPTIONS, option_fields, settings_from_form
 from tinv_gui.ui.progress import RunView, loss_colours, loss_frame
+from tinv_gui.ui.tab_method import NOT_OPTIONS, option_fields, settings_from_form
 from tinv_gui.ui.workspace import Workspaces, sanitize_filename
 
 

@@ -13,6 +13,7 @@ size and crop numbers), each equal to the text tower of a CLIP model shipped bes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -241,22 +242,40 @@ def demo_model_dir(name: str = "demo") -> Path:
 
 def _cached(folder: str, write, marks: tuple[str, ...]) -> Path:
     """`cache_home()/folder`, written by `write(staging_dir)` unless its `marks` files exist.
-    Concurrent first uses are safe: each builds aside and renames into place."""
+    Concurrent first uses (the processes of a multi-process run) are safe: one process builds it
+    under a lock file while the others wait, and it is built aside and renamed into place, so a
+    folder with its marks is always whole."""
     target = cache_home() / folder
     if all((target / mark).exists() for mark in marks):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(staging)
+    with _exclusive(target.parent / f".{folder}.lock"):
+        if all((target / mark).exists() for mark in marks):
+            return target  # built by another process while this one waited
+        shutil.rmtree(target, ignore_errors=True)  # a half-built folder from a crash (not ours to trust)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
+            write(staging)
             os.rename(staging, target)
-        except OSError:
-            if not all((target / mark).exists() for mark in marks):
-                raise  # someone else's half-built folder is not ours to trust
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive lock on `lock_path` (POSIX flock; elsewhere no lock: the rename still keeps folders whole)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 DEMO_CAPTIONER = "demo"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
 

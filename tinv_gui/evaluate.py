@@ -24,8 +24,8 @@ from .clip_space import image_features, pooled_text_features
 from .data import load_dataset
 from .device import Placement, choose_placement
 from .events import Reporter
-from .formats import check_fits, read_embedding
 from .files import atomic_save_image
+from .formats import check_fits, read_embedding
 from .generate import generate
 from .models import ClipBundle, ModelStore, pipeline_text_widths
 from .settings import SettingsError

@@ -31,15 +31,34 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import ImageOps
 
-from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
+from ..data import (
+    TEMPLATES,
+    TrainImage,
+    fill_template,
+    sample_indices,
+    training_prompts,
+)
 from ..device import Placement, release_freed_memory
-from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
+from ..embeddings import (
+    encode_with_placeholder,
+    extended_vocabularies,
+    initial_vectors,
+    read_metadata,
+    validate_token,
+)
 from ..events import Preview, Reporter
 from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
 from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
-from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, optimize, optimizer_state_path
+from ..training import (
+    EmbeddingWriter,
+    LoopSettings,
+    load_optimizer_state,
+    make_optimizer,
+    optimize,
+    optimizer_state_path,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -292,12 +311,9 @@ def train_diffusion(
             raise SettingsError(
                 "steps", f"the resumed embedding was saved after {resumed.steps_done} steps; ask for more steps than that to continue"
             )
-        optimizer_state = load_optimizer_state(resumed.optimizer_state_file, vectors)
+        optimizer_state, why_not = load_optimizer_state(resumed.optimizer_state_file, vectors, resumed.steps_done)
         reporter.resume_at(resumed.steps_done)
-        reporter.log(
-            f"Resuming after step {resumed.steps_done}"
-            + ("" if optimizer_state else " (no optimizer state was saved beside it: the optimizer starts afresh)")
-        )
+        reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
     latents = encode_latents(pipe, images, placement, settings.flip)
@@ -325,12 +341,12 @@ def train_diffusion(
             reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
-    optimizer = None
+    optimizer = make_optimizer(vectors, loop, optimizer_state, start_step)
     with extended_vocabularies(text_encoders(pipe), vectors), activation_recomputation(pipe.unet, settings.gradient_checkpointing):
         try:
-            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step=start_step)
-        finally:  # keep the last good vectors, whatever happened
-            writer.save(vectors, reporter.steps_done, optimizer)
+            optimize(vectors, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer)
+        finally:  # keep the last good vectors and their optimizer state, whatever happened
+            writer.save(vectors, reporter.steps_done, optimizer[0])
     return vectors.detach().float().cpu()
 
 

@@ -6,7 +6,6 @@ tab's controls and handlers.
 
 from __future__ import annotations
 
-
 import gradio as gr
 
 from ..demo_model import ASSETS_DIR
