@@ -1,6 +1,7 @@
 """Holds of issue 16: a failed job, a full disk, a kill between two saves, a failed resume, an
 unwritable output, signals. Each test reproduces a case that once went wrong."""
 
+import errno
 import os
 import pty
 import signal
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tinv_gui.embeddings import read_metadata
+from tinv_gui.embeddings import read_metadata, save_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Log
 from tinv_gui.settings import TrainSettings
@@ -211,3 +212,89 @@ def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp
     assert done.returncode == 0, done.stderr
     assert "cannot write the log /dev/full (the disk is full)" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / EMBEDDING_FILE).is_file()
+
+
+def _fill_the_disk(monkeypatch, owner, name: str, error: Exception) -> None:
+    """Make `owner.name(obj, file, ...)` write half a file and fail as that library does on a
+    full disk, with the disk reported full."""
+    import shutil
+
+    def half_then_fail(*args, **kwargs):
+        target = next(a for a in args if isinstance(a, (str, os.PathLike)))
+        with open(target, "wb") as half:
+            half.write(b"half a fi")
+        raise error
+
+    monkeypatch.setattr(owner, name, half_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
+
+
+def test_generate_on_a_full_disk_keeps_the_earlier_picture_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from tinv_gui import cli
+
+    picture = tmp_path / "moon.png"
+    args = ["generate", "--model", "demo", "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--output", str(picture)]
+    assert cli.main(args) == 0
+    good = picture.read_bytes()
+    _fill_the_disk(monkeypatch, Image.Image, "save", OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.main([*args[:-1], str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {picture}" in err and "Traceback" not in err
+    assert picture.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["moon.png"]
+
+
+def test_convert_on_a_full_disk_keeps_the_earlier_file_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from tinv_gui import cli
+
+    source = tmp_path / "learned_embeds.safetensors"
+    save_embedding(source, "<full>", torch.randn(1, 32))
+    target = tmp_path / "full.pt"
+    target.write_bytes(b"an earlier good file")
+    _fill_the_disk(monkeypatch, Path, "write_bytes", OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.main(["convert", str(source), "--format", "a1111-pt", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {target}" in err and "Errno" not in err
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_is_named_whichever_library_was_writing(tmp_path, monkeypatch):
+    from tinv_gui import files
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"an earlier good file")
+    # torch.save says "basic_ios::clear: iostream error" when the disk fills.
+    _fill_the_disk(monkeypatch, files.torch, "save", RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear"))
+    with pytest.raises(OSError) as full:
+        files.atomic_torch_save({"x": torch.zeros(2)}, target)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(target)
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 2: shared mode
+def test_a_shared_server_takes_no_server_path_in_any_model_field(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = TinvApp(workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    existing, missing = str(picture_dir), str(tmp_path / "no-such-folder")
+    for field in ("clip_model", "clip_model_g", "caption_model"):
+        answers = []
+        for path in (existing, missing, "/etc", "../../x/.."):
+            with pytest.raises(gr.Error) as refused:
+                app._submit_training(ws, "demo", "<x>", "", "Quick", [], {field: path})
+            answers.append(str(refused.value).replace(path, "NAME"))
+        assert "Hugging Face Hub" in answers[0]
+        assert len(set(answers)) == 1, answers  # an existing path and a missing one get the same answer
+    from tinv_gui.models import ModelLoadError
+
+    for path in (existing, missing):  # the Playground loads through the same store
+        with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
+            app.engine.store.pipeline(path)

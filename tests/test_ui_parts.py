@@ -236,4 +236,4 @@ def test_a_training_exports_for_other_tools_once_and_drawing_writes_nothing(stor
         shown = app._train_outputs(ws, RunView.from_events(list(job.history)))
     assert files() == written
     names = [Path(p).name for p in shown[app.components["downloads"]]]
-    assert names == ["learned_embeds.safetensors", "x.pt", "x.safetensors", "learned_embeds.bin", "x-kohya.safetensors"]
+    assert names == ["learned_embeds.safetensors", "learned_embeds.bin", "x.pt", "x.safetensors", "x.png", "x-onetrainer.safetensors"]

@@ -79,7 +79,11 @@ def _add_convert(sub) -> None:
     from .formats import FORMATS
 
     p = sub.add_parser("convert", help="rewrite an embedding file for another tool")
-    p.add_argument("input", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors, kohya)")
+    p.add_argument(
+        "input", nargs="+", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors/.png, kohya, OneTrainer, "
+        "a LoRA with an embedding); for diffusers' SDXL output, its two files (learned_embeds, learned_embeds_2)"
+    )
+    p.add_argument("--picture", default=None, help="a1111-png: the card's preview picture (default: a plain one with the name)")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     p.add_argument("--output", required=True, help="the file to write, or a folder to write the format's usual file name into")
     p.add_argument("--token", default=None, help="rename the embedding (default: the name the file holds)")
@@ -132,7 +136,10 @@ def _add_optimize_prompt(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="make a picture with learned embeddings or optimized prompt embeddings")
     _add_model_and_device(p)
-    p.add_argument("--embedding", action="append", default=[], help="an embedding file whose token the prompt uses; repeatable")
+    p.add_argument(
+        "--embedding", action="append", default=[],
+        help="an embedding file whose name the prompt uses (the name the Playground shows); repeatable. diffusers' SDXL output is two files: give both",
+    )
     p.add_argument("--prompt-embeds", default=None, help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative", default=None)
@@ -414,12 +421,18 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0
     if args.command == "convert":
+        from .data import ImageError, open_image
         from .formats import EmbeddingFormatError, convert
 
+        from .engine import explain_failure
+
         try:
-            path = convert(args.input, args.format, args.output, args.token)
-        except (EmbeddingFormatError, OSError) as error:  # OSError: the output cannot be written
-            print(f"error: {error}", file=sys.stderr)
+            if len(args.input) > 2:
+                raise EmbeddingFormatError("give one embedding file, or the two files of diffusers' SDXL output")
+            picture = open_image(args.picture) if args.picture else None
+            path = convert(args.input[0], args.format, args.output, args.token, second=(args.input[1:] or [None])[0], picture=picture)
+        except (EmbeddingFormatError, ImageError, OSError) as error:  # OSError: the output cannot be written
+            print(f"error: {explain_failure(error)}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
         return 0

@@ -176,12 +176,24 @@ class Engine:
                 return 0
             return self._waiting.index(job) + (1 if self.current is not None else 0)
 
+    def _check_model_names(self, settings) -> None:
+        """On a shared server (the store takes Hub ids only), every setting naming a model is
+        checked before the job is queued, whichever loader would read it."""
+        from .models import MODEL_FIELDS, SHARED_MODELS_ONLY, is_hub_name
+        from .settings import SettingsError
+
+        if self.store.hub_only:
+            for field in MODEL_FIELDS:
+                if getattr(settings, field, None) and not is_hub_name(getattr(settings, field)):
+                    raise SettingsError(field, SHARED_MODELS_ONLY)
+
     def train(self, settings, export: bool = False) -> Job:
         """Queue a training job. Settings are checked now, so bad values fail before queueing.
         With `export`, the job also writes the embedding for every other tool when it ends."""
         from .jobs import check_output_folder, describe, run_training, run_training_and_export
 
         resolved = settings.resolved()
+        self._check_model_names(resolved)
         check_output_folder(resolved.output_dir)
         run = run_training_and_export if export else run_training
         return self.submit(describe(resolved), lambda reporter: run(resolved, self.store, reporter), resolved.total_steps)
@@ -191,6 +203,7 @@ class Engine:
         from .jobs import run_evaluation
 
         settings.check()
+        self._check_model_names(settings)
         description = f"evaluation of {settings.embedding} on {settings.model}"
         return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
 
@@ -199,6 +212,7 @@ class Engine:
         from .jobs import run_generation
 
         settings.check()
+        self._check_model_names(settings)
         what = repr(settings.prompt) if settings.prompt is not None else "a saved prompt"
         return self.submit(f"generate {what} on {settings.model}", lambda reporter: run_generation(settings, self.store, reporter))
 
@@ -207,6 +221,7 @@ class Engine:
         from .jobs import check_output_folder, run_prompt_optimization
 
         resolved = settings.resolved()
+        self._check_model_names(resolved)
         check_output_folder(resolved.output_dir)
         description = f"{resolved.mode} prompt optimization on {resolved.model}"
         return self.submit(description, lambda reporter: run_prompt_optimization(resolved, self.store, reporter), resolved.total_steps)

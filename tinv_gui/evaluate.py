@@ -23,6 +23,7 @@ from PIL import Image
 from .clip_space import image_features, pooled_text_features
 from .data import load_dataset
 from .device import Placement, choose_placement
+from .embeddings import mentions, replace_name
 from .events import Reporter
 from .files import atomic_save_image
 from .formats import check_fits, read_embedding
@@ -70,7 +71,7 @@ class EvalSettings:
 
 def without_token(prompt: str, token: str, replacement: str = "") -> str:
     """The prompt with every `token` replaced (removed by default), spaces tidied."""
-    return re.sub(r"\s+", " ", prompt.replace(token, replacement)).strip()
+    return re.sub(r"\s+", " ", replace_name(prompt, token, replacement)).strip()
 
 
 def _draw_each_seed(pipe, prompt: str, embeddings: list, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
@@ -110,9 +111,9 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reporter.log(f"Device: {placement.describe()}")
     pipe = store.pipeline(settings.model, placement)
     embedding = read_embedding(settings.embedding)
-    check_fits(embedding, pipeline_text_widths(pipe), Path(settings.embedding).name)
+    check_fits(embedding, pipeline_text_widths(pipe), Path(settings.embedding).name)  # before the long part
     token = embedding.token
-    if token not in settings.prompt:
+    if not mentions(settings.prompt, token):
         raise SettingsError("prompt", f"the prompt must use the embedding's token {token!r}, e.g. 'a photo of {token}'")
     baseline_word = settings.init if settings.init is not None else embedding.metadata.get("init", "")
     text = without_token(settings.prompt, token)

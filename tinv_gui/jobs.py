@@ -85,8 +85,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     raise ValueError(f"unknown method {settings.method!r}")
 
 
-# The other tools' files offered beside a run's embedding, in the order the page lists them.
-EXPORTS = ("a1111-pt", "a1111-safetensors", "diffusers-bin", "kohya")
+# The other tools' files written beside a run's embedding, in the order the page lists them.
+EXPORTS = ("diffusers-bin", "a1111-pt", "kohya", "a1111-png", "onetrainer")
 
 
 def run_training_and_export(settings: TrainSettings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
@@ -108,20 +108,19 @@ def run_training_and_export(settings: TrainSettings, store: ModelStore, reporter
 
 
 def export_for_other_tools(embedding: str) -> dict[str, str]:
-    """The embedding in every format of EXPORTS (formats.export_all, in an `export` folder beside
-    it): {format: path}. Files that would share a name in one download list (A1111's and kohya's
-    .safetensors) get the format in theirs."""
-    from .formats import export_all
+    """The files other tools load (formats.export_all, in an `export` folder beside the
+    embedding): {format: path} for the formats of EXPORTS. Each keeps the name its tools call
+    it by; A1111's one-tensor .safetensors is left out (the kohya file serves A1111 as well),
+    diffusers' .bin too for SDXL (its two-file copies stay in export/diffusers), and
+    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own."""
+    from .formats import export_all, read_embedding
 
     written = export_all(embedding)
-    names, out = {Path(embedding).name}, {}
-    for fmt in EXPORTS:
-        path = Path(written[fmt])
-        if path.name in names:
-            path = path.replace(path.with_name(f"{path.stem}-{fmt}{path.suffix}"))
-        names.add(path.name)
-        out[fmt] = str(path)
-    return out
+    if read_embedding(embedding).is_sdxl:
+        del written["diffusers-bin"]
+    onetrainer = Path(written["onetrainer"])
+    written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
+    return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
 
 
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):

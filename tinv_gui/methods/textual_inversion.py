@@ -207,11 +207,11 @@ def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size
     """Generate one picture from a prompt already encoded for each tokenizer (the new vectors must
     be spliced in) with a fixed seed, and save it as PNG."""
     prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(tokenizers(pipe), prompt_ids)]
-    with torch.no_grad():
+    with torch.no_grad(), placement.autocast():
         embeds, pooled = encode_prompts(text_encoders(pipe), prompts)
-    extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
-    generator = torch.Generator(placement.device).manual_seed(seed)
-    image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
+        extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
+        generator = torch.Generator(placement.device).manual_seed(seed)
+        image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
     return atomic_save_image(image, path)
 
 

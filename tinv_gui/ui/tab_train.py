@@ -13,7 +13,7 @@ from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
-from ..formats import FORMATS
+from ..formats import read_embedding
 from ..jobs import EXPORTS
 from ..models import ModelLoadError
 from ..presets import preset_by_label
@@ -110,13 +110,24 @@ class TrainTab:
 
     @staticmethod
     def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
-        """A finished run's files to download, each with the tools it is for: the embedding, then
-        the copies the job exported for other tools (jobs.export_for_other_tools)."""
-        files = [(ws.inside(outputs["embedding"]), FORMATS["diffusers"])]
-        for fmt in EXPORTS:
-            if fmt in outputs:
-                files.append((ws.inside(outputs[fmt]), FORMATS.get(fmt, "diffusers' older .bin layout")))
-        return files
+        """A finished run's files to download, each with the tools it is for and the name to type
+        there: the embedding, then the files the job exported for other tools (jobs.EXPORTS)."""
+        embedding = ws.inside(outputs["embedding"])
+        run = read_embedding(embedding)
+        token, name = run.token, Path(outputs.get("kohya", embedding)).stem
+        where = f"type `{name}` (InvokeAI `<{name}>`, ComfyUI `embedding:{name}`)"
+        tools = {
+            "diffusers-bin": f"diffusers' older .bin layout: type `{token}`",
+            "a1111-pt": f"AUTOMATIC1111, Forge, ComfyUI, InvokeAI, kohya: {where}",
+            "kohya": f"kohya sd-scripts, InvokeAI, ComfyUI, AUTOMATIC1111: {where}",
+            "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
+            "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
+        }
+        if run.is_sdxl:
+            files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{token}`")]
+        else:
+            files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
+        return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
 
     def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
         c = self.components
