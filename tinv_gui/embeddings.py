@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_save_safetensors
+
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
 
@@ -153,17 +155,24 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def save_embedding(
-    path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None, widths: tuple[int, ...] | None = None
+    path: str | Path,
+    token: str,
+    vectors: torch.Tensor,
+    metadata: dict[str, object] | None = None,
+    widths: tuple[int, ...] | None = None,
+    keys: tuple[str, ...] = (),
 ) -> Path:
-    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically
-    (formats.write_embedding). With two text encoder `widths` (SDXL), `vectors` holds both parts
-    side by side and is saved in SDXL's layout {"clip_l": [n, 768], "clip_g": [n, 1280]}, the
-    token in the metadata."""
-    from .formats import EmbeddingFile, write_embedding
-
-    parts = split_columns(vectors, widths) if widths is not None and len(widths) == 2 else [vectors]
-    meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
-    return write_embedding(EmbeddingFile(token, *parts, metadata=meta), path, "diffusers")
+    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. For a
+    family with a key per text encoder (Family.embedding_keys; SDXL: clip_l, clip_g), `vectors`
+    holds the parts side by side, of `widths`, and is saved as {key: part}, the token in the metadata."""
+    meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
+    meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
+    if widths is not None and len(widths) != max(len(keys), 1):
+        raise ValueError(f"vectors for {len(widths)} text encoders need a key each (the family's embedding_keys), not {keys}")
+    if keys:
+        meta["dim"] = "+".join(str(w) for w in widths)
+        return atomic_save_safetensors(dict(zip(keys, split_columns(vectors, widths))), path, meta)
+    return atomic_save_safetensors({token: vectors}, path, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -213,12 +222,16 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         text_encoder.config.vocab_size = table.num_embeddings
 
 
-def _name_pattern(name: str) -> re.Pattern:
-    """`name` as a whole word, in any case, as A1111 finds an embedding's name in a prompt (it
-    matches the name's CLIP tokens, and CLIP lowercases): 'fresh' in 'fresh-looking', not in 'freshly'."""
+def _name_regex(name: str) -> str:
+    """`name` as a whole word, as A1111 finds an embedding's name in a prompt (it matches the
+    name's CLIP tokens): 'fresh' in 'fresh-looking', not in 'freshly'."""
     before = r"(?<!\w)" if re.match(r"\w", name[:1]) else ""
     after = r"(?!\w)" if re.match(r"\w", name[-1:]) else ""
-    return re.compile(before + re.escape(name) + after, re.IGNORECASE)
+    return before + re.escape(name) + after
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    return re.compile(_name_regex(name), re.IGNORECASE)  # in any case: CLIP lowercases
 
 
 def mentions(text: str | None, name: str) -> bool:
@@ -249,10 +262,13 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
             internal[embedding.token] = f"<tinv-embedding-{i}>"
             added += load_into_pipeline(pipe, internal[embedding.token], embedding.vectors, scale, embedding.vectors_g)
 
+        # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
+        # name is found inside another's replacement.
+        names = sorted(internal, key=len, reverse=True)
+        pattern = re.compile("|".join(f"(?P<n{i}>{_name_regex(name)})" for i, name in enumerate(names)), re.IGNORECASE)
+
         def rewrite(text):
-            for name in sorted(internal, key=len, reverse=True):  # 'my-cat-2' before 'my-cat'
-                text = replace_name(text, name, internal[name])
-            return text
+            return pattern.sub(lambda m: internal[names[int(m.lastgroup[1:])]], text) if text and names else text
 
         yield rewrite
     finally:

@@ -13,7 +13,8 @@ from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
 from .models import ModelStore
-from .settings import DIFFUSION_METHODS, TrainSettings
+from .methods import Loaded, method_named
+from .settings import TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -54,35 +55,25 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
-    widths = store.text_widths(settings.model)  # two for SDXL: one set of vectors per text encoder
-    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
+    family = store.family(settings.model)
+    widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
+    writer = EmbeddingWriter(
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+    )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
-    if settings.method == "quick":
-        from .methods.quick import train_quick
-
-        clips, images = _clips_and_pictures(settings, store, placement, reporter, writer)
-        train_quick(clips, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    if settings.method in DIFFUSION_METHODS:
-        from .methods import textual_inversion as ti
-
+    method = method_named(settings.method)
+    loaded = Loaded(placement)
+    if "pipeline" in method.loads:
         reporter.log(f"Loading {settings.model}")
-        pipe = store.pipeline(settings.model, placement)
-        size = settings.resolution or ti.native_resolution(pipe)
-        images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
-        reporter.log(f"{len(images)} pictures ready at {size}x{size}")
-        if settings.method == "textual-inversion":
-            ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
-        elif settings.method == "quick-then-ti":
-            clips, clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-            ti.train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer)
-        else:
-            from .methods.caption_init import train_caption_init
-
-            train_caption_init(pipe, placement, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    raise ValueError(f"unknown method {settings.method!r}")
+        loaded.pipe = store.pipeline(settings.model, placement)
+        size = settings.resolution or family.native_resolution(loaded.pipe)
+        loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
+        reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
+    if "clip" in method.loads:
+        loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
+    method.run(loaded, settings, reporter, writer)
+    return dict(writer.outputs)
 
 
 # The other tools' files written beside a run's embedding, in the order the page lists them.
@@ -156,8 +147,9 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     atomic_write_text(settings.json_path, json.dumps(result, indent=2))
     return {"json": str(settings.json_path)}
 
+
 def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
-    """Draw pictures as `settings` (tinv_gui.generate.GenerateSettings, checked) say and save them;
+    """Draw pictures as `settings` (GenerateSettings, checked) say and save them;
     returns {"image": path, "image-1": ..., "without": ..., "without-1": ...}."""
     from .files import atomic_save_image
     from .generate import generate
@@ -171,7 +163,7 @@ def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     for name, embeddings, without in runs:
         pictures = generate(
             pipe, settings.prompt, settings.negative, embeddings, settings.prompt_embeds, settings.steps, settings.guidance,
-            settings.seed, settings.size, settings.count, placement, settings.sampler, settings.strength,
+            settings.seed, settings.dimensions, settings.count, placement, settings.sampler, settings.strength,
         )
         for i, (picture, path) in enumerate(zip(pictures, settings.picture_paths(without))):
             outputs[name + (f"-{i}" if i else "")] = str(atomic_save_image(picture, path))
@@ -201,8 +193,9 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
     reporter.outputs.update(outputs)
     reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
-    if len(clips) == 2:  # SDXL: each CLIP's own figure, the headline being their mean
-        reporter.metrics.update(clip_l_similarity=result.similarities[0], clip_g_similarity=result.similarities[1])
+    keys = store.family(settings.model).embedding_keys
+    if len(clips) > 1:  # each CLIP's own figure (SDXL: clip_l, clip_g), the headline being their mean
+        reporter.metrics.update({f"{key}_similarity": value for key, value in zip(keys, result.similarities)})
     if result.loss is not None:
         reporter.metrics["loss"] = result.loss
     if result.anchor_similarity is not None:

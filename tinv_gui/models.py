@@ -4,8 +4,9 @@ A model is named by a Hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a 
 folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" (the offline
 demo models, which load through the same code as a local folder).
 
-SD 1.x/2.x and SDXL load through the same code; SDXL is told from the folder's model_index.json or
-the checkpoint's keys, and has two text encoders (and tokenizers), numbered 0 and 1 here.
+Every family loads through the same code; its Family (tinv_gui.families) is told from the folder's
+model_index.json or the checkpoint's keys, and says which pipeline class loads it and what its
+text encoders (and tokenizers) are, numbered 0, 1, ... here.
 """
 
 from __future__ import annotations
@@ -23,19 +24,10 @@ import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
 from .device import Placement
+from .families import Family, family_for_checkpoint, family_for_index, family_of
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The CLIP whose text tower each Stable Diffusion generation was trained with, by text width.
-DEFAULT_CLIP_BY_WIDTH = {
-    768: "openai/clip-vit-large-patch14",  # SD 1.x
-    1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD 2.x
-    1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder (its first is 768's)
-}
-# Each text encoder's subfolders in a diffusers pipeline, by encoder number.
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
-# A key only SDXL (base) checkpoints have: its second text encoder, OpenCLIP bigG.
-SDXL_CHECKPOINT_KEY_PREFIX = "conditioner.embedders.1."
+CLIP_FLAGS = ("--clip-model", "--clip-model-g")  # the settings naming each text encoder's CLIP
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -189,7 +181,7 @@ class ModelStore:
         # The CLIP models of one (model, placement): {(clip name, encoder): bundle}.
         self._clips: tuple[tuple, dict[tuple, ClipBundle]] | None = None
         self._tokenizers: dict[tuple, object] = {}
-        self._sdxl: dict[str, bool] = {}
+        self._families: dict[str, Family] = {}
         self.loads = 0  # how many times weights were read from disk; tests check reuse with it
         self.hub_only = False  # a shared server: models by Hub id or demo name only (check_hub_name)
 
@@ -198,20 +190,20 @@ class ModelStore:
             check_hub_name(model, what)
         return resolve_source(model)
 
-    def is_sdxl(self, model: str) -> bool:
-        """Whether `model` is Stable Diffusion XL (two text encoders), told without loading weights."""
+    def family(self, model: str) -> Family:
+        """The family of `model` (SD 1.x/2.x, SDXL, ...), told without loading weights."""
         source = self._source(model)
         with self._lock:
-            if source.location not in self._sdxl:
+            if source.location not in self._families:
                 try:
-                    self._sdxl[source.location] = _is_sdxl(source)
+                    self._families[source.location] = _family_of_source(source)
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
                     raise _explain(source, "the model's description", error) from error
-            return self._sdxl[source.location]
+            return self._families[source.location]
 
     def text_encoder_count(self, model: str) -> int:
-        """2 for SDXL, else 1."""
-        return 2 if self.is_sdxl(model) else 1
+        """How many text encoders the model has (SDXL: 2)."""
+        return self.family(model).text_encoder_count
 
     def tokenizer(self, model: str, encoder: int = 0):
         """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
@@ -222,11 +214,11 @@ class ModelStore:
         with self._lock:
             if key not in self._tokenizers:
                 try:
+                    family = self.family(model)
                     if source.kind == "file":
-                        pipe = self._load_pipeline(source, None)
-                        self._tokenizers[key] = pipe.tokenizer_2 if encoder else pipe.tokenizer
+                        self._tokenizers[key] = family.tokenizers(self._load_pipeline(source, None))[encoder]
                     else:
-                        self._tokenizers[key] = CLIPTokenizer.from_pretrained(source.location, subfolder=TOKENIZER_FOLDERS[encoder])
+                        self._tokenizers[key] = CLIPTokenizer.from_pretrained(source.location, subfolder=family.tokenizer_attributes[encoder])
                 except ModelLoadError:
                     raise
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
@@ -241,7 +233,7 @@ class ModelStore:
         source = self._source(model)
         if source.kind == "file":
             return pipeline_text_widths(self.pipeline(model))
-        folders = TEXT_ENCODER_FOLDERS[: self.text_encoder_count(model)]
+        folders = self.family(model).text_encoder_attributes  # diffusers' subfolders carry the same names
         try:
             return tuple(CLIPTextConfig.from_pretrained(source.location, subfolder=folder).hidden_size for folder in folders)
         except Exception as error:  # noqa: BLE001
@@ -264,38 +256,34 @@ class ModelStore:
             return pipe
 
     def _load_pipeline(self, source: ModelSource, placement: Placement | None):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
         dtype = placement.weight_dtype if placement else torch.float32
-        sdxl = self.is_sdxl(source.name)
-        if sdxl:  # it has no safety checker; an invisible watermark is the user's choice
-            pipeline_class, kwargs = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
-        else:
-            pipeline_class, kwargs = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        family = self.family(source.name)
+        pipeline_class, kwargs = getattr(diffusers, family.pipeline_class), family.pipeline_kwargs(dtype)
         try:
             if source.kind == "file":
                 pipe = pipeline_class.from_single_file(source.location, **kwargs)
             else:
                 pipe = pipeline_class.from_pretrained(source.location, **kwargs)
         except Exception as error:  # noqa: BLE001
-            raise _explain(source, "the Stable Diffusion XL pipeline" if sdxl else "the Stable Diffusion pipeline", error) from error
+            raise _explain(source, f"the {family.title} pipeline", error) from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
         if placement is not None:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (pipe.unet, pipe.vae, *text_encoders(pipe)):
+        for module in (pipe.unet, pipe.vae, *family.text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
-        if sdxl:
-            _pool_at_first_end_token(pipe.text_encoder_2, pipe.tokenizer_2)
+        family.prepare(pipe)
         return pipe
 
     def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None, encoder: int = 0) -> ClipBundle:
         """The CLIP model whose text tower is `model`'s text encoder number `encoder` (or
-        `clip_model` when given), loaded once. SDXL's encoder 0 is OpenAI's CLIP ViT-L/14 and
-        encoder 1 is OpenCLIP ViT-bigG/14."""
+        `clip_model` when given), loaded once; by default the one the family names for the
+        encoder's width (SDXL's encoder 0 is OpenAI's CLIP ViT-L/14, encoder 1 OpenCLIP ViT-bigG/14)."""
         from .device import choose_placement
 
         placement = placement or choose_placement()
@@ -310,11 +298,12 @@ class ModelStore:
             clip_name = source.clip_locations[encoder]
         else:
             width = self.text_widths(model)[encoder]
-            if width not in DEFAULT_CLIP_BY_WIDTH:
+            defaults = self.family(model).default_clips
+            if width not in defaults:
                 raise ModelLoadError(
-                    f"no default CLIP model for a text encoder of width {width}; name one with --clip-model"
+                    f"no default CLIP model for a text encoder of width {width}; name one with {CLIP_FLAGS[min(encoder, len(CLIP_FLAGS) - 1)]}"
                 )
-            clip_name = DEFAULT_CLIP_BY_WIDTH[width]
+            clip_name = defaults[width]
         model_key = (source.location, str(placement))
         with self._lock:
             if self._clips is None or self._clips[0] != model_key:
@@ -334,10 +323,11 @@ class ModelStore:
             processor_config, _ = ImageProcessingMixin.get_image_processor_dict(clip_name)
         except Exception as error:  # noqa: BLE001
             problem = _explain(clip_source, "the CLIP model", error)
-            if self.is_sdxl(model):
+            family = self.family(model)
+            if family.text_encoder_count > 1:
+                needed = " and ".join(f"{name} ({flag})" for name, flag in zip(family.default_clips.values(), CLIP_FLAGS))
                 raise ModelLoadError(
-                    f"{problem} SDXL's CLIP-space methods need the CLIP models both its text encoders come from: "
-                    f"{DEFAULT_CLIP_BY_WIDTH[768]} (--clip-model) and {DEFAULT_CLIP_BY_WIDTH[1280]} (--clip-model-g), "
+                    f"{problem} {family.title}'s CLIP-space methods need the CLIP models its text encoders come from: {needed}, "
                     "in transformers' format; point at local copies of them, or use a method that trains through the UNet."
                 ) from error
             raise problem from error
@@ -347,7 +337,7 @@ class ModelStore:
         if clip.config.text_config.hidden_size != expected:
             raise ModelLoadError(
                 f"CLIP model {clip_name} has a text tower of width {clip.config.text_config.hidden_size}, but the "
-                f"pipeline's text encoder{f' {encoder + 1}' if self.is_sdxl(model) else ''} has width {expected}; "
+                f"pipeline's text encoder{f' {encoder + 1}' if self.text_encoder_count(model) > 1 else ''} has width {expected}; "
                 "pick the CLIP model the pipeline was trained with"
             )
         clip.requires_grad_(False).eval().to(placement.device)
@@ -366,12 +356,12 @@ class ModelStore:
 
 def text_encoders(pipe) -> list:
     """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL)."""
-    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    return family_of(pipe).text_encoders(pipe)
 
 
 def tokenizers(pipe) -> list:
     """The pipeline's tokenizers, one per text encoder."""
-    return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+    return family_of(pipe).tokenizers(pipe)
 
 
 def pipeline_text_widths(pipe) -> tuple[int, ...]:
@@ -379,37 +369,24 @@ def pipeline_text_widths(pipe) -> tuple[int, ...]:
     return tuple(te.config.hidden_size for te in text_encoders(pipe))
 
 
-def _is_sdxl(source: ModelSource) -> bool:
+def _family_of_source(source: ModelSource) -> Family:
     if source.kind == "file":
-        return _checkpoint_is_sdxl(Path(source.location))
+        return family_for_checkpoint(checkpoint_keys(Path(source.location)))
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(source.location)  # model_index.json, from the folder or the Hub
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+    return family_for_index(str(index.get("_class_name", "")))
 
 
-def _checkpoint_is_sdxl(path: Path) -> bool:
-    """Whether a single-file checkpoint holds SDXL's second text encoder, reading only its keys."""
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, without reading its tensors."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:  # mmap: the tensors are not read
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        keys = list(data.get("state_dict", data).keys())
-    return any(key.startswith(SDXL_CHECKPOINT_KEY_PREFIX) for key in keys)
-
-
-def _pool_at_first_end_token(text_encoder, tokenizer) -> None:
-    """SDXL's second text encoder ships an old config (end-of-text id 2) under which transformers
-    pools at the largest token id, which is a new token's once a learned one is in the prompt.
-    Pool at the first end-of-text token instead, as SDXL itself does: the same for every prompt
-    of known words, and right for prompts holding new tokens."""
-    eos = tokenizer.eos_token_id
-    text_encoder.config.eos_token_id = eos
-    model = getattr(text_encoder, "text_model", text_encoder)
-    model.eos_token_id = eos
+            return list(f.keys())
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+    return list(data.get("state_dict", data).keys())
 
 
 def _try_xformers(pipe) -> None:
