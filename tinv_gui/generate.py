@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from .device import Placement
 from .embeddings import load_into_pipeline, unload_from_pipeline
 from .formats import check_fits, read_embedding
-from .models import pipeline_text_widths
+from .models import FAMILY_TITLES, T5_ENCODER, pipeline_family, pipeline_text_widths
 from .settings import SettingsError
 
 # The samplers offered by name: diffusers scheduler classes, built from the pipeline's own
@@ -148,6 +148,7 @@ def generate(
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
+    _refuse_what_the_family_lacks(pipe, negative, embeddings, prompt_embeds, sampler)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
         saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe))
@@ -179,3 +180,22 @@ def generate(
         pipe.scheduler = scheduler
         if added:  # the pipeline stays cached for other jobs: leave it clean
             unload_from_pipeline(pipe, added)
+
+
+def _refuse_what_the_family_lacks(pipe, negative, embeddings, prompt_embeds, sampler) -> None:
+    """SD 3.x and Flux.1 draw with a plain prompt for now: embeddings and prompt files for them
+    are not built yet; they sample with their own flow-matching scheduler, which the SD samplers
+    cannot replace; Flux.1 has no negative prompt (dev's guidance is distilled into the model)."""
+    family = pipeline_family(pipe)
+    if family not in T5_ENCODER:
+        return
+    title = FAMILY_TITLES[family]
+    if embeddings or prompt_embeds is not None:
+        raise ValueError(f"embeddings and prompt files for {title} are not supported yet: generate with a plain prompt")
+    if SAMPLERS.get(sampler):
+        raise ValueError(f"{title} samples with its own flow-matching scheduler: choose the sampler 'Model default'")
+    if family == "flux" and negative:
+        raise ValueError(
+            "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "
+            "leave the negative empty and set the guidance (about 3.5 for dev)"
+        )

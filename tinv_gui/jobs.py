@@ -11,7 +11,7 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .models import ModelStore
+from .models import FAMILY_TITLES, T5_ENCODER, ModelLoadError, ModelStore
 from .settings import DIFFUSION_METHODS, TrainSettings
 from .training import EmbeddingWriter
 
@@ -26,6 +26,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     Under `accelerate launch` with several processes, each process trains on its own share of
     the pictures with its own random draws, gradients are averaged, and the main process saves.
     """
+    _refuse_untrained_families(store, settings.model, "training embeddings")
     process = process_info()
     reporter.process = process
     if process.distributed:
@@ -64,6 +65,13 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     raise ValueError(f"unknown method {settings.method!r}")
 
 
+def _refuse_untrained_families(store: ModelStore, model: str, what: str) -> None:
+    """SD 3.x and Flux.1 load and generate; tinv-gui's methods do not handle their T5 encoder yet."""
+    family = store.family(model)
+    if family in T5_ENCODER:
+        raise ModelLoadError(f"{what} on {FAMILY_TITLES[family]} ({model}) is not supported yet; generating pictures with it is")
+
+
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
     """This process's pictures; with several processes, says which ones and the effective batch."""
     if not process.distributed:
@@ -87,6 +95,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
+    _refuse_untrained_families(store, settings.model, "evaluating embeddings")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -127,6 +136,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
+    _refuse_untrained_families(store, settings.model, "finding a prompt from pictures")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the

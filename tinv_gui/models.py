@@ -1,11 +1,13 @@
 """Loading Stable Diffusion pipelines and CLIP models, once, and keeping them warm.
 
 A model is named by a Hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers
-folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" (the offline
-demo models, which load through the same code as a local folder).
+folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" / "demo-sd3" /
+"demo-flux" (the offline demo models, which load through the same code as a local folder).
 
-SD 1.x/2.x and SDXL load through the same code; SDXL is told from the folder's model_index.json or
-the checkpoint's keys, and has two text encoders (and tokenizers), numbered 0 and 1 here.
+SD 1.x/2.x, SDXL, SD 3.x and Flux.1 load through the same code; the family is told from the
+folder's model_index.json or the checkpoint's keys (FAMILY_* below). Their text encoders (and
+tokenizers) are numbered 0, 1, 2 here in the pipeline's order: SDXL's CLIP-L and bigG; SD 3.x's
+CLIP-L, bigG and T5; Flux's CLIP-L and T5.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
+from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
 from .device import Placement
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -30,11 +33,30 @@ DEFAULT_CLIP_BY_WIDTH = {
     1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD 2.x
     1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder (its first is 768's)
 }
-# Each text encoder's subfolders in a diffusers pipeline, by encoder number.
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2")
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2")
+# Each text encoder's subfolders in a diffusers pipeline (and the pipeline's attributes), by encoder number.
+TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 # A key only SDXL (base) checkpoints have: its second text encoder, OpenCLIP bigG.
 SDXL_CHECKPOINT_KEY_PREFIX = "conditioner.embedders.1."
+# The families, by the diffusers pipeline that loads them; "sd" is SD 1.x/2.x.
+FAMILY_PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+FAMILY_TITLES = {"sd": "Stable Diffusion", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "Flux.1"}
+# model_index.json's `_class_name` prefix of each family other than "sd" (the first match wins).
+FAMILY_INDEX_PREFIXES = (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXL", "sdxl"))
+# The transformer's tensor names in single-file SD 3.x and Flux.1 checkpoints, with or without the
+# "model.diffusion_model." prefix (the names diffusers' single-file loader recognizes them by).
+SD3_CHECKPOINT_BLOCK = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
+FLUX_CHECKPOINT_BLOCK = "double_blocks.0.img_attn.norm.key_norm.scale"
+CHECKPOINT_MODEL_PREFIX = "model.diffusion_model."
+T5_CHECKPOINT_KEY = "text_encoders.t5xxl.transformer.shared.weight"  # a single file that holds T5-XXL
+# Which of a flow-matching family's text encoders is T5 (the others are CLIPs).
+T5_ENCODER = {"sd3": 2, "flux": 1}
+FAMILY_TEXT_ENCODERS = {"sd": TEXT_ENCODER_FOLDERS[:1], "sdxl": TEXT_ENCODER_FOLDERS[:2], "sd3": TEXT_ENCODER_FOLDERS, "flux": TEXT_ENCODER_FOLDERS[:2]}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -63,6 +85,12 @@ def resolve_source(model: str) -> ModelSource:
     if model == SDXL_DEMO_NAME:
         root = demo_sdxl_dir()
         return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"), str(root / "clip_g")))
+    if model == SD3_DEMO_NAME:
+        root = demo_sd3_dir()
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"), str(root / "clip_g")))
+    if model == FLUX_DEMO_NAME:
+        root = demo_flux_dir()
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"),))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -84,6 +112,12 @@ def resolve_source(model: str) -> ModelSource:
 
 def _explain(source: ModelSource, what: str, error: Exception) -> ModelLoadError:
     text = str(error)
+    if _is_gated(error):
+        return ModelLoadError(
+            f"could not load {what} '{source.name}': it comes from a gated Hugging Face Hub repository (SD 3.x and "
+            "FLUX.1-dev are). Accept its licence on the repository's page, then log in with a token "
+            "(`hf auth login`, or set HF_TOKEN) and try again; or point at a local copy."
+        )
     if source.kind == "hub":
         hint = (
             f"could not load {what} '{source.name}' from the Hugging Face Hub and it is not in the local cache "
@@ -164,38 +198,43 @@ class ModelStore:
         # The CLIP models of one (model, placement): {(clip name, encoder): bundle}.
         self._clips: tuple[tuple, dict[tuple, ClipBundle]] | None = None
         self._tokenizers: dict[tuple, object] = {}
-        self._sdxl: dict[str, bool] = {}
+        self._families: dict[str, str] = {}
         self.loads = 0  # how many times weights were read from disk; tests check reuse with it
+
+    def family(self, model: str) -> str:
+        """The family of `model`, one of FAMILY_PIPELINES ("sd", "sdxl", "sd3", "flux"), told without loading weights."""
+        source = resolve_source(model)
+        with self._lock:
+            if source.location not in self._families:
+                try:
+                    self._families[source.location] = _family_of_source(source)
+                except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
+                    raise _explain(source, "the model's description", error) from error
+            return self._families[source.location]
 
     def is_sdxl(self, model: str) -> bool:
         """Whether `model` is Stable Diffusion XL (two text encoders), told without loading weights."""
-        source = resolve_source(model)
-        with self._lock:
-            if source.location not in self._sdxl:
-                try:
-                    self._sdxl[source.location] = _is_sdxl(source)
-                except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
-                    raise _explain(source, "the model's description", error) from error
-            return self._sdxl[source.location]
+        return self.family(model) == "sdxl"
 
     def text_encoder_count(self, model: str) -> int:
-        """2 for SDXL, else 1."""
-        return 2 if self.is_sdxl(model) else 1
+        """1 for SD 1.x/2.x, 2 for SDXL and Flux.1, 3 for SD 3.x."""
+        return len(FAMILY_TEXT_ENCODERS[self.family(model)])
 
     def tokenizer(self, model: str, encoder: int = 0):
         """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer, T5TokenizerFast
 
         source = resolve_source(model)
         key = (source.location, encoder)
         with self._lock:
             if key not in self._tokenizers:
                 try:
+                    family = self.family(model)
                     if source.kind == "file":
-                        pipe = self._load_pipeline(source, None)
-                        self._tokenizers[key] = pipe.tokenizer_2 if encoder else pipe.tokenizer
+                        self._tokenizers[key] = tokenizers(self._load_pipeline(source, None))[encoder]
                     else:
-                        self._tokenizers[key] = CLIPTokenizer.from_pretrained(source.location, subfolder=TOKENIZER_FOLDERS[encoder])
+                        tokenizer_class = T5TokenizerFast if T5_ENCODER.get(family) == encoder else CLIPTokenizer
+                        self._tokenizers[key] = tokenizer_class.from_pretrained(source.location, subfolder=TOKENIZER_FOLDERS[encoder])
                 except ModelLoadError:
                     raise
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
@@ -204,15 +243,17 @@ class ModelStore:
 
     def text_widths(self, model: str) -> tuple[int, ...]:
         """Widths of the pipeline's text encoders: (768,) for SD 1.x, (1024,) for SD 2.x,
-        (768, 1280) for SDXL."""
-        from transformers import CLIPTextConfig
+        (768, 1280) for SDXL, (768, 1280, 4096) for SD 3.x, (768, 4096) for Flux.1."""
+        from transformers import CLIPTextConfig, T5Config
 
         source = resolve_source(model)
         if source.kind == "file":
             return pipeline_text_widths(self.pipeline(model))
-        folders = TEXT_ENCODER_FOLDERS[: self.text_encoder_count(model)]
+        family = self.family(model)
+        folders = FAMILY_TEXT_ENCODERS[family]
+        config_classes = [T5Config if T5_ENCODER.get(family) == i else CLIPTextConfig for i in range(len(folders))]
         try:
-            return tuple(CLIPTextConfig.from_pretrained(source.location, subfolder=folder).hidden_size for folder in folders)
+            return tuple(config.from_pretrained(source.location, subfolder=folder).hidden_size for config, folder in zip(config_classes, folders))
         except Exception as error:  # noqa: BLE001
             raise _explain(source, "the text encoder config", error) from error
 
@@ -237,31 +278,36 @@ class ModelStore:
             return pipe
 
     def _load_pipeline(self, source: ModelSource, placement: Placement | None):
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
 
         dtype = placement.weight_dtype if placement else torch.float32
-        sdxl = self.is_sdxl(source.name)
-        if sdxl:  # it has no safety checker; an invisible watermark is the user's choice
-            pipeline_class, kwargs = StableDiffusionXLPipeline, dict(dtype=dtype, add_watermarker=False)
-        else:
-            pipeline_class, kwargs = StableDiffusionPipeline, dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        family = self.family(source.name)
+        kwargs = dict(dtype=dtype)
+        if family == "sdxl":  # it has no safety checker; an invisible watermark is the user's choice
+            kwargs.update(add_watermarker=False)
+        elif family == "sd":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipeline_class = getattr(diffusers, FAMILY_PIPELINES[family])
         try:
             if source.kind == "file":
                 pipe = pipeline_class.from_single_file(source.location, **kwargs)
             else:
                 pipe = pipeline_class.from_pretrained(source.location, **kwargs)
         except Exception as error:  # noqa: BLE001
-            raise _explain(source, "the Stable Diffusion XL pipeline" if sdxl else "the Stable Diffusion pipeline", error) from error
+            problem = _explain(source, f"the {FAMILY_TITLES[family]} pipeline", error)
+            if source.kind == "file" and family in T5_ENCODER and T5_CHECKPOINT_KEY not in checkpoint_keys(Path(source.location)):
+                problem = ModelLoadError(f"{problem} {_missing_t5_hint(family)}")
+            raise problem from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
         if placement is not None:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (pipe.unet, pipe.vae, *text_encoders(pipe)):
+        for module in (denoiser(pipe), pipe.vae, *text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
-        if sdxl:
+        if family == "sdxl":
             _pool_at_first_end_token(pipe.text_encoder_2, pipe.tokenizer_2)
         return pipe
 
@@ -275,6 +321,8 @@ class ModelStore:
         source = resolve_source(model)
         if encoder >= self.text_encoder_count(model):
             raise ModelLoadError(f"{model} has {self.text_encoder_count(model)} text encoder(s), not {encoder + 1}")
+        if T5_ENCODER.get(self.family(model)) == encoder:
+            raise ModelLoadError(f"{model}'s text encoder {encoder + 1} is T5, which has no CLIP model (no image tower)")
         if clip_model:
             clip_name = clip_model
         elif source.clip_locations:
@@ -336,13 +384,24 @@ class ModelStore:
 
 
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL)."""
-    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL and Flux.1, three
+    for SD 3.x)."""
+    return [te for te in (getattr(pipe, name, None) for name in TEXT_ENCODER_FOLDERS) if te is not None]
 
 
 def tokenizers(pipe) -> list:
     """The pipeline's tokenizers, one per text encoder."""
-    return [tok for tok in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if tok is not None]
+    return [tok for tok in (getattr(pipe, name, None) for name in TOKENIZER_FOLDERS) if tok is not None]
+
+
+def denoiser(pipe):
+    """The pipeline's denoising network: the UNet of SD 1.x/2.x/XL, the transformer of SD 3.x and Flux.1."""
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+
+
+def pipeline_family(pipe) -> str:
+    """The family (a key of FAMILY_PIPELINES) of a loaded pipeline."""
+    return _family_of_class_name(type(pipe).__name__)
 
 
 def pipeline_text_widths(pipe) -> tuple[int, ...]:
@@ -350,26 +409,68 @@ def pipeline_text_widths(pipe) -> tuple[int, ...]:
     return tuple(te.config.hidden_size for te in text_encoders(pipe))
 
 
-def _is_sdxl(source: ModelSource) -> bool:
+def _family_of_source(source: ModelSource) -> str:
     if source.kind == "file":
-        return _checkpoint_is_sdxl(Path(source.location))
+        return checkpoint_family(checkpoint_keys(Path(source.location)))
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(source.location)  # model_index.json, from the folder or the Hub
-    return str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+    return _family_of_class_name(str(index.get("_class_name", "")))
 
 
-def _checkpoint_is_sdxl(path: Path) -> bool:
-    """Whether a single-file checkpoint holds SDXL's second text encoder, reading only its keys."""
+def _family_of_class_name(class_name: str) -> str:
+    return next((family for prefix, family in FAMILY_INDEX_PREFIXES if class_name.startswith(prefix)), "sd")
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, without reading its tensors."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    else:  # mmap: the tensors are not read
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        keys = list(data.get("state_dict", data).keys())
-    return any(key.startswith(SDXL_CHECKPOINT_KEY_PREFIX) for key in keys)
+            return list(f.keys())
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+    return list(data.get("state_dict", data).keys())
+
+
+def checkpoint_family(keys) -> str:
+    """The family of a single-file checkpoint from its tensor names: SD 3.x by its MMDiT's joint
+    blocks, Flux.1 by its double-stream blocks, SDXL by its second text encoder, else SD 1.x/2.x."""
+    names = {key.removeprefix(CHECKPOINT_MODEL_PREFIX) for key in keys}
+    if SD3_CHECKPOINT_BLOCK in names:
+        return "sd3"
+    if FLUX_CHECKPOINT_BLOCK in names:
+        return "flux"
+    if any(name.startswith(SDXL_CHECKPOINT_KEY_PREFIX) for name in names):
+        return "sdxl"
+    return "sd"
+
+
+def _checkpoint_is_sdxl(path: Path) -> bool:
+    """Whether a single-file checkpoint is SDXL's, reading only its keys."""
+    return checkpoint_family(checkpoint_keys(path)) == "sdxl"
+
+
+def _missing_t5_hint(family: str) -> str:
+    return (
+        f"This {FAMILY_TITLES[family]} file holds no T5 text encoder ({T5_CHECKPOINT_KEY.rsplit('.', 2)[0]}.*): diffusers "
+        "takes it, and the pipeline's configs, from the model's Hub repository, which is gated (log in with a token after "
+        "accepting its licence) and must be in the local cache when offline. Use a file that includes T5, or the model's "
+        "diffusers folder."
+    )
+
+
+def _is_gated(error: BaseException | None) -> bool:
+    """Whether the error, or one it was raised from or while handling (diffusers re-raises the
+    Hub's error as an OSError), says the Hub repository is gated."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, GatedRepoError) or "gated repo" in str(error).lower():
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _pool_at_first_end_token(text_encoder, tokenizer) -> None:
