@@ -12,15 +12,23 @@ batch 1, on the CPU, each in its own subprocess (so each peak resident memory is
   defaults: the VAE encodes the picture every step, the whole token-embedding matrix is trainable
   with AdamW on it (untouched rows restored after each step), fp32;
 - floor: the frozen UNet alone, one forward and the backward to its text conditioning, fp32:
-  the least work any exact textual inversion step does, whatever the trainer.
+  the least work any exact textual inversion step does, whatever the trainer;
+- floor-bf16: the same in bf16 as tinv-gui runs it (weights stored in bf16, under bf16
+  autocast). Run where oneDNN has bf16 kernels (AVX-512, native or emulated); on a CPU with
+  neither (AVX2 only), bf16 convolutions fall back to kernels ten times slower or worse, and it is
+  skipped unless named with --only.
 
 Prints seconds per step (median of the timed steps, after warm-up), CPU seconds per step, the
-peak resident memory of the whole process and of the training steps alone, and ours/reference.
+peak resident memory of the whole process and of the training steps alone, ours/reference, and
+ours against the floor of its own precision. The machine's CPU flags and the precision each run
+used are printed with the table: set ONEDNN_MAX_CPU_ISA=AVX512_CORE to measure a CPU with native
+bf16 as one without.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import sys
 import tempfile
@@ -40,6 +48,7 @@ RESOLUTION = 512
 def run_ours(args) -> dict:
     from shaped_models import sd15_dir
 
+    from tinv_gui.device import choose_placement
     from tinv_gui.events import Progress, Reporter
     from tinv_gui.jobs import run_training
     from tinv_gui.models import ModelStore
@@ -60,7 +69,11 @@ def run_ours(args) -> dict:
             clock.tick()  # the first step's time includes loading: it is a warm-up step
 
     run_training(settings, ModelStore(), Reporter(on_event, total_steps=settings.total_steps))
-    return clock.result()
+    return clock.result(precision=precision_name(choose_placement("cpu", args.precision)))
+
+
+def precision_name(placement) -> str:
+    return "fp32" if placement.autocast_dtype is None else "bf16"
 
 
 def run_reference(args) -> dict:
@@ -130,26 +143,58 @@ def run_reference(args) -> dict:
     return clock.result()
 
 
-def run_floor(args) -> dict:
-    """The frozen UNet's forward and backward to the conditioning, nothing else."""
+def run_floor(args, precision: str = "fp32") -> dict:
+    """The frozen UNet's forward and backward to the conditioning, nothing else, with its weights
+    and compute in `precision` as tinv-gui's placement for it has them."""
     import torch
     from diffusers import UNet2DConditionModel
     from shaped_models import sd15_dir
 
+    from tinv_gui.device import choose_placement
+
+    placement = choose_placement("cpu", precision)
     sampler = RssSampler()
     clock = StepClock(args.warmup, sampler)
-    unet = UNet2DConditionModel.from_pretrained(sd15_dir(), subfolder="unet").eval().requires_grad_(False)
-    latents = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8)
-    conditioning = torch.randn(1, 77, unet.config.cross_attention_dim)
+    unet = UNet2DConditionModel.from_pretrained(sd15_dir(), subfolder="unet", torch_dtype=placement.weight_dtype)
+    unet.eval().requires_grad_(False)
+    latents = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8, dtype=placement.weight_dtype)
+    conditioning = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=placement.weight_dtype)
     clock.start()
     for step in range(args.warmup + args.steps):
         hidden = conditioning.clone().requires_grad_(True)
-        unet(latents, torch.tensor([step * 97 % 1000]), hidden).sample.pow(2).mean().backward()
+        with placement.autocast():
+            prediction = unet(latents, torch.tensor([step * 97 % 1000]), hidden).sample
+        prediction.float().pow(2).mean().backward()
         clock.tick()
-    return clock.result()
+    return clock.result(precision=precision)
 
 
-RUNS = {"ours": run_ours, "reference": run_reference, "floor": run_floor}
+RUNS = {"ours": run_ours, "reference": run_reference, "floor": run_floor, "floor-bf16": lambda args: run_floor(args, "bf16")}
+
+
+def cpu_flags_line() -> str:
+    """The CPU's model and the flags that decide bf16's speed, and any oneDNN ISA cap."""
+    import os
+
+    from tinv_gui.device import cpu_flags
+
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    flags = sorted(flag for flag in cpu_flags() if flag in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"})
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"CPU: {model or 'unknown'}; flags {' '.join(flags) or 'none of avx2/avx512'}" + (f"; ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
+
+
+def default_runs() -> tuple[str, ...]:
+    """Every configuration, but the bf16 floor only where oneDNN has bf16 kernels (AVX-512)."""
+    from tinv_gui.device import cpu_flags
+
+    if "avx512f" in cpu_flags():
+        return tuple(RUNS)
+    print("floor-bf16 skipped: this CPU has no AVX-512, and a bf16 UNet runs about ten times slower here "
+          "than fp32 (name it with --only floor-bf16 to measure it anyway)", file=sys.stderr)
+    return tuple(name for name in RUNS if name != "floor-bf16")
 
 
 def main() -> int:
@@ -175,10 +220,12 @@ def main() -> int:
     passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads()), "--precision", args.precision]
     if args.gradient_checkpointing:
         passed.append("--gradient-checkpointing")
-    rows = compare(Path(__file__), tuple(RUNS) if args.only is None else (args.only,), passed)
+    rows = compare(Path(__file__), default_runs() if args.only is None else (args.only,), passed)
     print(f"textual inversion step, SD 1.5 shapes, {RESOLUTION} px, batch 1, CPU ({torch.get_num_threads()} threads), "
           f"{args.steps} timed steps after {args.warmup} warm-up")
-    print_table(rows, [
+    print(cpu_flags_line())
+    named = {f"{name} ({row.get('precision', 'fp32')})": row for name, row in rows.items()}
+    print_table(named, [
         ("s_per_step", "s/step", "{:.2f}"),
         ("cpu_s_per_step", "CPU s/step", "{:.2f}"),
         ("process_peak_rss_gb", "peak RSS GB", "{:.2f}"),
@@ -190,10 +237,17 @@ def main() -> int:
               f"(CPU time {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.2f}x) and uses "
               f"{100 * ours['process_peak_rss_gb'] / ref['process_peak_rss_gb']:.0f}% of the reference's peak memory "
               f"({100 * ours['steps_peak_rss_gb'] / ref['steps_peak_rss_gb']:.0f}% during the steps)")
-    floor = rows.get("floor", {})
-    if ref.get("s_per_step") and floor.get("s_per_step"):
-        print(f"the UNet's own forward and backward take {floor['s_per_step']:.2f} s: no exact step here can be more than "
-              f"{ref['s_per_step'] / floor['s_per_step']:.2f}x faster than the reference")
+    for name in ("floor", "floor-bf16"):
+        floor = rows.get(name, {})
+        if not floor.get("s_per_step"):
+            continue
+        precision = floor["precision"]
+        if ref.get("s_per_step"):
+            print(f"the UNet's own forward and backward in {precision} take {floor['s_per_step']:.2f} s: no exact {precision} step "
+                  f"here can be more than {ref['s_per_step'] / floor['s_per_step']:.2f}x faster than the reference")
+        if ours.get("s_per_step") and ours.get("precision") == precision:
+            print(f"ours takes {ours['s_per_step'] / floor['s_per_step']:.2f}x the {precision} floor's time "
+                  f"(CPU time {ours['cpu_s_per_step'] / floor['cpu_s_per_step']:.2f}x)")
     return 0
 
 

@@ -161,10 +161,11 @@ def make_pictures(folder: Path, count: int, size: int) -> Path:
 
 def print_table(rows: dict[str, dict], columns: list[tuple[str, str, str]]) -> None:
     """A plain table: one row per configuration; columns are (key, heading, format)."""
-    print("configuration".ljust(14) + "".join(heading.rjust(20) for _, heading, _ in columns))
+    width = max(14, *(len(name) + 1 for name in rows))
+    print("configuration".ljust(width) + "".join(heading.rjust(20) for _, heading, _ in columns))
     for name, result in rows.items():
         if "error" in result:
-            print(name.ljust(14) + "  failed: " + result["error"][-400:])
+            print(name.ljust(width) + "  failed: " + result["error"][-400:])
             continue
         cells = [(fmt.format(result[key]) if result.get(key) is not None else "-").rjust(20) for key, _, fmt in columns]
-        print(name.ljust(14) + "".join(cells))
+        print(name.ljust(width) + "".join(cells))

@@ -12,6 +12,7 @@ from gradio_client.exceptions import AppError
 from gradio_client.utils import Status
 
 from tinv_gui.embeddings import load_embedding
+from tinv_gui.formats import EmbeddingFile, read_embedding, write_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
 
@@ -71,11 +72,13 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     assert "Finished." in final[3]
 
     downloads = {Path(p).name: p for p in final[4]}  # every format, each said what it is for
-    assert set(downloads) == {"learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot-kohya.safetensors"}
-    for path in downloads.values():
-        token, vectors = load_embedding(path)
-        assert token in ("<toy-robot>", "toy-robot", "toy-robot-kohya") and tuple(vectors.shape) == (1, 64)
-    assert "kohya" in final[5] and "AUTOMATIC1111" in final[5]
+    assert set(downloads) == {
+        "learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot.png", "toy-robot-onetrainer.safetensors"
+    }
+    for name, path in downloads.items():
+        token, vectors = load_embedding(path)  # the name each tool types: diffusers the token, the others the file's name
+        assert token == ("<toy-robot>" if name.startswith("learned_embeds") else Path(name).stem) and tuple(vectors.shape) == (1, 64)
+    assert all(tool in final[5] for tool in ("kohya", "AUTOMATIC1111", "InvokeAI", "OneTrainer", "type `toy-robot`"))
 
     embedding = final[6]["value"]  # the Playground's choice now points at the new embedding
     assert embedding.endswith("learned_embeds.safetensors")
@@ -164,20 +167,34 @@ def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
     url, _ = app_server
     client = visitor(url)
     save_file({"emb_params": torch.randn(2, 64) * 0.3}, tmp_path / "kohya-style.safetensors")
-    choice, message = client.predict(handle_file(str(tmp_path / "kohya-style.safetensors")), api_name="/load_embedding")
-    assert "Loaded `kohya-style` (2 vector(s) of width 64)" in message
+    choice, message = client.predict([handle_file(str(tmp_path / "kohya-style.safetensors"))], api_name="/load_embedding")
+    assert "Loaded `kohya-style` from kohya-style.safetensors (2 vector(s) of width 64). Type `kohya-style`" in message
     with_it, without, _ = client.predict(
         model="demo", embedding=choice["value"], prompt="a photo of kohya-style", steps=1, compare=False, api_name="/generate"
     )
     assert len(with_it) == 1 and not without
+    card, card_message = client.predict(embedding=choice["value"], api_name="/save_card")  # with the picture just drawn inside
+    assert Path(card).name == "kohya-style.png" and "type `kohya-style`" in card_message
+    back = read_embedding(card)
+    assert back.token == "kohya-style" and back.layout == "a1111-png" and back.vectors.shape == (2, 64)
+
+    # An A1111 name that is an ordinary word, and diffusers' SDXL output as its two files at once.
+    write_embedding(EmbeddingFile("x", torch.randn(2, 64)), tmp_path / "fresh.pt", "a1111-pt")
+    choice, message = client.predict([handle_file(str(tmp_path / "fresh.pt"))], api_name="/load_embedding")
+    assert "Type `fresh` in your prompt" in message
+    _, _, note = client.predict(model="demo", embedding=choice["value"], prompt="a Fresh apple", steps=1, compare=False, api_name="/generate")
+    assert "does not contain" not in note
+    xl = write_embedding(EmbeddingFile("<xl>", torch.randn(2, 32), torch.randn(2, 64)), tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
+    _, message = client.predict([handle_file(str(xl)), handle_file(str(xl.with_name("learned_embeds_2.safetensors")))], api_name="/load_embedding")
+    assert "Loaded `<xl>` from learned_embeds.safetensors + learned_embeds_2.safetensors (2 vector(s) of widths 32 + 64)" in message
 
     save_file({"emb_params": torch.randn(1, 768)}, tmp_path / "sd15-made.safetensors")
-    choice, _ = client.predict(handle_file(str(tmp_path / "sd15-made.safetensors")), api_name="/load_embedding")
+    choice, _ = client.predict([handle_file(str(tmp_path / "sd15-made.safetensors"))], api_name="/load_embedding")
     with pytest.raises(AppError, match="width 768"):
         client.predict(model="demo", embedding=choice["value"], prompt="a photo of <sd15-made>", steps=1, api_name="/generate")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(AppError, match="not an embedding file"):
-        client.predict(handle_file(str(tmp_path / "junk.safetensors")), api_name="/load_embedding")
+    with pytest.raises(AppError, match="Not an embedding file this app can read: junk.safetensors is neither"):
+        client.predict([handle_file(str(tmp_path / "junk.safetensors"))], api_name="/load_embedding")
 
 
 def test_prompt_from_image_finds_words_and_draws_them(app_server):

@@ -12,8 +12,18 @@ import torch
 from safetensors.torch import save_file
 
 from tinv_gui import formats
-from tinv_gui.embeddings import load_embedding, load_into_pipeline, save_embedding, unload_from_pipeline
-from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, read_embedding, write_embedding
+from tinv_gui.embeddings import (
+    load_embedding,
+    load_into_pipeline,
+    save_embedding,
+    unload_from_pipeline,
+)
+from tinv_gui.formats import (
+    EmbeddingFile,
+    EmbeddingFormatError,
+    read_embedding,
+    write_embedding,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every file layout the app writes: (format, file name).
@@ -37,25 +47,41 @@ def embedding(n=3, dim=64):
     return EmbeddingFile("<my-cat>", odd_vectors(n, dim), metadata={"steps": "120", "base_model": "demo", "init": "cat"})
 
 
+def name_to_type(fmt: str, file_name: str, token: str) -> str:
+    """The one naming rule: diffusers calls an embedding by its tensor's key (the token), the
+    other tools by the file's name."""
+    return token if fmt == "diffusers" else Path(file_name).stem
+
+
 @pytest.mark.parametrize(("source", "target"), list(itertools.product(LAYOUTS, LAYOUTS)), ids=lambda layout: f"{layout[0]}:{Path(layout[1]).suffix}")
-def test_conversion_between_every_pair_of_layouts_keeps_vectors_and_token(tmp_path, source, target):
+def test_conversion_between_every_pair_of_layouts_keeps_vectors_and_names_as_the_target_tool(tmp_path, source, target):
     original = embedding()
     first = write_embedding(original, tmp_path / "a" / source[1], source[0])
+    assert read_embedding(first).token == name_to_type(source[0], source[1], "<my-cat>")
     second = formats.convert(first, target[0], tmp_path / "b" / target[1])
     back = read_embedding(second)
     assert torch.equal(back.vectors, original.vectors)
     assert back.vectors.dtype == torch.float32
-    assert back.token == "<my-cat>"
+    assert back.token == name_to_type(target[0], target[1], read_embedding(first).token)
     if ".bin" not in (Path(source[1]).suffix, Path(target[1]).suffix):  # diffusers' .bin holds one tensor, nothing else
         assert back.step == 120
 
 
 def test_sdxl_layout_keeps_both_encoders_in_every_container(tmp_path):
     original = EmbeddingFile("<x>", odd_vectors(2, 768), odd_vectors(2, 1280, seed=1))
-    for fmt, name in LAYOUTS:
+    for fmt, name in LAYOUTS[2:] + [("onetrainer", "x.safetensors"), ("a1111-png", "x.png")]:
         back = read_embedding(write_embedding(original, tmp_path / fmt / name, fmt))
-        assert back.is_sdxl and back.layout == "sdxl"
+        assert back.is_sdxl and back.token == Path(name).stem
         assert torch.equal(back.vectors, original.vectors) and torch.equal(back.vectors_g, original.vectors_g)
+    for name in ("learned_embeds.safetensors", "learned_embeds.bin"):  # diffusers' SDXL example: two files
+        first = write_embedding(original, tmp_path / "diffusers" / name, "diffusers")
+        second = first.with_name(first.stem + "_2" + first.suffix)
+        assert [t.shape[1] for t in (read_embedding(first).vectors, read_embedding(second).vectors)] == [768, 1280]
+        for pair in ([first, second], [second, first]):  # either order
+            (back,) = formats.read_embeddings(pair)
+            assert back.is_sdxl and back.token == "<x>"
+            assert torch.equal(back.vectors, original.vectors) and torch.equal(back.vectors_g, original.vectors_g)
+        assert torch.equal(read_embedding(first, second).vectors_g, original.vectors_g)
 
 
 def test_files_from_other_tools_are_recognised(tmp_path):
@@ -68,7 +94,7 @@ def test_files_from_other_tools_are_recognised(tmp_path):
     torch.save({"string_to_token": {"*": 265}, "string_to_param": params}, tmp_path / "ldm.pt")
 
     kohya = read_embedding(tmp_path / "kohya-style.safetensors")
-    assert (kohya.layout, kohya.token) == ("kohya", "kohya-style")  # A1111 and ComfyUI name it after the file
+    assert (kohya.layout, kohya.token) == ("kohya", "kohya-style")  # kohya, A1111 and ComfyUI name it after the file
     assert torch.equal(kohya.vectors, vectors.half().float())
     single = read_embedding(tmp_path / "learned_embeds.bin")
     assert single.token == "<tok>" and single.vectors.shape == (1, 64)
@@ -82,13 +108,13 @@ def test_a1111_pt_holds_webui_fields(tmp_path):
     data = torch.load(path, weights_only=True)
     assert set(data) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
     assert data["string_to_token"] == {"*": 265} and list(data["string_to_param"]) == ["*"]
-    assert (data["name"], data["step"], data["sd_checkpoint_name"]) == ("<my-cat>", 120, "demo")
+    assert (data["name"], data["step"], data["sd_checkpoint_name"]) == ("my-cat", 120, "demo")  # the file's name, as A1111 calls it
 
 
 def test_load_embedding_reads_every_layout_and_keeps_its_signature(tmp_path):
     for fmt, name in LAYOUTS:
         token, vectors = load_embedding(write_embedding(embedding(), tmp_path / fmt / name, fmt))
-        assert token == "<my-cat>" and torch.equal(vectors, embedding().vectors)
+        assert token == name_to_type(fmt, name, "<my-cat>") and torch.equal(vectors, embedding().vectors)
 
 
 @pytest.mark.parametrize(("fmt", "name", "token"), [
@@ -96,21 +122,41 @@ def test_load_embedding_reads_every_layout_and_keeps_its_signature(tmp_path):
     ("diffusers", "learned_embeds.bin", None),
     ("a1111-pt", "my-cat.pt", None),
     ("a1111-safetensors", "my-cat.safetensors", None),
-    ("kohya", "my-cat.safetensors", "<my-cat>"),  # the layout has no name: diffusers needs token=
+    ("kohya", "my-cat.safetensors", "my-cat"),  # the layout has no name: diffusers needs token=
 ])
-def test_diffusers_load_textual_inversion_reads_our_files(tmp_path, store, fmt, name, token):
+def test_diffusers_load_textual_inversion_reads_our_files_under_the_same_name_as_the_other_tools(tmp_path, store, fmt, name, token):
     pipe = store.pipeline("demo")
     vectors = torch.randn(2, 64)
     path = write_embedding(EmbeddingFile("<my-cat>", vectors), tmp_path / name, fmt)
-    pipe.load_textual_inversion(str(path), token=token)
+    expected = name_to_type(fmt, name, "<my-cat>")
+    assert read_embedding(path).token == expected
+    names = [expected, f"{expected}_1"]
     try:
-        ids = pipe.tokenizer.convert_tokens_to_ids(["<my-cat>", "<my-cat>_1"])
+        pipe.load_textual_inversion(str(path), token=token)
+        ids = pipe.tokenizer.convert_tokens_to_ids(names)
         table = pipe.text_encoder.get_input_embeddings().weight
         assert torch.equal(table[ids], vectors)
     finally:
-        unload_from_pipeline(pipe, ["<my-cat>", "<my-cat>_1"])
+        unload_from_pipeline(pipe, names)
     assert len(pipe.tokenizer) == 49408
     assert not pipe.text_encoder.get_input_embeddings().weight.requires_grad
+
+
+def test_diffusers_loads_our_sdxl_two_files_into_each_text_encoder(tmp_path, store):
+    from tinv_gui.demo_model import SDXL_TEXT_WIDTHS
+
+    pipe = store.pipeline("demo-sdxl")
+    original = EmbeddingFile("<xl>", torch.randn(2, SDXL_TEXT_WIDTHS[0]), torch.randn(2, SDXL_TEXT_WIDTHS[1]))
+    first = write_embedding(original, tmp_path / "learned_embeds.safetensors", "diffusers")
+    second = tmp_path / "learned_embeds_2.safetensors"
+    names = ["<xl>", "<xl>_1"]
+    try:  # as diffusers documents for SDXL: each file into its own text encoder
+        pipe.load_textual_inversion(str(first), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+        pipe.load_textual_inversion(str(second), tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
+        for tokenizer, encoder, vectors in ((pipe.tokenizer, pipe.text_encoder, original.vectors), (pipe.tokenizer_2, pipe.text_encoder_2, original.vectors_g)):
+            assert torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(names)], vectors)
+    finally:
+        unload_from_pipeline(pipe, names)
 
 
 def test_wrong_width_is_explained(tmp_path, store):
@@ -163,9 +209,9 @@ def test_pickle_that_runs_code_is_refused_without_running(tmp_path, container):
 def test_unreadable_files_get_a_message(tmp_path):
     (tmp_path / "notes.pt").write_text("hello")
     save_file({"a": torch.zeros(1, 4), "b": torch.zeros(1, 4)}, tmp_path / "two.safetensors")
-    with pytest.raises(EmbeddingFormatError, match="neither a .safetensors nor a PyTorch"):
+    with pytest.raises(EmbeddingFormatError, match="neither a .safetensors, a PyTorch .pt/.bin file nor an A1111 .png/.webp"):
         read_embedding(tmp_path / "notes.pt")
-    with pytest.raises(EmbeddingFormatError, match="holds 2 tensors"):
+    with pytest.raises(EmbeddingFormatError, match="holds 2 tensors .* none of the keys of an embedding layout"):
         read_embedding(tmp_path / "two.safetensors")
     with pytest.raises(EmbeddingFormatError, match="does not exist"):
         read_embedding(tmp_path / "missing.pt")
@@ -175,11 +221,13 @@ def test_failed_pt_write_leaves_the_old_file(tmp_path, monkeypatch):
     path = write_embedding(embedding(), tmp_path / "my-cat.pt", "a1111-pt")
     before = path.read_bytes()
 
-    def crash(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a fi")
+    real_write_bytes = Path.write_bytes
+
+    def crash(self, data):
+        real_write_bytes(self, data[:9])
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         write_embedding(EmbeddingFile("<other>", torch.ones(1, 64)), path, "a1111-pt")
     assert path.read_bytes() == before
@@ -189,9 +237,10 @@ def test_failed_pt_write_leaves_the_old_file(tmp_path, monkeypatch):
 def test_export_all_writes_every_format_a_tool_can_pick_up(tmp_path):
     source = save_embedding(tmp_path / "run" / "learned_embeds.safetensors", "<my-cat>", odd_vectors(), {"steps": 7})
     written = formats.export_all(source)
-    assert set(written) == {"diffusers", "diffusers-bin", "a1111-pt", "a1111-safetensors", "kohya"}
+    assert set(written) == {"diffusers", "diffusers-bin", "a1111-pt", "a1111-safetensors", "kohya", "onetrainer", "a1111-png"}
     assert Path(written["a1111-pt"]).name == "my-cat.pt"  # the word A1111 users type
-    for path in written.values():
+    for fmt, path in written.items():
+        assert read_embedding(path).token == ("<my-cat>" if fmt.startswith("diffusers") else "my-cat")
         assert Path(path).parent.parent == tmp_path / "run" / "export"
         assert torch.equal(read_embedding(path).vectors, odd_vectors())
         assert oct(Path(path).stat().st_mode & 0o777) == oct(0o644)  # shareable, not private
@@ -209,8 +258,20 @@ def test_convert_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert str(out / "my-cat.pt") in done.stdout
     back = read_embedding(out / "my-cat.pt")
-    assert back.layout == "a1111-pt" and back.token == "<my-cat>" and torch.equal(back.vectors, odd_vectors())
+    assert back.layout == "a1111-pt" and back.token == "my-cat" and torch.equal(back.vectors, odd_vectors())
 
     from tinv_gui.cli import main
 
     assert main(["convert", str(source), "--format", "kohya", "--output", str(tmp_path / "x.pt")]) == 2
+
+    # diffusers' SDXL output: both files in, one card out, with the picture given.
+    from conftest import make_picture
+
+    xl = EmbeddingFile("<xl>", odd_vectors(2, 768), odd_vectors(2, 1280, seed=1))
+    first = write_embedding(xl, tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
+    make_picture(0).save(tmp_path / "preview.png")
+    assert main(["convert", str(first), str(first.with_name("learned_embeds_2.safetensors")), "--format", "a1111-png",
+                 "--picture", str(tmp_path / "preview.png"), "--output", str(tmp_path / "card.png")]) == 0
+    card = read_embedding(tmp_path / "card.png")
+    assert card.token == "card" and torch.equal(card.vectors_g, xl.vectors_g)
+    assert main(["convert", str(first), "--format", "a1111-pt", "--output", str(tmp_path / "half.pt")]) == 0  # SD 1.x-wide: a valid file of its own

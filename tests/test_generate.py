@@ -84,3 +84,38 @@ def test_cli_generate_with_an_embedding(tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(output).size == (64, 64)
+
+
+def test_an_embedding_named_with_an_ordinary_word_is_spliced_in_where_the_prompt_says_it(pipe, tmp_path):
+    from tinv_gui.formats import EmbeddingFile, write_embedding
+
+    assert "fresh</w>" in pipe.tokenizer.get_vocab()  # diffusers alone refuses this name
+    vectors = torch.randn(2, 64, generator=torch.Generator().manual_seed(5))
+    fresh = write_embedding(EmbeddingFile("x", vectors), tmp_path / "fresh.pt", "a1111-pt")  # typed 'fresh', as in A1111
+    made_up = write_embedding(EmbeddingFile("<zq>", vectors), tmp_path / "learned_embeds.safetensors", "diffusers")
+    words = len(pipe.tokenizer)
+    common = dict(steps=2, seed=4)
+    as_word = generate(pipe, prompt="a photo of Fresh, fresh-looking", embeddings=[fresh], **common)
+    as_token = generate(pipe, prompt="a photo of <zq>, <zq>-looking", embeddings=[made_up], **common)
+    plain = generate(pipe, prompt="a photo of Fresh, fresh-looking", **common)
+    assert np.array_equal(pixels(as_word), pixels(as_token))  # the same vectors, in the same places
+    assert not np.array_equal(pixels(as_word), pixels(plain))
+    # A longer word that only starts with the name is left alone, as A1111's token match does.
+    assert np.array_equal(pixels(generate(pipe, prompt="freshly cut", embeddings=[fresh], **common)), pixels(generate(pipe, prompt="freshly cut", **common)))
+    assert len(pipe.tokenizer) == words
+
+
+def test_cli_generate_takes_diffusers_sdxl_two_files_as_two_embeddings(tmp_path, capsys):
+    from tinv_gui.demo_model import SDXL_TEXT_WIDTHS
+    from tinv_gui.formats import EmbeddingFile, write_embedding
+
+    both = EmbeddingFile("<two>", torch.randn(2, SDXL_TEXT_WIDTHS[0]), torch.randn(2, SDXL_TEXT_WIDTHS[1]))
+    first = write_embedding(both, tmp_path / "learned_embeds.safetensors", "diffusers")
+    output = tmp_path / "picture.png"
+    from tinv_gui import cli
+
+    common = ["generate", "--model", "demo-sdxl", "--prompt", "a photo of <two>", "--steps", "1", "--output", str(output)]
+    assert cli.main(common + ["--embedding", str(first), "--embedding", str(tmp_path / "learned_embeds_2.safetensors")]) == 0
+    assert output.is_file()
+    assert cli.main(common + ["--embedding", str(first)]) == 2  # one half alone is refused, with what to give
+    assert "If it is the first of diffusers' two SDXL files" in capsys.readouterr().err

@@ -79,7 +79,11 @@ def _add_convert(sub) -> None:
     from .formats import FORMATS
 
     p = sub.add_parser("convert", help="rewrite an embedding file for another tool")
-    p.add_argument("input", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors, kohya)")
+    p.add_argument(
+        "input", nargs="+", help="an embedding file in any layout (diffusers, A1111 .pt/.safetensors/.png, kohya, OneTrainer, "
+        "a LoRA with an embedding); for diffusers' SDXL output, its two files (learned_embeds, learned_embeds_2)"
+    )
+    p.add_argument("--picture", default=None, help="a1111-png: the card's preview picture (default: a plain one with the name)")
     p.add_argument("--format", required=True, choices=tuple(FORMATS), help="; ".join(f"{k}: {v}" for k, v in FORMATS.items()))
     p.add_argument("--output", required=True, help="the file to write, or a folder to write the format's usual file name into")
     p.add_argument("--token", default=None, help="rename the embedding (default: the name the file holds)")
@@ -132,7 +136,10 @@ def _add_optimize_prompt(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="make a picture with learned embeddings or optimized prompt embeddings")
     _add_model_and_device(p)
-    p.add_argument("--embedding", action="append", default=[], help="an embedding file whose token the prompt uses; repeatable")
+    p.add_argument(
+        "--embedding", action="append", default=[],
+        help="an embedding file whose name the prompt uses (the name the Playground shows); repeatable. diffusers' SDXL output is two files: give both",
+    )
     p.add_argument("--prompt-embeds", default=None, help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)")
     p.add_argument("--prompt", default=None)
     p.add_argument("--negative", default=None)
@@ -231,26 +238,96 @@ def _run_job(submit, log_jsonl: str | None = None) -> int:
     from .engine import Engine
     from .settings import SettingsError
 
+    engine = Engine()
     try:
-        job = submit(Engine())
-    except SettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return follow(job, log_jsonl)
+        try:
+            job = submit(engine)
+        except SettingsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return follow(job, log_jsonl)
+    finally:
+        engine.close()  # the process may end once this returns: no thread of ours is left running
+
+
+# Exit statuses: a run stopped by a signal ends with 128 + the signal's number, as a shell
+# reports a process the signal killed (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), but only after
+# saving what it trained so far.
+EXIT_FAILED = 2
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _detach_from_hung_up_terminal() -> None:
+    """After SIGHUP the terminal is gone and writing to it fails (EIO): send what would have gone
+    there to /dev/null instead, leaving files and pipes alone."""
+    import stat
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            if stat.S_ISCHR(os.fstat(fd).st_mode) and not os.isatty(fd):
+                os.dup2(devnull, fd)
+        except OSError:
+            pass
+    os.close(devnull)
+
+
+def _say(message: str, file=None) -> None:
+    """Print, unless the terminal is gone."""
+    try:
+        print(message, file=file or sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class _StepLog:
+    """The --log-jsonl file. A log that cannot be written (a full disk...) is given up with one
+    warning: it never stops the run, so it never costs the embedding."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.file = open(path, "w", encoding="utf-8") if path else None  # noqa: SIM115 - closed by close()
+
+    def write(self, row: dict) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        except OSError as error:
+            _say(f"warning: cannot write the log {self.path} ({_os_error_text(error)}); training goes on without it")
+            self.close()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+
+
+def _os_error_text(error: OSError) -> str:
+    import errno
+
+    return "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
 
 
 def follow(job, log_jsonl: str | None = None) -> int:
     """Show a job's events in the terminal (progress bar, log lines) until it ends.
 
-    Ctrl-C and SIGTERM ask the job to stop; it saves its embedding and ends. Returns the exit code.
-    """
+    Ctrl-C, SIGTERM and SIGHUP ask the job to stop; it saves its embedding and ends. Returns the
+    exit status: 0 done, 2 failed, 128 + the signal's number when a signal stopped it early."""
     from tqdm import tqdm
 
-    from .events import Failed, Finished, Log, Preview, Progress
+    received: list[int] = []
 
     def stop(signum, frame):  # noqa: ARG001
-        if not job.cancelled:
-            print("\nstopping after this step; the embedding will be saved...", file=sys.stderr)
+        if hasattr(signal, "SIGHUP") and signum == signal.SIGHUP:
+            _detach_from_hung_up_terminal()
+        elif not job.cancelled:
+            _say("\nstopping after this step; the embedding will be saved...")
+        received.append(signum)
         job.cancel()
 
     # Under `accelerate launch`, only the main process draws the bar, writes the log and lists
@@ -259,48 +336,81 @@ def follow(job, log_jsonl: str | None = None) -> int:
 
     rank = int(os.environ.get("RANK", "0")) if launched_with_several_processes() else 0
     prefix = f"[process {rank + 1}] " if rank else ""
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        step_log = _StepLog(log_jsonl if rank == 0 else None)
+    except OSError as error:
+        job.cancel()
+        print(f"error: cannot write the log {log_jsonl}: {_os_error_text(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    # nohup (SIGHUP ignored) keeps its meaning: only signals that would end the process stop the run.
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     bar = tqdm(total=job.total_steps or None, unit="step", dynamic_ncols=True, file=sys.stderr, disable=rank > 0)
-    log_file = open(log_jsonl, "w", encoding="utf-8") if log_jsonl and rank == 0 else None
     code = 1
     try:
         for event in job.events():
-            if isinstance(event, Progress):
-                bar.total = event.total
-                bar.update(event.step - bar.n)
-                bar.set_postfix(loss=f"{event.loss:.4f}", phase=event.phase)
-                if log_file:
-                    log_file.write(json.dumps({k: v for k, v in event.to_dict().items() if k != "event"}) + "\n")
-                    log_file.flush()
-            elif isinstance(event, Log):
-                bar.write(prefix + event.message, file=sys.stderr)
-            elif isinstance(event, Preview):
-                bar.write(f"preview at step {event.step}: {event.path}", file=sys.stderr)
-            elif isinstance(event, Finished):
-                bar.close()
-                for what, path in event.outputs.items() if rank == 0 else ():
-                    print(f"{what}: {path}")
-                for name, value in event.metrics.items():
-                    print(f"{name}: {value:.4f}")
-                if event.stopped_early:
-                    print("stopped early; the embedding so far was saved", file=sys.stderr)
-                code = 0
-            elif isinstance(event, Failed):
-                bar.close()
-                print(f"error: {event.message}", file=sys.stderr)
-                for what, path in event.outputs.items():
-                    print(f"kept {what}: {path}", file=sys.stderr)
-                code = 2
+            try:
+                code = _show(event, bar, step_log, prefix, rank, received, code)
+            except OSError:  # the terminal went away mid-line; the run and its files matter more
+                pass
     finally:
-        bar.close()
-        if log_file:
-            log_file.close()
+        try:
+            bar.close()
+        except OSError:
+            pass
+        step_log.close()
         for s, handler in old.items():
             signal.signal(s, handler)
     return code
 
 
+def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list[int], code: int) -> int:
+    """Show one event of `follow`; returns the exit status so far."""
+    from .events import Failed, Finished, Log, Preview, Progress
+
+    if isinstance(event, Progress):
+        bar.total = event.total
+        bar.update(event.step - bar.n)
+        bar.set_postfix(loss=f"{event.loss:.4f}", phase=event.phase)
+        step_log.write({k: v for k, v in event.to_dict().items() if k != "event"})
+    elif isinstance(event, Log):
+        bar.write(prefix + event.message, file=sys.stderr)
+    elif isinstance(event, Preview):
+        bar.write(f"preview at step {event.step}: {event.path}", file=sys.stderr)
+    elif isinstance(event, Finished):
+        bar.close()
+        for what, path in event.outputs.items() if rank == 0 else ():
+            print(f"{what}: {path}")
+        for name, value in event.metrics.items():
+            print(f"{name}: {value:.4f}")
+        if not event.stopped_early:
+            return 0
+        saved = "the embedding so far was saved" if event.outputs.get("embedding") else "nothing was saved (no step had finished)"
+        if received:
+            name = signal.Signals(received[0]).name
+            print(f"stopped early by {name}; {saved}", file=sys.stderr)
+            return 128 + received[0]
+        print(f"stopped early; {saved}", file=sys.stderr)
+        return 0
+    elif isinstance(event, Failed):
+        bar.close()
+        print(f"error: {event.message}", file=sys.stderr)
+        for what, path in event.outputs.items():
+            print(f"kept {what}: {path}", file=sys.stderr)
+        return EXIT_FAILED
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status. Ctrl-C before a run has started (while the
+    libraries load, say) ends it with 130 and one line, no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     if args.command == "demo-model":
@@ -320,12 +430,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0
     if args.command == "convert":
+        from .data import ImageError, open_image
         from .formats import EmbeddingFormatError, convert
 
+        from .engine import explain_failure
+
         try:
-            path = convert(args.input, args.format, args.output, args.token)
-        except (EmbeddingFormatError, OSError) as error:  # OSError: the output cannot be written
-            print(f"error: {error}", file=sys.stderr)
+            if len(args.input) > 2:
+                raise EmbeddingFormatError("give one embedding file, or the two files of diffusers' SDXL output")
+            picture = open_image(args.picture) if args.picture else None
+            path = convert(args.input[0], args.format, args.output, args.token, second=(args.input[1:] or [None])[0], picture=picture)
+        except (EmbeddingFormatError, ImageError, OSError) as error:  # OSError: the output cannot be written
+            print(f"error: {explain_failure(error)}", file=sys.stderr)
             return 2
         print(f"{args.format}: {path}")
         return 0
@@ -367,6 +483,7 @@ def prompt_settings_from_args(args):
 def _generate(args) -> int:
     from .device import choose_placement
     from .engine import explain_failure
+    from .files import atomic_save_image
     from .generate import generate, parse_size
     from .models import ModelStore
 
@@ -389,11 +506,9 @@ def _generate(args) -> int:
             size=size,
             placement=placement,
         )
+        output = atomic_save_image(images[0], args.output)  # a full disk never leaves half a picture
     except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
         print(f"error: {explain_failure(error)}", file=sys.stderr)
         return 2
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    images[0].save(output)
     print(f"image: {output}")
     return 0

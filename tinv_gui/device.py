@@ -3,6 +3,12 @@
 Frozen weights are stored in `weight_dtype`; the forward pass runs under autocast in
 `autocast_dtype` where the device supports it; trainable vectors always stay float32 (a master
 copy), so small updates are never rounded away.
+
+Half precision is chosen where the hardware computes it fast, and then frozen weights are stored
+in it once: under autocast, matrix products and convolutions take them as they are, while the
+operations autocast keeps in float32 (and the loss, computed on float32 predictions) upcast their
+inputs. Weights kept in float32 under autocast would be cast again at every use, and the backward
+pass would hold those casts too: a second copy of the model (0.85 GB for SD 1.5 on a CPU).
 """
 
 from __future__ import annotations
@@ -10,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +32,7 @@ class Placement:
     device: torch.device
     weight_dtype: torch.dtype  # dtype of frozen weights
     autocast_dtype: torch.dtype | None  # None: plain fp32 compute
+    reason: str = field(default="", compare=False, repr=False)  # why this precision, for the log
 
     def autocast(self):
         """Context manager running the forward pass in the chosen mixed precision (or not at all)."""
@@ -32,9 +40,16 @@ class Placement:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def describe(self) -> str:
-        mixed = "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", "")
-        return f"{self.device.type} ({mixed})"
+    def describe(self, why: bool = True) -> str:
+        """E.g. "cpu (bf16 weights, bf16 compute: automatic: this CPU computes bf16 natively
+        (avx512_bf16), faster than fp32)"; without `why`, only the device and dtypes."""
+        compute = "fp32" if self.autocast_dtype is None else _short(self.autocast_dtype)
+        what = f"{_short(self.weight_dtype)} weights, {compute} compute"
+        return f"{self.device.type} ({what}{': ' + self.reason if why and self.reason else ''})"
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -53,45 +68,86 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if "AMX" in capability.upper():
-        return True
+# oneDNN's instruction-set levels, lowest first; bf16 is native from AVX512_CORE_BF16 on.
+# (ONEDNN_MAX_CPU_ISA caps oneDNN at one of them: a CPU with bf16 then computes as one without.)
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX")
+
+
+def cpu_bf16_flag() -> str | None:
+    """The CPU flag that makes bf16 fast here ("amx_bf16" or "avx512_bf16"), or None.
+
+    Measured (benchmarks/bench_textual_inversion.py, README "Measured speed"): with avx512_bf16
+    a textual inversion step in bf16 takes half the time of fp32; with AVX-512 but no bf16
+    instructions (oneDNN emulates them) twice the time; with AVX2 only, bf16 is 5 to 17 times
+    slower for every kind of work (benchmarks/bench_precision.py). So bf16 only where a flag says
+    the instructions are there, and oneDNN is not capped below them."""
+    if _onednn_cap_below_bf16():
+        return None
+    flags = cpu_flags()
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+
+
+def _onednn_cap_below_bf16() -> str | None:
+    """The oneDNN ISA cap from the environment when it is below native bf16, else None."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ONEDNN_ISAS and _ONEDNN_ISAS.index(cap) < _ONEDNN_ISAS.index("AVX512_CORE_BF16"):
+        return cap
+    return None
+
+
+def _why_no_bf16() -> str:
+    cap = _onednn_cap_below_bf16()
+    if cap:
+        return f"ONEDNN_MAX_CPU_ISA={cap} keeps oneDNN from native bf16, so fp32, the faster there"
+    return "this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so fp32, the faster there"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+            return set(f.read().split())
+    except OSError:  # not Linux: no flags known, so fp32
+        return set()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
+    return cpu_bf16_flag() is not None
 
 
 def choose_placement(device: str = "auto", precision: str = "auto") -> Placement:
     """Pick the device and dtypes.
 
-    auto: CUDA runs fp16 weights with bf16 autocast where the GPU has bf16 (Ampere and newer),
-    fp16 otherwise; MPS runs fp32 (its autocast for training is still incomplete); the CPU runs
-    bf16 autocast only when it has native bf16 instructions, else fp32.
+    auto: CUDA runs bf16 where the GPU has it (Ampere and newer), fp16 otherwise; MPS runs fp32
+    (its autocast for training is still incomplete); the CPU runs bf16 only when it has native
+    bf16 instructions, else fp32. Every kind of work (a diffusion step, CLIP-space training and
+    prompt search, generation) spends its time in the same matrix products and convolutions, so
+    one choice serves them all, and training and generation share one loaded pipeline.
+    Half precision stores the frozen weights in it once (see the module's docstring).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dev = pick_device(device)
+    reason = f"--precision {precision}"
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            reason = "automatic: " + ("the GPU computes bf16" if precision == "bf16" else "the GPU has no bf16")
         elif dev.type == "cpu" and cpu_has_fast_bf16():
             precision = "bf16"
+            reason = f"automatic: this CPU computes bf16 natively ({cpu_bf16_flag()}), faster than fp32"
         else:
             precision = "fp32"
+            reason = "automatic: " + (_why_no_bf16() if dev.type == "cpu" else f"{dev.type} trains in fp32")
     if precision == "fp32":
-        return Placement(dev, torch.float32, None)
+        return Placement(dev, torch.float32, None, reason)
     if precision == "fp16" and dev.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
-    # Frozen weights in half precision halve memory on GPUs; on the CPU keep fp32 weights and
-    # let autocast convert, since CPU kernels for stored half weights are often slower.
-    weight_dtype = half if dev.type == "cuda" else torch.float32
-    return Placement(dev, weight_dtype, half)
+    # MPS keeps fp32 weights: its kernels for stored half weights under autocast are incomplete.
+    return Placement(dev, torch.float32 if dev.type == "mps" else half, half, reason)
 
 
 @functools.cache

@@ -228,3 +228,50 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         table = text_encoder.get_input_embeddings()
         table.requires_grad_(False)
         text_encoder.config.vocab_size = table.num_embeddings
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    """`name` as a whole word, in any case, as A1111 finds an embedding's name in a prompt (it
+    matches the name's CLIP tokens, and CLIP lowercases): 'fresh' in 'fresh-looking', not in 'freshly'."""
+    before = r"(?<!\w)" if re.match(r"\w", name[:1]) else ""
+    after = r"(?!\w)" if re.match(r"\w", name[-1:]) else ""
+    return re.compile(before + re.escape(name) + after, re.IGNORECASE)
+
+
+def mentions(text: str | None, name: str) -> bool:
+    """Whether a prompt uses the embedding called `name`."""
+    return bool(text and name and _name_pattern(name).search(text))
+
+
+def replace_name(text: str | None, name: str, replacement: str) -> str | None:
+    """`text` with every use of the embedding called `name` replaced by `replacement`."""
+    return _name_pattern(name).sub(lambda _: replacement, text) if text else text
+
+
+@contextlib.contextmanager
+def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
+    """Within the block, `pipe` knows `embeddings` (formats.EmbeddingFile); yields a function
+    that rewrites a prompt to use them. Each is loaded under a made-up token of its own and
+    the prompt's uses of its name become that token, so a name that is an ordinary word
+    ('fresh', as A1111 users name files) works as in A1111. Unloaded again at the end."""
+    from .formats import check_fits
+    from .models import pipeline_text_widths
+
+    added: list[str] = []
+    internal: dict[str, str] = {}
+    try:
+        for i, embedding in enumerate(embeddings):
+            where = embedding.path.name if embedding.path is not None else repr(embedding.token)
+            check_fits(embedding, pipeline_text_widths(pipe), where)
+            internal[embedding.token] = f"<tinv-embedding-{i}>"
+            added += load_into_pipeline(pipe, internal[embedding.token], embedding.vectors, scale, embedding.vectors_g)
+
+        def rewrite(text):
+            for name in sorted(internal, key=len, reverse=True):  # 'my-cat-2' before 'my-cat'
+                text = replace_name(text, name, internal[name])
+            return text
+
+        yield rewrite
+    finally:
+        if added:  # a cached pipeline stays clean for other jobs
+            unload_from_pipeline(pipe, added)

@@ -6,6 +6,7 @@ events; nothing here knows about Gradio or terminals.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -22,7 +23,8 @@ _ids = itertools.count(1)
 
 
 def explain_failure(error: BaseException) -> str:
-    """One paragraph a person can act on, for any error a job can raise."""
+    """One paragraph a person can act on, for any error a job can raise. It says nothing of what
+    was saved: the job adds that, knowing what it saved."""
     from .data import ImageError
     from .embeddings import TokenError
     from .models import ModelLoadError
@@ -34,11 +36,21 @@ def explain_failure(error: BaseException) -> str:
     if _is_out_of_memory(error):
         return (
             "ran out of memory. Try a smaller batch size, a lower resolution, or gradient checkpointing; "
-            "close other programs using the GPU. The last good embedding was kept."
+            "close other programs using the GPU."
         )
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return f"the disk is full{where}. Free some space, or write somewhere else, and try again."
+    if isinstance(error, OSError) and error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and error.filename:
+        return f"cannot write {error.filename}: {error.strerror.lower()}. Choose a folder you can write to."
     if isinstance(error, (ValueError, FileNotFoundError, PermissionError)):
         return str(error)
-    return f"unexpected error ({type(error).__name__}: {error}). The last good embedding was kept; see the log for details."
+    return f"unexpected error ({type(error).__name__}: {error}); see the log for details."
+
+
+def what_was_kept(outputs: dict[str, str]) -> str:
+    """The sentence a failure message ends with: the embedding it kept, if any was saved."""
+    return " The last good embedding was kept." if outputs.get("embedding") else ""
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -107,15 +119,20 @@ class Job:
         self.status = "running"
         reporter = Reporter(self._emit, self._stop, self.total_steps)
         self._emit(Started(self.id, self.description, self.total_steps))
+        failure = None
         try:
             with reporting_downloads(reporter.log):
                 outputs = self._work(reporter)
         except BaseException as error:  # noqa: BLE001 - every failure becomes an event
             log.debug("job %s failed", self.id, exc_info=True)
             self._emit(Log("".join(traceback.format_exception_only(type(error), error)).strip()))
+            failure = explain_failure(error)
+        # Announced only once the failed work's frames (and the models, tensors... they held) are
+        # gone: whoever reads the event may end the process at once.
+        if failure is not None:
             self.outputs = dict(reporter.outputs)
             self.status = "failed"
-            self._emit(Failed(explain_failure(error), self.outputs))
+            self._emit(Failed(failure + what_was_kept(self.outputs), self.outputs))
             return
         self.outputs = dict(outputs)
         self.status = "finished"
@@ -135,7 +152,7 @@ class Engine:
 
     def _start_worker(self) -> None:
         self._pid = os.getpid()
-        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._lock = threading.Lock()
         self.current: Job | None = None
@@ -159,11 +176,24 @@ class Engine:
                 return 0
             return self._waiting.index(job) + (1 if self.current is not None else 0)
 
+    def _check_model_names(self, settings) -> None:
+        """On a shared server (the store takes Hub ids only), every setting naming a model is
+        checked before the job is queued, whichever loader would read it."""
+        from .models import MODEL_FIELDS, SHARED_MODELS_ONLY, is_hub_name
+        from .settings import SettingsError
+
+        if self.store.hub_only:
+            for field in MODEL_FIELDS:
+                if getattr(settings, field, None) and not is_hub_name(getattr(settings, field)):
+                    raise SettingsError(field, SHARED_MODELS_ONLY)
+
     def train(self, settings) -> Job:
         """Queue a training job. Settings are checked now, so bad values fail before queueing."""
-        from .jobs import describe, run_training
+        from .jobs import check_output_folder, describe, run_training
 
         resolved = settings.resolved()
+        self._check_model_names(resolved)
+        check_output_folder(resolved.output_dir)
         return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
 
     def evaluate(self, settings) -> Job:
@@ -171,6 +201,7 @@ class Engine:
         from .jobs import run_evaluation
 
         settings.check()
+        self._check_model_names(settings)
         description = f"evaluation of {settings.embedding} on {settings.model}"
         return self.submit(description, lambda reporter: run_evaluation(settings, self.store, reporter), settings.total_steps)
 
@@ -184,15 +215,33 @@ class Engine:
 
     def optimize_prompt(self, settings) -> Job:
         """Queue a prompt-from-image job (PromptSettings); settings are checked now."""
-        from .jobs import run_prompt_optimization
+        from .jobs import check_output_folder, run_prompt_optimization
 
         resolved = settings.resolved()
+        self._check_model_names(resolved)
+        check_output_folder(resolved.output_dir)
         description = f"{resolved.mode} prompt optimization on {resolved.model}"
         return self.submit(description, lambda reporter: run_prompt_optimization(resolved, self.store, reporter), resolved.total_steps)
+
+    def close(self) -> None:
+        """Stop every job, queued or running, and wait for the engine's thread to end.
+
+        A process should call this before it exits: a thread still inside PyTorch when the
+        interpreter shuts down aborts the process ("terminate called without an active exception")."""
+        if os.getpid() != self._pid or not self._thread.is_alive():
+            return
+        with self._lock:
+            for job in [*self._waiting, self.current]:
+                if job is not None:
+                    job.cancel()
+        self._jobs.put(None)
+        self._thread.join()
 
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
+            if job is None:  # close() was called
+                return
             with self._lock:
                 self._waiting.remove(job)
                 self.current = job

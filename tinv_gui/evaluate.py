@@ -23,7 +23,7 @@ from PIL import Image
 from .clip_space import image_features, pooled_text_features
 from .data import load_dataset
 from .device import Placement, choose_placement
-from .embeddings import load_into_pipeline, unload_from_pipeline
+from .embeddings import embeddings_in_pipeline, mentions, replace_name
 from .events import Reporter
 from .formats import check_fits, read_embedding
 from .models import ClipBundle, ModelStore, pipeline_text_widths
@@ -69,7 +69,7 @@ class EvalSettings:
 
 def without_token(prompt: str, token: str, replacement: str = "") -> str:
     """The prompt with every `token` replaced (removed by default), spaces tidied."""
-    return re.sub(r"\s+", " ", prompt.replace(token, replacement)).strip()
+    return re.sub(r"\s+", " ", replace_name(prompt, token, replacement)).strip()
 
 
 def generate_images(pipe, prompt: str, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
@@ -109,9 +109,9 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reporter.log(f"Device: {placement.describe()}")
     pipe = store.pipeline(settings.model, placement)
     embedding = read_embedding(settings.embedding)
-    check_fits(embedding, pipeline_text_widths(pipe), Path(settings.embedding).name)
+    check_fits(embedding, pipeline_text_widths(pipe), Path(settings.embedding).name)  # before the long part
     token = embedding.token
-    if token not in settings.prompt:
+    if not mentions(settings.prompt, token):
         raise SettingsError("prompt", f"the prompt must use the embedding's token {token!r}, e.g. 'a photo of {token}'")
     baseline_word = settings.init if settings.init is not None else embedding.metadata.get("init", "")
     text = without_token(settings.prompt, token)
@@ -122,11 +122,8 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reference = image_features(clip, [p.image for p in pictures], crops=1)
     reporter.log(f"{len(pictures)} training pictures; generating {settings.n} pictures with {token!r}, then {settings.n} with {baseline_word or 'no word'!r}")
 
-    names = load_into_pipeline(pipe, token, embedding.vectors, vectors_g=embedding.vectors_g)
-    try:
-        with_token = generate_images(pipe, settings.prompt, settings, placement, reporter, "generate (token)")
-    finally:
-        unload_from_pipeline(pipe, names)  # the pipeline stays cached for other jobs: leave it clean
+    with embeddings_in_pipeline(pipe, [embedding]) as rewrite:  # checks the widths; unloads again after
+        with_token = generate_images(pipe, rewrite(settings.prompt), settings, placement, reporter, "generate (token)")
     baseline = generate_images(pipe, baseline_prompt, settings, placement, reporter, "generate (baseline)")
     if reporter.should_stop() or len(baseline) < settings.n:
         return None

@@ -8,7 +8,9 @@ torch.save for the formats other tools read.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -17,9 +19,15 @@ import torch
 from safetensors.torch import save_file
 
 
+# Below this much free space, a write that failed is taken to have failed for want of space:
+# not every writer says so (torch.save reports "basic_ios::clear", safetensors its own error).
+FULL_DISK_BYTES = 1 << 20
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call `write(temporary_path)`, then move the result into place, so that a crash never
-    leaves a half-written file where `path` was."""
+    leaves a half-written file where `path` was. A write that fails on a full disk raises
+    OSError(ENOSPC) naming `path`, whichever library was writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,10 +39,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as error:
+        full = _disk_is_full(error, path.parent)  # asked while the half-written file still fills it
+        Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _disk_is_full(error: Exception, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -17,8 +17,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .device import Placement
-from .embeddings import load_into_pipeline, unload_from_pipeline
-from .formats import check_fits, read_embedding
+from .embeddings import embeddings_in_pipeline
+from .formats import read_embeddings
 from .models import FAMILY_TITLES, T5_ENCODER, pipeline_family, pipeline_text_widths
 from .settings import SettingsError
 
@@ -163,23 +163,19 @@ def generate(
     # A CPU generator gives the same pictures for a seed on every device.
     generator = torch.Generator("cpu").manual_seed(seed)
     autocast = placement.autocast() if placement is not None else contextlib.nullcontext()
-    added: list[str] = []
     scheduler = pipe.scheduler
     try:
         if SAMPLERS.get(sampler):
             import diffusers
 
             pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler.config)
-        for path in embeddings:
-            embedding = read_embedding(path)
-            check_fits(embedding, pipeline_text_widths(pipe), Path(path).name)
-            added += load_into_pipeline(pipe, embedding.token, embedding.vectors, scale=strength, vectors_g=embedding.vectors_g)
-        with autocast:
-            return pipe(generator=generator, **kwargs).images
+        # Embeddings are called by their names in the prompts; diffusers' SDXL two-file output is one.
+        with embeddings_in_pipeline(pipe, read_embeddings(embeddings), scale=strength) as rewrite:
+            kwargs.update(prompt=rewrite(kwargs.get("prompt")), negative_prompt=rewrite(kwargs["negative_prompt"]))
+            with autocast:
+                return pipe(generator=generator, **kwargs).images
     finally:
         pipe.scheduler = scheduler
-        if added:  # the pipeline stays cached for other jobs: leave it clean
-            unload_from_pipeline(pipe, added)
 
 
 def _refuse_what_the_family_lacks(pipe, negative, embeddings, prompt_embeds, sampler) -> None:

@@ -16,6 +16,26 @@ from .settings import DIFFUSION_METHODS, TrainSettings
 from .training import EmbeddingWriter
 
 
+def check_output_folder(path) -> None:
+    """Make sure results can be written into the folder `path` (creating it), before anything
+    slow is loaded: a run that can save nothing should not start."""
+    import errno
+    import tempfile
+
+    from .settings import SettingsError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise SettingsError("output_dir", f"{folder} is not a folder; name a folder for the results")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or type(error).__name__).lower()
+        raise SettingsError("output_dir", f"cannot write into {folder} ({reason}); choose a folder you can write to") from None
+
+
 def describe(settings: TrainSettings) -> str:
     return f"{settings.method} training of {settings.token!r} on {settings.model}"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -72,6 +73,30 @@ class ModelSource:
     kind: str
     location: str
     clip_locations: tuple[str, ...] = ()  # the demo models ship their CLIPs beside them, one per text encoder
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MODEL_FIELDS = ("model", "clip_model", "clip_model_g", "caption_model")  # settings that name a model
+
+
+SHARED_MODELS_ONLY = "on this shared server, models come from the Hugging Face Hub (owner/name) or are the demo models"
+
+
+def is_hub_name(name: str) -> bool:
+    """On a shared server, whether `name` may be loaded: a Hub id (owner/name) or a demo model.
+    Decided before any look at the server's disk that could answer differently, so a refusal
+    never tells an existing path from a missing one."""
+    name = (name or "").strip()
+    if name in (*DEMO_NAMES, SDXL_DEMO_NAME, SD3_DEMO_NAME, FLUX_DEMO_NAME):
+        return True
+    # A Hub id also naming something on disk (relative to the server's folder) would load that.
+    return bool(HUB_ID.match(name)) and not any(part in (".", "..") for part in name.split("/")) and not Path(name).exists()
+
+
+def check_hub_name(name: str, what: str = "model") -> None:
+    """ModelLoadError unless `is_hub_name(name)`."""
+    if not is_hub_name(name):
+        raise ModelLoadError(f"{what}: {SHARED_MODELS_ONLY}")
 
 
 def resolve_source(model: str) -> ModelSource:
@@ -200,10 +225,16 @@ class ModelStore:
         self._tokenizers: dict[tuple, object] = {}
         self._families: dict[str, str] = {}
         self.loads = 0  # how many times weights were read from disk; tests check reuse with it
+        self.hub_only = False  # a shared server: models by Hub id or demo name only (check_hub_name)
+
+    def _source(self, model: str, what: str = "model") -> ModelSource:
+        if self.hub_only:
+            check_hub_name(model, what)
+        return resolve_source(model)
 
     def family(self, model: str) -> str:
         """The family of `model`, one of FAMILY_PIPELINES ("sd", "sdxl", "sd3", "flux"), told without loading weights."""
-        source = resolve_source(model)
+        source = self._source(model)
         with self._lock:
             if source.location not in self._families:
                 try:
@@ -224,7 +255,7 @@ class ModelStore:
         """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
         from transformers import CLIPTokenizer, T5TokenizerFast
 
-        source = resolve_source(model)
+        source = self._source(model)
         key = (source.location, encoder)
         with self._lock:
             if key not in self._tokenizers:
@@ -246,7 +277,7 @@ class ModelStore:
         (768, 1280) for SDXL, (768, 1280, 4096) for SD 3.x, (768, 4096) for Flux.1."""
         from transformers import CLIPTextConfig, T5Config
 
-        source = resolve_source(model)
+        source = self._source(model)
         if source.kind == "file":
             return pipeline_text_widths(self.pipeline(model))
         family = self.family(model)
@@ -267,7 +298,7 @@ class ModelStore:
         from .device import choose_placement
 
         placement = placement or choose_placement()
-        source = resolve_source(model)
+        source = self._source(model)
         key = (source.location, str(placement))
         with self._lock:
             if self._pipeline is not None and self._pipeline[0] == key:
@@ -318,12 +349,14 @@ class ModelStore:
         from .device import choose_placement
 
         placement = placement or choose_placement()
-        source = resolve_source(model)
+        source = self._source(model)
         if encoder >= self.text_encoder_count(model):
             raise ModelLoadError(f"{model} has {self.text_encoder_count(model)} text encoder(s), not {encoder + 1}")
         if T5_ENCODER.get(self.family(model)) == encoder:
             raise ModelLoadError(f"{model}'s text encoder {encoder + 1} is T5, which has no CLIP model (no image tower)")
         if clip_model:
+            if self.hub_only:
+                check_hub_name(clip_model, "CLIP model")
             clip_name = clip_model
         elif source.clip_locations:
             clip_name = source.clip_locations[encoder]

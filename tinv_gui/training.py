@@ -4,6 +4,7 @@ step, and a guard that keeps the last good vectors when the loss blows up."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -82,30 +83,40 @@ def optimizer_state_path(embedding_path) -> "Path":
     return path.with_name(path.name.removesuffix(".safetensors") + OPTIMIZER_SUFFIX)
 
 
-def save_optimizer_state(path, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Save AdamW's moments for the one trainable tensor as safetensors (no pickle)."""
+def save_optimizer_state(path, optimizer: torch.optim.Optimizer, step: int) -> bool:
+    """Save AdamW's moments for the one trainable tensor as safetensors (no pickle), recording
+    `step` as its embedding does; False when there is nothing to save (no step taken)."""
     from .files import atomic_save_safetensors
 
     state = optimizer.state_dict()["state"].get(0)
     if not state:
-        return
+        return False
     tensors = {name: value.reshape(-1) if name == "step" else value for name, value in state.items()}
     atomic_save_safetensors(tensors, path, {"optimizer": type(optimizer).__name__, "steps": str(step)})
+    return True
 
 
-def load_optimizer_state(path, vectors: torch.Tensor) -> dict | None:
-    """The optimizer state saved beside an embedding, as `make_optimizer` takes it; None when
-    there is none or it does not fit `vectors` (the run then starts with fresh moments)."""
-    from safetensors.torch import load_file
+def load_optimizer_state(path, vectors: torch.Tensor, steps: int) -> tuple[dict | None, str]:
+    """The optimizer state saved beside an embedding of `steps` steps, as `make_optimizer` takes
+    it, and "" ; or None and why not, when there is none or it is not this embedding's partner
+    (saved at another step, say by a run killed between the two saves, or of another shape)."""
+    from safetensors import safe_open
 
     if not path.is_file():
-        return None
-    tensors = load_file(str(path), device=str(vectors.device))
-    if tensors.get("exp_avg") is None or tensors["exp_avg"].shape != vectors.shape:
-        return None
+        return None, "no optimizer state was saved beside it"
+    try:
+        with safe_open(str(path), framework="pt", device=str(vectors.device)) as f:
+            saved_at = (f.metadata() or {}).get("steps")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is no dict
+    except Exception as error:  # noqa: BLE001 - a damaged state costs the moments, not the run
+        return None, f"{path.name} cannot be read ({type(error).__name__})"
+    if saved_at != str(steps):
+        return None, f"{path.name} was saved at step {saved_at}, the embedding at step {steps}, so they are not a pair"
+    if tensors.get("exp_avg") is None or tensors["exp_avg"].shape != vectors.shape or tensors.get("exp_avg_sq") is None:
+        return None, f"{path.name} does not fit these vectors"
     fresh = torch.optim.AdamW([vectors]).state_dict()
     fresh["state"] = {0: {"step": tensors["step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}}
-    return fresh
+    return fresh, ""
 
 
 def optimize(
@@ -118,14 +129,17 @@ def optimize(
     start_step: int = 0,
     *,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    optimizer: tuple | None = None,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
     """Run optimizer steps `start_step + 1` to `settings.steps` on `vectors` (a float32 leaf tensor).
 
     `compute_loss(micro_step)` returns a scalar loss for one micro-batch; it is called
     `grad_accum` times per step. `on_step(step, optimizer)` runs after each step (checkpoints,
     previews). A resumed run passes the saved `optimizer_state` and the steps already done.
-    A stop request ends the loop after the current step. On a NaN/inf loss, `vectors` is reset
-    to the last good values and TrainingDiverged is raised.
+    A stop request ends the loop after the current step. On a NaN/inf loss (or any failure),
+    `vectors` and the optimizer's moments are reset to those of the last good step and the error
+    is raised. `optimizer`, an (optimizer, schedule) pair from `make_optimizer`, lets the caller
+    hold the optimizer (to save it) even when the loop fails; `optimizer_state` is then unused.
 
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
@@ -134,8 +148,9 @@ def optimize(
 
     process = reporter.process or ProcessInfo(0, 1)
     broadcast_from_main(vectors, process)  # every process starts from the same vectors
-    optimizer, scheduler = make_optimizer(vectors, settings, optimizer_state, start_step)
+    optimizer, scheduler = optimizer or make_optimizer(vectors, settings, optimizer_state, start_step)
     last_good = vectors.detach().clone()
+    last_good_state = copy.deepcopy(optimizer.state_dict())  # small: the moments of [n, dim]
     last_loss = None
     step = start_step
     for step in range(start_step + 1, settings.steps + 1):
@@ -154,7 +169,7 @@ def optimize(
                 if not math.isfinite(value):
                     raise TrainingDiverged(
                         f"the loss became {value} at step {reporter.steps_done + 1}; lower the learning rate "
-                        "(--lr) or train in full precision (--precision fp32). The last good embedding was kept."
+                        "(--lr) or train in full precision (--precision fp32)."
                     )
                 (loss / settings.grad_accum).backward()
                 total += value / settings.grad_accum
@@ -171,14 +186,16 @@ def optimize(
             if not bool(torch.isfinite(vectors).all()):
                 raise TrainingDiverged(
                     f"the embedding became NaN or infinite at step {reporter.steps_done + 1}; lower the learning "
-                    "rate (--lr). The last good embedding was kept."
+                    "rate (--lr)."
                 )
         except BaseException:
             with torch.no_grad():
                 vectors.copy_(last_good)
+            optimizer.load_state_dict(last_good_state)
             raise
         with torch.no_grad():
             last_good.copy_(vectors)
+        last_good_state = copy.deepcopy(optimizer.state_dict())
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
         if on_step is not None:
@@ -205,6 +222,9 @@ class EmbeddingWriter:
         self.reporter = reporter
         self.widths = widths
         self.outputs: dict[str, str] = {}
+        if self._writes:  # what a run killed mid-save left behind
+            for leftover in self.output_dir.glob(".learned_embeds*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def save(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> str | None:
         """Write the latest embedding (after `step` steps in all), and the optimizer state beside
@@ -230,10 +250,9 @@ class EmbeddingWriter:
     def _write(self, path, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None):
         from .embeddings import save_embedding
 
-        path = save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
+        # A pair, each recording its step: a run killed between the two saves leaves files of
+        # different steps, which --resume tells apart (load_optimizer_state).
         state_path = optimizer_state_path(path)
-        if optimizer is not None:
-            save_optimizer_state(state_path, optimizer, step)
-        else:  # a state from an earlier save would not match these vectors
-            state_path.unlink(missing_ok=True)
-        return path
+        if optimizer is None or not save_optimizer_state(state_path, optimizer, step):
+            state_path.unlink(missing_ok=True)  # a state from an earlier save is not these vectors'
+        return save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths)

@@ -38,7 +38,7 @@ from ..events import Preview, Reporter
 from ..formats import check_fits, read_embedding
 from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
-from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, optimize, optimizer_state_path
+from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, make_optimizer, optimize, optimizer_state_path
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -206,11 +206,11 @@ def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size
     """Generate one picture from a prompt already encoded for each tokenizer (the new vectors must
     be spliced in) with a fixed seed, and save it as PNG."""
     prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(tokenizers(pipe), prompt_ids)]
-    with torch.no_grad():
+    with torch.no_grad(), placement.autocast():
         embeds, pooled = encode_prompts(text_encoders(pipe), prompts)
-    extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
-    generator = torch.Generator(placement.device).manual_seed(seed)
-    image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
+        extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
+        generator = torch.Generator(placement.device).manual_seed(seed)
+        image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -293,12 +293,9 @@ def train_diffusion(
             raise SettingsError(
                 "steps", f"the resumed embedding was saved after {resumed.steps_done} steps; ask for more steps than that to continue"
             )
-        optimizer_state = load_optimizer_state(resumed.optimizer_state_file, vectors)
+        optimizer_state, why_not = load_optimizer_state(resumed.optimizer_state_file, vectors, resumed.steps_done)
         reporter.resume_at(resumed.steps_done)
-        reporter.log(
-            f"Resuming after step {resumed.steps_done}"
-            + ("" if optimizer_state else " (no optimizer state was saved beside it: the optimizer starts afresh)")
-        )
+        reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
     latents = encode_latents(pipe, images, placement, settings.flip)
@@ -326,12 +323,12 @@ def train_diffusion(
             reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
-    optimizer = None
+    optimizer = make_optimizer(vectors, loop, optimizer_state, start_step)
     with extended_vocabularies(text_encoders(pipe), vectors), activation_recomputation(pipe.unet, settings.gradient_checkpointing):
         try:
-            _, optimizer = optimize(vectors, compute_loss, loop, reporter, on_step, optimizer_state, start_step=start_step)
-        finally:  # keep the last good vectors, whatever happened
-            writer.save(vectors, reporter.steps_done, optimizer)
+            optimize(vectors, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer)
+        finally:  # keep the last good vectors and their optimizer state, whatever happened
+            writer.save(vectors, reporter.steps_done, optimizer[0])
     return vectors.detach().float().cpu()
 
 

@@ -80,6 +80,7 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         self.prompt_jobs: dict[str, Job] = {}  # visitor key -> their latest prompt-from-image job
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
+        self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
         # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
         self.returning: OrderedDict[str, str] = OrderedDict()

@@ -4,7 +4,7 @@
   auto-captioning (offered when tinv_gui.captioning exists; the interface is a guess).
 - Issue 4, wired: generation through tinv_gui.generate with a sampler and a strength on top
   (`generate_images`), prompt from an image through Engine.optimize_prompt.
-- Issue 6, wired: downloads in every format (`export_formats`); other tools' files are read by
+- Issue 6, wired: downloads for every tool (`export_formats`); other tools' files are read by
   formats.read_embedding (SDXL's two-encoder files too) and scored by tinv_gui.evaluate (TinvApp.measure).
 """
 
@@ -14,7 +14,6 @@ import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
-
 
 from ..formats import read_embedding, write_embedding
 from ..settings import METHOD_DEFAULTS
@@ -160,21 +159,28 @@ def similarity_from_loss(loss: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Issue 6 (wired): every export format for download, and files of every tool for the Playground.
 # ---------------------------------------------------------------------------------------------
-DOWNLOAD_ORDER = ("a1111-pt", "a1111-safetensors", "diffusers-bin", "kohya")
-
-
 def export_formats(embedding: Path) -> list[tuple[Path, str]]:
-    """The run's embedding and a copy in every format, each with the tools it is for. Files
-    that would share a name in the download list get the format in theirs."""
+    """The run's embedding and the files other tools load, each with the tools it is for and
+    the name to type there. Each file keeps the name its tools call it by; A1111's one-tensor
+    .safetensors is left out (the kohya file serves A1111 as well), and OneTrainer's, whose
+    name OneTrainer does not use, gets '-onetrainer' in its own."""
     from .. import formats
 
     written = formats.export_all(embedding)
-    files = [(embedding, formats.FORMATS["diffusers"])]
-    names = {embedding.name}
-    for fmt in DOWNLOAD_ORDER:
-        path = Path(written[fmt])
-        if path.name in names:  # A1111's and kohya's .safetensors take the same name
-            path = path.rename(path.with_name(f"{path.stem}-{fmt}{path.suffix}"))
-        names.add(path.name)
-        files.append((path, formats.FORMATS.get(fmt, "diffusers' older .bin layout")))
+    run = formats.read_embedding(embedding)
+    name = Path(written["kohya"]).stem
+    if run.is_sdxl:  # the run's file is SDXL's {clip_l, clip_g}; diffusers' two-file copies stay in export/diffusers
+        files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{run.token}`")]
+    else:
+        files = [
+            (embedding, f"diffusers' load_textual_inversion, this app: type `{run.token}`"),
+            (Path(written["diffusers-bin"]), f"diffusers' older .bin layout: type `{run.token}`"),
+        ]
+    onetrainer = Path(written["onetrainer"])
+    files += [
+        (Path(written["a1111-pt"]), f"AUTOMATIC1111, Forge, ComfyUI, InvokeAI, kohya: type `{name}` (InvokeAI `<{name}>`, ComfyUI `embedding:{name}`)"),
+        (Path(written["kohya"]), f"kohya sd-scripts, InvokeAI, ComfyUI, AUTOMATIC1111: type `{name}` (InvokeAI `<{name}>`, ComfyUI `embedding:{name}`)"),
+        (Path(written["a1111-png"]), f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`"),
+        (onetrainer.rename(onetrainer.with_name(f"{name}-onetrainer{onetrainer.suffix}")), "OneTrainer: load it as an embedding with the placeholder of your choice"),
+    ]
     return files

@@ -119,7 +119,7 @@ class MethodTab:
         placement = choose_placement()
         measured = self.speeds.get(preset.method)
         per_step = measured or (preset.s_per_step_gpu if placement.device.type == "cuda" else preset.s_per_step_cpu)
-        how = "measured on this machine" if measured else f"a rough figure for {placement.describe()} with Stable Diffusion 1.5"
+        how = "measured on this machine" if measured else f"a rough figure for {placement.describe(why=False)} with Stable Diffusion 1.5"
         return (
             f"**{preset.label}** takes about {format_seconds(steps * per_step)} for its {steps} steps "
             f"({how}; the demo model is much faster)."

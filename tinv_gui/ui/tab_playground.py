@@ -3,15 +3,17 @@ pictures with it and without it on the same seeds, and measure it (tinv_gui.eval
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import gradio as gr
+import torch
 
+from ..data import open_image
 from ..device import choose_placement
+from ..embeddings import mentions, save_embedding
 from ..events import TERMINAL_EVENTS
-from ..formats import read_embedding
+from ..formats import read_embedding, read_embeddings, write_embedding
 from ..settings import SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
@@ -31,20 +33,18 @@ EVAL_PICTURES = 4  # per side when measuring: each is a full generation, so keep
 
 
 def _embedding_label(ws: Workspace, path: Path) -> str:
-    """How an embedding is listed in the Playground: its token, where it came from, how it was made."""
-    from safetensors import safe_open
-
+    """How an embedding is listed in the Playground: the name to type, where it came from, how it was made."""
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
+        embedding = read_embedding(path)
+        name, meta = embedding.token, embedding.metadata
     except Exception:  # noqa: BLE001 - a broken file still gets listed, by name
-        meta = {}
+        name, meta = path.stem, {}
     if path.parent.parent == ws.runs:
         where = "trained " + time.strftime("%H:%M:%S", time.localtime(path.stat().st_mtime))
     else:
-        where = f"loaded from {path.name}"
+        where = f"loaded from {meta.get('loaded_from', path.name)}"
     details = ", ".join(x for x in (meta.get("method"), f"{meta['steps']} steps" if meta.get("steps") else None) if x)
-    return f"{meta.get('token', path.stem)} · {where}" + (f" ({details})" if details else "")
+    return f"{name} · {where}" + (f" ({details})" if details else "")
 
 
 class PlaygroundTab:
@@ -66,23 +66,49 @@ class PlaygroundTab:
         values = [v for _, v in choices]
         return gr.update(choices=choices, value=current if current in values else values[min(1, len(values) - 1)])
 
-    def load_embedding_file(self, file: str | None, request: gr.Request):
-        """Copy an embedding file (this app's, diffusers', AUTOMATIC1111's, kohya's) into the
-        visitor's folder and select it."""
+    def load_embedding_file(self, files, request: gr.Request):
+        """Read embedding files of any tool (diffusers' SDXL output: its two files together), keep
+        each in the visitor's folder and select the last. The name to type is the one the tool
+        that wrote the file uses (the upload keeps the file's own name); the copy is a
+        .safetensors that stores that name, so renaming the copy cannot change it."""
         ws = self.workspace(request)
-        if not file:
+        files = [files] if isinstance(files, str) else list(files or [])
+        if not files:
             return gr.update(), ""
-        target = unique_path(ws.embeddings, sanitize_filename(Path(file).name, "embedding"))
-        shutil.copyfile(file, target)
         try:
-            embedding = read_embedding(str(target))
+            embeddings = read_embeddings(files)
         except Exception as error:  # noqa: BLE001 - any unreadable file gets the same plain answer
-            target.unlink()
-            raise gr.Error(f"{Path(file).name} is not an embedding file this app can read ({error}).") from None
+            raise gr.Error(f"Not an embedding file this app can read: {error}.") from None
+        lines, target = [], None
+        for embedding in embeddings:
+            target = unique_path(ws.embeddings, sanitize_filename(embedding.token, "embedding") + ".safetensors")
+            vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
+            origin = " + ".join(Path(f).name for f in files) if embedding.layout == "diffusers-sdxl" else embedding.path.name
+            save_embedding(target, embedding.token, vectors, {**embedding.metadata, "loaded_from": origin}, embedding.widths if embedding.is_sdxl else None)
+            widths = " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
+            lines.append(
+                f"Loaded `{embedding.token}` from {origin} ({embedding.vectors.shape[0]} vector(s) of width{'s' if embedding.is_sdxl else ''} "
+                f"{widths}). Type `{embedding.token}` in your prompt."
+            )
         choices = self.embedding_choices(ws)
-        token, widths = embedding.token, " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
-        message = f"Loaded `{token}` ({embedding.vectors.shape[0]} vector(s) of width{'s' if '+' in widths else ''} {widths}). Put `{token}` in your prompt."
-        return gr.update(choices=choices, value=str(target.relative_to(ws.root))), message
+        return gr.update(choices=choices, value=str(target.relative_to(ws.root))), "\n\n".join(lines)
+
+    def save_card(self, embedding, request: gr.Request):
+        """The chosen embedding as an AUTOMATIC1111 embedding card: the latest picture drawn with
+        it (or a plain one) with the embedding inside, readable by A1111 and by this app."""
+        ws = self.workspace(request)
+        path = self._own_embedding(ws, embedding)
+        if path is None:
+            raise gr.Error("Choose an embedding first.")
+        chosen = read_embedding(path)
+        drawn = sorted(ws.images.glob("*/with-0.png"), key=lambda p: p.stat().st_mtime)
+        picture = open_image(drawn[-1]) if drawn else None
+        name = sanitize_filename(chosen.token, "embedding")
+        card = write_embedding(chosen, unique_path(ws.images, "card-" + time.strftime("%Y%m%d-%H%M%S")) / f"{name}.png", "a1111-png", picture)
+        return str(card), (
+            f"`{card.name}`: a picture with `{name}` inside. Put it in AUTOMATIC1111's or Forge's embeddings folder and type "
+            f"`{name}`; this app's Playground loads it too."
+        )
 
     def try_in_playground(self, request: gr.Request):
         """Carry the visitor's latest embedding to the Playground, with a prompt that uses it."""
@@ -105,7 +131,7 @@ class PlaygroundTab:
             raise gr.Error("Type a prompt first.")
         path = self._own_embedding(ws, embedding)
         token = read_embedding(path).token if path else None
-        note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and token not in prompt else ""
+        note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and not mentions(prompt, token) else ""
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S"))
         runs = [("with", path)] + ([("without", None)] if compare and path else [])
         options = dict(
@@ -157,7 +183,7 @@ class PlaygroundTab:
         if not dataset.picture_paths(ws):
             raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
         token = read_embedding(path).token
-        prompt = prompt if token in (prompt or "") else f"a photo of {token}"
+        prompt = prompt if mentions(prompt, token) else f"a photo of {token}"
         settings = EvalSettings(
             model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)
         )
@@ -194,8 +220,10 @@ class PlaygroundTab:
                         info="Trained here, or loaded from a file below. Pictures are drawn with the model chosen on the Method tab.",
                     )
                     c["embedding_file"] = gr.File(
-                        label="Load an embedding file (this app's, diffusers', AUTOMATIC1111's or kohya's)",
-                        file_types=[".safetensors", ".pt", ".bin"],
+                        label="Load embedding files (diffusers', AUTOMATIC1111's .pt/.png cards, ComfyUI's, kohya's, OneTrainer's; "
+                        "diffusers' SDXL output: both files at once)",
+                        file_types=[".safetensors", ".pt", ".bin", ".png", ".webp"],
+                        file_count="multiple",
                     )
                     c["embedding_status"] = gr.Markdown()
                     c["prompt"] = gr.Textbox(
@@ -221,6 +249,10 @@ class PlaygroundTab:
                         c["with"] = gr.Gallery(label="With the embedding", columns=2, height=420, elem_id="playground-with")
                         c["without"] = gr.Gallery(label="Without (same seeds)", columns=2, height=420, elem_id="playground-without")
                     c["generate_status"] = gr.Markdown()
+                    with gr.Row():
+                        c["save_card"] = gr.Button("Save as an AUTOMATIC1111 card (.png)")
+                        c["card"] = gr.File(label="Embedding card", interactive=False)
+                    c["card_status"] = gr.Markdown()
                     c["measure"] = gr.Button("Measure how good it is")
                     c["scores"] = gr.Markdown(
                         f"Draws {EVAL_PICTURES} pictures with the embedding and {EVAL_PICTURES} with its starting word, "
@@ -241,6 +273,7 @@ class PlaygroundTab:
             concurrency_limit=1,
         )
 
+        c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
             on_gpu(self.measure),
             [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],

@@ -1,0 +1,300 @@
+"""Holds of issue 16: a failed job, a full disk, a kill between two saves, a failed resume, an
+unwritable output, signals. Each test reproduces a case that once went wrong."""
+
+import errno
+import os
+import pty
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinv_gui.embeddings import read_metadata, save_embedding
+from tinv_gui.engine import Engine
+from tinv_gui.events import Failed, Finished, Log
+from tinv_gui.settings import TrainSettings
+from tinv_gui.training import EMBEDDING_FILE, optimizer_state_path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "tinv_gui", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def ti_settings(picture_dir, out, **overrides):
+    values = dict(images=picture_dir, token="<hold>", init="toy", steps=3, batch_size=1, grad_accum=1, resolution=64,
+                  output_dir=str(out), method="textual-inversion")
+    return TrainSettings(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- 8: exit after a failure
+CRASHING_JOB = """
+import sys, torch
+from tinv_gui.cli import _run_job
+
+class Busy:
+    def __del__(self):  # PyTorch work (which lets go of the GIL) while the failed job is torn down
+        a = torch.randn(500, 500)
+        for _ in range(100):
+            a = torch.tanh(a @ a)
+
+def work(reporter):
+    held = Busy()
+    raise ValueError("broken on purpose")
+
+sys.exit(_run_job(lambda engine: engine.submit("fails", work)))
+"""
+
+
+def test_a_failed_job_ends_with_its_message_and_status_2_not_an_abort():
+    # The engine's thread, still inside PyTorch when the interpreter shut down, aborted the
+    # process: "terminate called without an active exception", status 134.
+    done = subprocess.run([sys.executable, "-c", CRASHING_JOB], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "error: broken on purpose" in done.stderr and "terminate called" not in done.stderr
+
+
+def test_closing_the_engine_stops_its_jobs_and_its_thread():
+    engine = Engine()
+    started = threading.Event()
+
+    def endless(reporter):
+        started.set()
+        while not reporter.should_stop():
+            time.sleep(0.01)
+        return {}
+
+    running, queued = engine.submit("endless", endless), engine.submit("next", lambda r: {})
+    assert started.wait(10)
+    engine.close()
+    assert not engine._thread.is_alive()
+    assert running.done and queued.cancelled
+
+
+# ----------------------------------------------------------------------------- 12: unwritable --output
+@pytest.mark.parametrize("kind", ["existing file", "/dev/null", "inside a file"])
+def test_an_unwritable_output_is_refused_before_anything_loads(tmp_path, picture_dir, kind):
+    blocker = tmp_path / "taken.txt"
+    blocker.write_text("mine")
+    output = {"existing file": blocker, "/dev/null": Path("/dev/null"), "inside a file": blocker / "out"}[kind]
+    # A model that cannot be loaded: had the run got as far as loading, that is what it would say.
+    done = run_cli("train", "--model", "nobody/no-such-model", "--images", str(picture_dir), "--token", "<x>",
+                   "--output", str(output), "--steps", "2", timeout=120)
+    assert done.returncode == 2
+    assert "output" in done.stderr and str(output) in done.stderr and "no-such-model" not in done.stderr, done.stderr
+    assert "kept" not in done.stderr and "Traceback" not in done.stderr
+    assert blocker.read_text() == "mine"
+
+
+def test_a_failure_claims_a_kept_embedding_only_when_one_was_saved(tmp_path):
+    engine = Engine()
+
+    def fails_before_saving(reporter):
+        raise RuntimeError("something broke")
+
+    def fails_after_saving(reporter):
+        reporter.outputs["embedding"] = str(tmp_path / EMBEDDING_FILE)
+        raise RuntimeError("something broke")
+
+    nothing = engine.submit("a", fails_before_saving).wait()
+    something = engine.submit("b", fails_after_saving).wait()
+    engine.close()
+    assert isinstance(nothing, Failed) and "kept" not in nothing.message
+    assert isinstance(something, Failed) and "last good embedding was kept" in something.message
+
+
+# ----------------------------------------------------------------------------- 10, 11: the embedding and its optimizer state
+def _scale_embedding(path: Path, factor: float) -> None:
+    metadata = read_metadata(path)
+    tensors = {k: v * factor for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_failed_resume_keeps_its_optimizer_state_paired_with_the_embedding(store, picture_dir, tmp_path):
+    out = tmp_path / "out"
+    engine = Engine(store)
+    assert isinstance(engine.train(ti_settings(picture_dir, out)).wait(), Finished)
+    embedding, state = out / EMBEDDING_FILE, optimizer_state_path(out / EMBEDDING_FILE)
+    assert read_metadata(state)["steps"] == read_metadata(embedding)["steps"] == "3"
+    _scale_embedding(embedding, 1e36)  # the next steps overflow
+
+    event = engine.train(ti_settings(picture_dir, out, steps=8, resume=str(embedding))).wait()
+    assert isinstance(event, Failed), event
+    assert state.is_file(), "the failed resume deleted its own optimizer state"
+    steps = read_metadata(embedding)["steps"]
+    assert read_metadata(state)["steps"] == steps
+    assert torch.isfinite(load_file(str(state))["exp_avg"]).all()
+
+
+def test_an_optimizer_state_of_another_step_is_not_paired_with_the_embedding(store, picture_dir, tmp_path):
+    out = tmp_path / "out"
+    engine = Engine(store)
+    assert isinstance(engine.train(ti_settings(picture_dir, out, steps=2)).wait(), Finished)
+    state = optimizer_state_path(out / EMBEDDING_FILE)
+    step2_state = state.read_bytes()
+    assert isinstance(engine.train(ti_settings(picture_dir, out, resume=str(out / EMBEDDING_FILE))).wait(), Finished)
+    # As a run killed between its two saves would leave them: the step-3 embedding, the step-2 state,
+    # and a half-written temporary file.
+    state.write_bytes(step2_state)
+    (out / ".learned_embeds.safetensors.k1ll3d.tmp").write_bytes(b"half")
+
+    job = engine.train(ti_settings(picture_dir, out, steps=4, resume=str(out / EMBEDDING_FILE)))
+    event = job.wait()
+    assert isinstance(event, Finished)
+    logs = [e.message for e in job.history if isinstance(e, Log)]
+    assert any("Resuming after step 3" in m and "step 2" in m and "starts afresh" in m for m in logs), logs
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+    assert read_metadata(state)["steps"] == read_metadata(out / EMBEDDING_FILE)["steps"] == "4"
+
+
+# ----------------------------------------------------------------------------- 13: signals
+def _train_until_logging(picture_dir, out, log, **popen):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinv_gui", "train", "--model", "demo", "--images", str(picture_dir), "--token", "<sig>",
+         "--init", "toy", "--steps", "100000", "--batch-size", "4", "--output", str(out), "--log-jsonl", str(log)],
+        cwd=ROOT, env=ENV, **popen,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    assert proc.poll() is None and log.exists(), "no progress within the time limit"
+    return proc
+
+
+def test_closing_the_terminal_saves_the_embedding_and_exits_129(picture_dir, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "log.jsonl"
+    terminal, child_side = pty.openpty()
+    drained = []
+
+    def drain():  # read the terminal as a terminal window would, until it is closed
+        try:
+            while chunk := os.read(terminal, 4096):
+                drained.append(chunk)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    proc = _train_until_logging(picture_dir, out, log, stdin=child_side, stdout=child_side, stderr=child_side)
+    os.close(child_side)
+    os.close(terminal)  # the window is closed: writes to it now fail, and SIGHUP comes
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == 128 + signal.SIGHUP
+    assert torch.isfinite(load_file(str(out / EMBEDDING_FILE))["<sig>"]).all()
+
+
+def test_ctrl_c_while_starting_up_prints_no_traceback(picture_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinv_gui", "train", "--model", "demo", "--images", str(picture_dir), "--token", "<x>",
+         "--output", str(tmp_path / "out")],
+        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(1.0)  # importing the libraries takes several seconds
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "interrupted" in stderr
+
+
+# ----------------------------------------------------------------------------- 9: a full disk
+def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp_path):
+    # /dev/full: every write fails with ENOSPC, as on a full disk.
+    done = run_cli("train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<log>",
+                   "--init", "toy", "--steps", "4", "--batch-size", "4", "--output", str(tmp_path / "out"), "--log-jsonl", "/dev/full")
+    assert done.returncode == 0, done.stderr
+    assert "cannot write the log /dev/full (the disk is full)" in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "out" / EMBEDDING_FILE).is_file()
+
+
+def _fill_the_disk(monkeypatch, owner, name: str, error: Exception) -> None:
+    """Make `owner.name(obj, file, ...)` write half a file and fail as that library does on a
+    full disk, with the disk reported full."""
+    import shutil
+
+    def half_then_fail(*args, **kwargs):
+        target = next(a for a in args if isinstance(a, (str, os.PathLike)))
+        with open(target, "wb") as half:
+            half.write(b"half a fi")
+        raise error
+
+    monkeypatch.setattr(owner, name, half_then_fail)
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: type("Usage", (), {"free": 0})())
+
+
+def test_generate_on_a_full_disk_keeps_the_earlier_picture_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from tinv_gui import cli
+
+    picture = tmp_path / "moon.png"
+    args = ["generate", "--model", "demo", "--prompt", "a cat", "--steps", "2", "--size", "64x64", "--output", str(picture)]
+    assert cli.main(args) == 0
+    good = picture.read_bytes()
+    _fill_the_disk(monkeypatch, Image.Image, "save", OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.main([*args[:-1], str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {picture}" in err and "Traceback" not in err
+    assert picture.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["moon.png"]
+
+
+def test_convert_on_a_full_disk_keeps_the_earlier_file_and_names_the_disk(tmp_path, monkeypatch, capsys):
+    from tinv_gui import cli
+
+    source = tmp_path / "learned_embeds.safetensors"
+    save_embedding(source, "<full>", torch.randn(1, 32))
+    target = tmp_path / "full.pt"
+    target.write_bytes(b"an earlier good file")
+    _fill_the_disk(monkeypatch, Path, "write_bytes", OSError(errno.ENOSPC, "No space left on device"))
+    assert cli.main(["convert", str(source), "--format", "a1111-pt", "--output", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"the disk is full while writing {target}" in err and "Errno" not in err
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_full_disk_is_named_whichever_library_was_writing(tmp_path, monkeypatch):
+    from tinv_gui import files
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"an earlier good file")
+    # torch.save says "basic_ios::clear: iostream error" when the disk fills.
+    _fill_the_disk(monkeypatch, files.torch, "save", RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear"))
+    with pytest.raises(OSError) as full:
+        files.atomic_torch_save({"x": torch.zeros(2)}, target)
+    assert full.value.errno == errno.ENOSPC and full.value.filename == str(target)
+    assert target.read_bytes() == b"an earlier good file" and not list(tmp_path.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- 2: shared mode
+def test_a_shared_server_takes_no_server_path_in_any_model_field(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = TinvApp(workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    existing, missing = str(picture_dir), str(tmp_path / "no-such-folder")
+    for field in ("clip_model", "clip_model_g", "caption_model"):
+        answers = []
+        for path in (existing, missing, "/etc", "../../x/.."):
+            with pytest.raises(gr.Error) as refused:
+                app._submit_training(ws, "demo", "<x>", "", "Quick", [], {field: path})
+            answers.append(str(refused.value).replace(path, "NAME"))
+        assert "Hugging Face Hub" in answers[0]
+        assert len(set(answers)) == 1, answers  # an existing path and a missing one get the same answer
+    from tinv_gui.models import ModelLoadError
+
+    for path in (existing, missing):  # the Playground loads through the same store
+        with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
+            app.engine.store.pipeline(path)
