@@ -17,13 +17,13 @@ from tinv_gui.demo_sd3_flux import (
     T5_MAX_LENGTH,
     build_t5_tokenizer,
 )
+from tinv_gui.model_families import checkpoint_family, checkpoint_keys
 from tinv_gui.models import (
     ModelLoadError,
     ModelSource,
     ModelStore,
     _explain,
-    checkpoint_family,
-    checkpoint_keys,
+    is_hub_name,
 )
 
 SENTENCE = "a photo of a Zebra sitting on a red sofa, 3 times!"
@@ -168,6 +168,13 @@ def test_single_files_are_told_apart_by_their_keys(tmp_path):
         "xl.safetensors": "sdxl", "sd15.safetensors": "sd", "sd3.ckpt": "sd3",
     }
     assert ModelStore().family(str(tmp_path / "flux1-dev.safetensors")) == "flux"
+
+
+def test_the_demo_models_are_allowed_on_a_shared_server():
+    shared = ModelStore()
+    shared.hub_only = True
+    assert is_hub_name("demo-sd3") and is_hub_name("demo-flux")
+    assert shared.family("demo-flux") == "flux"
 
 
 def test_a_single_file_without_t5_says_where_t5_comes_from(tmp_path):

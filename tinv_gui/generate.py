@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from .device import Placement
 from .embeddings import embeddings_in_pipeline
 from .formats import read_embeddings
-from .models import FAMILY_TITLES, T5_ENCODER, pipeline_family, pipeline_text_widths
+from .model_families import FAMILY_TITLES, T5_ENCODER, pipeline_family
+from .models import pipeline_text_widths
 from .settings import SettingsError
 
 # The samplers offered by name: diffusers scheduler classes, built from the pipeline's own

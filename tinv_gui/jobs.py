@@ -11,7 +11,8 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .models import FAMILY_TITLES, T5_ENCODER, ModelLoadError, ModelStore
+from .model_families import FAMILY_TITLES, T5_ENCODER
+from .models import ModelLoadError, ModelStore
 from .settings import DIFFUSION_METHODS, TrainSettings
 from .training import EmbeddingWriter
 

@@ -5,7 +5,7 @@ folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo
 "demo-flux" (the offline demo models, which load through the same code as a local folder).
 
 SD 1.x/2.x, SDXL, SD 3.x and Flux.1 load through the same code; the family is told from the
-folder's model_index.json or the checkpoint's keys (FAMILY_* below). Their text encoders (and
+folder's model_index.json or the checkpoint's keys (model_families.py). Their text encoders (and
 tokenizers) are numbered 0, 1, 2 here in the pipeline's order: SDXL's CLIP-L and bigG; SD 3.x's
 CLIP-L, bigG and T5; Flux's CLIP-L and T5.
 """
@@ -26,6 +26,19 @@ import torch
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
 from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
 from .device import Placement
+from .model_families import (
+    FAMILY_PIPELINES,
+    FAMILY_TEXT_ENCODERS,
+    FAMILY_TITLES,
+    T5_CHECKPOINT_KEY,
+    T5_ENCODER,
+    TEXT_ENCODER_FOLDERS,
+    TOKENIZER_FOLDERS,
+    checkpoint_family,
+    checkpoint_keys,
+    family_of_class_name,
+    missing_t5_hint,
+)
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The CLIP whose text tower each Stable Diffusion generation was trained with, by text width.
@@ -34,30 +47,6 @@ DEFAULT_CLIP_BY_WIDTH = {
     1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD 2.x
     1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder (its first is 768's)
 }
-# Each text encoder's subfolders in a diffusers pipeline (and the pipeline's attributes), by encoder number.
-TEXT_ENCODER_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-TOKENIZER_FOLDERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
-# A key only SDXL (base) checkpoints have: its second text encoder, OpenCLIP bigG.
-SDXL_CHECKPOINT_KEY_PREFIX = "conditioner.embedders.1."
-# The families, by the diffusers pipeline that loads them; "sd" is SD 1.x/2.x.
-FAMILY_PIPELINES = {
-    "sd": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-}
-FAMILY_TITLES = {"sd": "Stable Diffusion", "sdxl": "Stable Diffusion XL", "sd3": "Stable Diffusion 3", "flux": "Flux.1"}
-# model_index.json's `_class_name` prefix of each family other than "sd" (the first match wins).
-FAMILY_INDEX_PREFIXES = (("StableDiffusion3", "sd3"), ("Flux", "flux"), ("StableDiffusionXL", "sdxl"))
-# The transformer's tensor names in single-file SD 3.x and Flux.1 checkpoints, with or without the
-# "model.diffusion_model." prefix (the names diffusers' single-file loader recognizes them by).
-SD3_CHECKPOINT_BLOCK = "joint_blocks.0.context_block.adaLN_modulation.1.bias"
-FLUX_CHECKPOINT_BLOCK = "double_blocks.0.img_attn.norm.key_norm.scale"
-CHECKPOINT_MODEL_PREFIX = "model.diffusion_model."
-T5_CHECKPOINT_KEY = "text_encoders.t5xxl.transformer.shared.weight"  # a single file that holds T5-XXL
-# Which of a flow-matching family's text encoders is T5 (the others are CLIPs).
-T5_ENCODER = {"sd3": 2, "flux": 1}
-FAMILY_TEXT_ENCODERS = {"sd": TEXT_ENCODER_FOLDERS[:1], "sdxl": TEXT_ENCODER_FOLDERS[:2], "sd3": TEXT_ENCODER_FOLDERS, "flux": TEXT_ENCODER_FOLDERS[:2]}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -327,7 +316,7 @@ class ModelStore:
         except Exception as error:  # noqa: BLE001
             problem = _explain(source, f"the {FAMILY_TITLES[family]} pipeline", error)
             if source.kind == "file" and family in T5_ENCODER and T5_CHECKPOINT_KEY not in checkpoint_keys(Path(source.location)):
-                problem = ModelLoadError(f"{problem} {_missing_t5_hint(family)}")
+                problem = ModelLoadError(f"{problem} {missing_t5_hint(family)}")
             raise problem from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
@@ -432,11 +421,6 @@ def denoiser(pipe):
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
-def pipeline_family(pipe) -> str:
-    """The family (a key of FAMILY_PIPELINES) of a loaded pipeline."""
-    return _family_of_class_name(type(pipe).__name__)
-
-
 def pipeline_text_widths(pipe) -> tuple[int, ...]:
     """Widths of a loaded pipeline's text encoders, as ModelStore.text_widths."""
     return tuple(te.config.hidden_size for te in text_encoders(pipe))
@@ -448,49 +432,12 @@ def _family_of_source(source: ModelSource) -> str:
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(source.location)  # model_index.json, from the folder or the Hub
-    return _family_of_class_name(str(index.get("_class_name", "")))
-
-
-def _family_of_class_name(class_name: str) -> str:
-    return next((family for prefix, family in FAMILY_INDEX_PREFIXES if class_name.startswith(prefix)), "sd")
-
-
-def checkpoint_keys(path: Path) -> list[str]:
-    """The tensor names of a single-file checkpoint, without reading its tensors."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
-    return list(data.get("state_dict", data).keys())
-
-
-def checkpoint_family(keys) -> str:
-    """The family of a single-file checkpoint from its tensor names: SD 3.x by its MMDiT's joint
-    blocks, Flux.1 by its double-stream blocks, SDXL by its second text encoder, else SD 1.x/2.x."""
-    names = {key.removeprefix(CHECKPOINT_MODEL_PREFIX) for key in keys}
-    if SD3_CHECKPOINT_BLOCK in names:
-        return "sd3"
-    if FLUX_CHECKPOINT_BLOCK in names:
-        return "flux"
-    if any(name.startswith(SDXL_CHECKPOINT_KEY_PREFIX) for name in names):
-        return "sdxl"
-    return "sd"
+    return family_of_class_name(str(index.get("_class_name", "")))
 
 
 def _checkpoint_is_sdxl(path: Path) -> bool:
     """Whether a single-file checkpoint is SDXL's, reading only its keys."""
     return checkpoint_family(checkpoint_keys(path)) == "sdxl"
-
-
-def _missing_t5_hint(family: str) -> str:
-    return (
-        f"This {FAMILY_TITLES[family]} file holds no T5 text encoder ({T5_CHECKPOINT_KEY.rsplit('.', 2)[0]}.*): diffusers "
-        "takes it, and the pipeline's configs, from the model's Hub repository, which is gated (log in with a token after "
-        "accepting its licence) and must be in the local cache when offline. Use a file that includes T5, or the model's "
-        "diffusers folder."
-    )
 
 
 def _is_gated(error: BaseException | None) -> bool:
