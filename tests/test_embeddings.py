@@ -86,3 +86,19 @@ def test_save_is_diffusers_layout_with_metadata(tmp_path):
     token, loaded = load_embedding(path)
     assert token == "<t>" and torch.equal(loaded, vectors)
     assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]  # no temporary left behind
+
+
+def test_embedding_names_in_a_prompt_become_their_tokens_in_one_pass_as_whole_words_in_any_case(store):
+    from tinv_gui.embeddings import embeddings_in_pipeline, mentions
+    from tinv_gui.formats import EmbeddingFile
+
+    pipe = store.pipeline("demo")
+    named = [EmbeddingFile(name, torch.randn(1, 64)) for name in ("my-cat-2", "embedding", "Fresh")]
+    with embeddings_in_pipeline(pipe, named) as rewrite:
+        # 'embedding' is not found inside the token that replaced 'my-cat-2'; 'freshly' is another word.
+        assert rewrite("my-cat-2 and embedding, fresh-looking freshly MY-CAT-2") == (
+            "<tinv-embedding-0> and <tinv-embedding-1>, <tinv-embedding-2>-looking freshly <tinv-embedding-0>"
+        )
+        assert rewrite(None) is None
+    assert len(pipe.tokenizer) == 49408
+    assert mentions("a FRESH apple", "fresh") and not mentions("freshly cut", "fresh") and mentions("a <x>s", "<x>")

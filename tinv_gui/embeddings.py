@@ -230,12 +230,16 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         text_encoder.config.vocab_size = table.num_embeddings
 
 
-def _name_pattern(name: str) -> re.Pattern:
-    """`name` as a whole word, in any case, as A1111 finds an embedding's name in a prompt (it
-    matches the name's CLIP tokens, and CLIP lowercases): 'fresh' in 'fresh-looking', not in 'freshly'."""
+def _name_regex(name: str) -> str:
+    """`name` as a whole word, as A1111 finds an embedding's name in a prompt (it matches the
+    name's CLIP tokens): 'fresh' in 'fresh-looking', not in 'freshly'."""
     before = r"(?<!\w)" if re.match(r"\w", name[:1]) else ""
     after = r"(?!\w)" if re.match(r"\w", name[-1:]) else ""
-    return re.compile(before + re.escape(name) + after, re.IGNORECASE)
+    return before + re.escape(name) + after
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    return re.compile(_name_regex(name), re.IGNORECASE)  # in any case: CLIP lowercases
 
 
 def mentions(text: str | None, name: str) -> bool:
@@ -266,10 +270,13 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
             internal[embedding.token] = f"<tinv-embedding-{i}>"
             added += load_into_pipeline(pipe, internal[embedding.token], embedding.vectors, scale, embedding.vectors_g)
 
+        # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
+        # name is found inside another's replacement.
+        names = sorted(internal, key=len, reverse=True)
+        pattern = re.compile("|".join(f"(?P<n{i}>{_name_regex(name)})" for i, name in enumerate(names)), re.IGNORECASE)
+
         def rewrite(text):
-            for name in sorted(internal, key=len, reverse=True):  # 'my-cat-2' before 'my-cat'
-                text = replace_name(text, name, internal[name])
-            return text
+            return pattern.sub(lambda m: internal[names[int(m.lastgroup[1:])]], text) if text and names else text
 
         yield rewrite
     finally:

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..formats import read_embedding, write_embedding
 from ..settings import METHOD_DEFAULTS
 
 
@@ -119,29 +118,12 @@ SAMPLERS = {
 
 def generate_images(pipe, prompt=None, sampler: str = "Model default", embedding: Path | None = None, strength: float = 1.0, prompt_embeds=None, **options):
     """Pictures from tinv_gui.generate.generate (the CLI's `generate`: same seed, same pictures),
-    with the chosen sampler for this call only and the embedding's vectors scaled by `strength`
-    (a scaled copy is written beside it for the call). `options` go to generate()."""
-    import diffusers
-
+    with the chosen sampler for this call only and the embedding's vectors scaled by `strength`.
+    `options` go to generate()."""
     from ..generate import generate
 
-    original_scheduler = pipe.scheduler
-    scaled = None
-    try:
-        if SAMPLERS.get(sampler):
-            pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(original_scheduler.config)
-        if embedding is not None and strength != 1.0:
-            stronger = read_embedding(embedding)
-            stronger.vectors = stronger.vectors * strength
-            if stronger.is_sdxl:
-                stronger.vectors_g = stronger.vectors_g * strength
-            scaled = write_embedding(stronger, embedding.with_name(f".strength-{strength:g}-{embedding.stem}.safetensors"), "diffusers")
-        files = [scaled or embedding] if embedding is not None else []
-        return generate(pipe, prompt, embeddings=files, prompt_embeds=prompt_embeds, **options)
-    finally:
-        pipe.scheduler = original_scheduler
-        if scaled is not None:
-            scaled.unlink(missing_ok=True)
+    files = [embedding] if embedding is not None else []
+    return generate(pipe, prompt, embeddings=files, prompt_embeds=prompt_embeds, sampler=sampler, strength=strength, **options)
 
 
 def submit_prompt_search(engine, image: str, model: str, hard: bool, steps: int | None, output_dir: str):
