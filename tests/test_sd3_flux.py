@@ -17,12 +17,13 @@ from tinv_gui.demo_sd3_flux import (
     T5_MAX_LENGTH,
     build_t5_tokenizer,
 )
-from tinv_gui.model_families import checkpoint_family, checkpoint_keys
+from tinv_gui.families import family_for_checkpoint
 from tinv_gui.models import (
     ModelLoadError,
     ModelSource,
     ModelStore,
     _explain,
+    checkpoint_keys,
     is_hub_name,
 )
 
@@ -64,7 +65,7 @@ def test_t5_tokenizer_works_offline_and_round_trips():
 
 def test_demo_sd3_is_sd3_shaped(store, sd3):
     width_l, width_g, width_t5 = SD3_TEXT_WIDTHS
-    assert store.family("demo-sd3") == "sd3" and store.text_encoder_count("demo-sd3") == 3
+    assert store.family("demo-sd3").name == "sd3" and store.text_encoder_count("demo-sd3") == 3
     assert store.text_widths("demo-sd3") == SD3_TEXT_WIDTHS and len(set(SD3_TEXT_WIDTHS)) == 3
     assert type(sd3).__name__ == "StableDiffusion3Pipeline"
     classes = [type(getattr(sd3, name)).__name__ for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae", "scheduler")]
@@ -90,7 +91,7 @@ def test_demo_sd3_is_sd3_shaped(store, sd3):
 
 def test_demo_flux_is_flux_dev_shaped(store, flux):
     width_l, width_t5 = FLUX_TEXT_WIDTHS
-    assert store.family("demo-flux") == "flux" and store.text_widths("demo-flux") == FLUX_TEXT_WIDTHS
+    assert store.family("demo-flux").name == "flux" and store.text_widths("demo-flux") == FLUX_TEXT_WIDTHS
     assert type(flux).__name__ == "FluxPipeline"
     classes = [type(getattr(flux, name)).__name__ for name in ("text_encoder", "text_encoder_2", "transformer", "scheduler")]
     assert classes == ["CLIPTextModel", "T5EncoderModel", "FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler"]
@@ -141,7 +142,7 @@ def test_demo_model_command_writes_loadable_folders(tmp_path, flag, family, widt
     assert cli.main(["demo-model", str(tmp_path), flag]) == 0
     store = ModelStore()
     folder = str(tmp_path / "sd")
-    assert store.family(folder) == family and store.text_widths(folder) == widths
+    assert store.family(folder).name == family and store.text_widths(folder) == widths
     pipe = store.pipeline(folder)
     for encoder, name in enumerate(clips):
         clip = CLIPModel.from_pretrained(tmp_path / name)
@@ -162,19 +163,19 @@ def test_single_files_are_told_apart_by_their_keys(tmp_path):
     for name, keys in files.items():
         save_file({key: torch.zeros(1) for key in keys}, tmp_path / name)
     torch.save({"state_dict": {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}}, tmp_path / "sd3.ckpt")
-    found = {name: checkpoint_family(checkpoint_keys(tmp_path / name)) for name in [*files, "sd3.ckpt"]}
+    found = {name: family_for_checkpoint(checkpoint_keys(tmp_path / name)).name for name in [*files, "sd3.ckpt"]}
     assert found == {
         "sd35.safetensors": "sd3", "sd3-bare.safetensors": "sd3", "flux1-dev.safetensors": "flux", "flux-comfy.safetensors": "flux",
         "xl.safetensors": "sdxl", "sd15.safetensors": "sd", "sd3.ckpt": "sd3",
     }
-    assert ModelStore().family(str(tmp_path / "flux1-dev.safetensors")) == "flux"
+    assert ModelStore().family(str(tmp_path / "flux1-dev.safetensors")).name == "flux"
 
 
 def test_the_demo_models_are_allowed_on_a_shared_server():
     shared = ModelStore()
     shared.hub_only = True
     assert is_hub_name("demo-sd3") and is_hub_name("demo-flux")
-    assert shared.family("demo-flux") == "flux"
+    assert shared.family("demo-flux").name == "flux"
 
 
 def test_a_single_file_without_t5_says_where_t5_comes_from(tmp_path):

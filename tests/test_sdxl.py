@@ -16,7 +16,8 @@ from tinv_gui.events import Reporter
 from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, check_fits, read_embedding
 from tinv_gui.generate import generate
 from tinv_gui.methods.quick import train_quick
-from tinv_gui.models import DEFAULT_CLIP_BY_WIDTH, ModelLoadError, _checkpoint_is_sdxl
+from tinv_gui.families import FAMILIES, StableDiffusion, StableDiffusionXL, family_for_checkpoint, family_of
+from tinv_gui.models import ModelLoadError, checkpoint_keys
 from tinv_gui.settings import TrainSettings
 from tinv_gui.training import EmbeddingWriter
 
@@ -33,11 +34,13 @@ def sdxl_file(path, token="<xl>", seed=0, count=2, clip_g=None):
     generator = torch.Generator().manual_seed(seed)
     clip_l = torch.randn(count, WIDTH_L, generator=generator)
     clip_g = torch.randn(count, WIDTH_G, generator=generator) if clip_g is None else clip_g
-    return save_embedding(path, token, torch.cat([clip_l, clip_g], dim=1), {"steps": 1}, SDXL_TEXT_WIDTHS)
+    return save_embedding(path, token, torch.cat([clip_l, clip_g], dim=1), {"steps": 1}, SDXL_TEXT_WIDTHS, StableDiffusionXL.embedding_keys)
 
 
 def test_demo_sdxl_has_sdxl_shape(store, pipe):
-    assert store.is_sdxl("demo-sdxl") and not store.is_sdxl("demo")
+    assert isinstance(store.family("demo-sdxl"), StableDiffusionXL) and type(store.family("demo")) is StableDiffusion
+    assert family_of(pipe) is store.family("demo-sdxl") and store.text_encoder_count("demo-sdxl") == 2
+    assert {f.demo_model for f in FAMILIES} == {"demo", "demo-sdxl"}  # each family has its offline model
     assert store.text_widths("demo-sdxl") == SDXL_TEXT_WIDTHS and WIDTH_L != WIDTH_G
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -131,7 +134,7 @@ def test_quick_on_sdxl_trains_both_parts_against_their_own_clip(store, picture_d
     settings = TrainSettings(images=picture_dir, token="<q>", init="ball", vectors=2, steps=25, batch_size=8, model="demo-sdxl").resolved()
     losses = []
     reporter = Reporter(lambda e: losses.append(e.loss) if e.kind == "progress" else None, total_steps=25)
-    writer = EmbeddingWriter(tmp_path, "<q>", 0, {"method": "quick"}, reporter, SDXL_TEXT_WIDTHS)
+    writer = EmbeddingWriter(tmp_path, "<q>", 0, {"method": "quick"}, reporter, SDXL_TEXT_WIDTHS, ("clip_l", "clip_g"))
     result = train_quick(clips, images, settings, reporter, writer)
     assert result.steps_done == 25 and result.vectors.shape == (2, WIDTH_L + WIDTH_G)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:3]) / 3
@@ -162,7 +165,7 @@ def test_missing_sdxl_clip_is_explained(store):
         store.clip("demo-sdxl", clip_model="someone/not-a-cached-clip", encoder=1)
     message = str(error.value)
     assert "someone/not-a-cached-clip" in message and "--clip-model-g" in message
-    assert DEFAULT_CLIP_BY_WIDTH[1280] in message and DEFAULT_CLIP_BY_WIDTH[768] in message
+    assert "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k" in message and "openai/clip-vit-large-patch14" in message
 
 
 def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
@@ -170,8 +173,8 @@ def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
     save_file({f"conditioner.embedders.1.model.ln_final.{k}": v for k, v in weight.items()}, tmp_path / "xl.safetensors")
     save_file({f"cond_stage_model.transformer.text_model.final_layer_norm.{k}": v for k, v in weight.items()}, tmp_path / "sd15.safetensors")
     torch.save({"state_dict": {"conditioner.embedders.1.model.text_projection": torch.zeros(1)}}, tmp_path / "xl.ckpt")
-    assert _checkpoint_is_sdxl(tmp_path / "xl.safetensors") and _checkpoint_is_sdxl(tmp_path / "xl.ckpt")
-    assert not _checkpoint_is_sdxl(tmp_path / "sd15.safetensors")
+    families = [family_for_checkpoint(checkpoint_keys(tmp_path / name)) for name in ("xl.safetensors", "xl.ckpt", "sd15.safetensors")]
+    assert [type(f) for f in families] == [StableDiffusionXL, StableDiffusionXL, StableDiffusion]
 
 
 # ---- textual inversion through the UNet -----------------------------------------------------
@@ -180,13 +183,14 @@ def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
 def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, picture_dir):
     from tinv_gui.device import choose_placement
     from tinv_gui.embeddings import encode_with_placeholder, extended_vocabularies
-    from tinv_gui.methods.textual_inversion import DiffusionLoss, encode_latents, encode_prompts, pad_prompts, sdxl_time_ids
+    from tinv_gui.methods.textual_inversion import DiffusionLoss, encode_latents, pad_prompts
     from tinv_gui.models import text_encoders, tokenizers
 
     placement = choose_placement("cpu", "fp32")
+    family = family_of(pipe)
     encoders, prompt = text_encoders(pipe), "a photo of a ball"
     with torch.no_grad():
-        hidden, pooled = encode_prompts(encoders, [pad_prompts(t, [t(prompt).input_ids], placement.device) for t in tokenizers(pipe)])
+        hidden, pooled = family.encode_prompts(encoders, [pad_prompts(t, [t(prompt).input_ids], placement.device) for t in tokenizers(pipe)])
         expected, _, expected_pooled, _ = pipe.encode_prompt(prompt, device=placement.device, do_classifier_free_guidance=False)
     torch.testing.assert_close(hidden, expected)
     torch.testing.assert_close(pooled, expected_pooled)
@@ -194,7 +198,7 @@ def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, pictu
     images = load_dataset(picture_dir, size=64)  # 96x80 pictures: scaled to 77x64, 6 pixels cut on the left
     assert images[0].original_size == (80, 96) and images[0].crop_top_left == (0, 6)
     encoded = [[encode_with_placeholder(t, "a photo of <t>", "<t>", [49408])] for t in tokenizers(pipe)]
-    loss = DiffusionLoss(pipe, placement, encode_latents(pipe, images, placement, False), encoded, False, 2, False, 0, sdxl_time_ids(images, 64))
+    loss = DiffusionLoss(pipe, placement, encode_latents(pipe, images, placement, False), encoded, False, 2, False, 0, family.size_conditioning(images, 64))
     seen = []
     hook = pipe.unet.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     vectors = torch.randn(1, WIDTH_L + WIDTH_G, requires_grad=True)
@@ -202,7 +206,7 @@ def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, pictu
         with extended_vocabularies(encoders, vectors):
             loss().backward()
             with torch.no_grad():
-                _, token_pooled = encode_prompts(encoders, loss.prompts)
+                _, token_pooled = family.encode_prompts(encoders, loss.prompts)
     finally:
         hook.remove()
     (args, kwargs), = seen

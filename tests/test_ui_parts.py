@@ -16,7 +16,7 @@ from tinv_gui.events import Failed, Finished, Log, Progress, Started
 from tinv_gui.settings import TrainSettings
 from tinv_gui.ui import dataset, hooks
 from tinv_gui.ui.app import hub_status
-from tinv_gui.ui.tab_method import NOT_OPTIONS, option_fields, settings_from_form
+from tinv_gui.ui.options import option_fields, settings_from_form
 from tinv_gui.ui.progress import RunView, loss_colours, loss_frame
 from tinv_gui.ui.workspace import Workspaces, sanitize_filename
 
@@ -158,15 +158,18 @@ def test_form_leaves_method_defaults_to_the_method():
 
 
 def test_every_training_option_is_offered():
-    offered = {f.name for f in option_fields()}
-    assert offered == {f.name for f in dataclasses.fields(TrainSettings)} - NOT_OPTIONS
+    offered = {name for name, _, _ in option_fields()}
+    # What the Method tab asks for itself, or the run decides (its folder and step log), is not an option.
+    assert offered == {f.name for f in dataclasses.fields(TrainSettings)} - {"images", "token", "output_dir", "method", "model", "init", "log_jsonl", "extra"}
 
 
-def test_only_built_methods_are_offered():
-    from tinv_gui.settings import METHOD_DEFAULTS
+def test_the_presets_are_the_registered_methods_in_order():
+    from tinv_gui.methods import METHODS, method_with_label
 
-    assert [p.method for p in hooks.available_presets()] == [m for m in ("quick", "quick-then-ti", "textual-inversion", "caption-init") if m in METHOD_DEFAULTS]
-    assert hooks.available_presets()[0].label == "Quick"
+    assert [m.preset.label for m in METHODS.values()] == ["Quick", "Balanced", "Thorough", "From one picture"]
+    assert method_with_label("Balanced").name == "quick-then-ti" and method_with_label("Balanced").loads == {"clip", "pipeline"}
+    with pytest.raises(ValueError, match="Quick"):
+        method_with_label("Fastest")
 
 
 def test_hub_status_says_plainly_when_offline():

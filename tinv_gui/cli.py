@@ -30,49 +30,20 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _method_defaults_note(name: str) -> str:
+    """Where a setting left unset takes its value: each method's published default."""
+    from .methods import METHODS
+
+    values = {m.name: m.defaults[name] for m in METHODS.values() if name in m.defaults}
+    return ", ".join(f"{value} for {method}" for method, value in values.items())
+
+
 def _add_train(sub) -> None:
+    from .schema import add_arguments
+    from .settings import TrainSettings
+
     p = sub.add_parser("train", help="learn a new token from pictures")
-    p.add_argument(
-        "--method",
-        default="quick",
-        choices=("quick", "textual-inversion", "quick-then-ti", "caption-init"),
-        help="quick (QuickEmbedding, CLIP only), textual-inversion (through the UNet), quick-then-ti "
-        "(QuickEmbedding, then textual inversion), caption-init (one vector per caption word, then textual inversion)",
-    )
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
-    p.add_argument("--clip-model", default=None, help="CLIP model for CLIP-space methods (default: the one matching --model)")
-    p.add_argument("--clip-model-g", default=None, help="SDXL: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
-    p.add_argument("--images", required=True, nargs="+", help="a folder of pictures, or picture files")
-    p.add_argument("--token", required=True, help="the new word, e.g. <my-cat>")
-    p.add_argument("--init", default=None, help="a word or phrase to start from (default: random)")
-    p.add_argument("--vectors", type=int, default=1, help="vectors per token (default 1)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--lr-schedule", default=None, help="constant, linear, cosine, ... (diffusers' get_scheduler)")
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default: the method's)")
-    p.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=None,
-                   help="multiply --lr by batch size x accumulation (default: the method's)")
-    p.add_argument("--resolution", type=int, default=None, help="training size in pixels (default: the model's, 512 for SD 1.x)")
-    p.add_argument("--no-flip", action="store_true", help="do not also train on mirrored pictures")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about a third slower")
-    p.add_argument("--resume", default=None, metavar="FILE", help="continue from an embedding an earlier run saved (with its optimizer state)")
-    p.add_argument("--quick-steps", type=int, default=None, help="quick-then-ti: QuickEmbedding steps before textual inversion (default 100)")
-    p.add_argument("--caption", default=None, help="caption-init: the caption to start from (default: BLIP describes the first picture)")
-    p.add_argument("--caption-model", default=None, help="caption-init: a BLIP captioning model (default Salesforce/blip-image-captioning-base)")
-    p.add_argument("--preview-every", type=int, default=0, help="save a preview picture every N steps (0: none)")
-    p.add_argument("--preview-prompt", default=None, help="prompt of the previews; {} stands for the token (default: the first template)")
-    p.add_argument("--preview-steps", type=int, default=20, help="denoising steps per preview")
-    p.add_argument("--style", default="object", choices=("object", "style"), help="prompt templates to train with")
-    p.add_argument("--captions", action="store_true", help="train on each picture's caption (photo.txt beside photo.jpg)")
-    p.add_argument("--save-every", type=int, default=0, help="also save a numbered copy every N steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--output", required=True, help="folder for learned_embeds.safetensors")
-    p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
+    add_arguments(p, TrainSettings, _method_defaults_note)
 
 
 def _add_convert(sub) -> None:
@@ -90,64 +61,27 @@ def _add_convert(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
+    from .schema import add_arguments
+    from .settings import EvalSettings
+
     p = sub.add_parser("evaluate", help="score an embedding: CLIP image and text similarity, against its initializer word")
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
-    p.add_argument("--embedding", required=True, help="the embedding file (any layout)")
-    p.add_argument("--images", required=True, nargs="+", help="the training pictures: a folder or picture files")
-    p.add_argument("--prompt", required=True, help="a prompt using the token, e.g. 'a photo of <my-cat> on a beach'")
-    p.add_argument("--n", type=int, default=8, help="pictures to generate for the token, and as many for the baseline")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30, help="denoising steps per picture")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--init", default=None, help="baseline word (default: the initializer the file records)")
-    p.add_argument("--clip-model", default=None, help="CLIP model to score with (default: the one matching --model)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--json", default=None, help="write the figures to this JSON file")
-    p.add_argument("--save-images", default=None, help="keep the generated pictures in this folder")
-
-
-def _add_model_and_device(p) -> None:
-    p.add_argument("--model", default="demo", help="Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    add_arguments(p, EvalSettings)
 
 
 def _add_optimize_prompt(sub) -> None:
+    from .schema import add_arguments
+    from .settings import PromptSettings
+
     p = sub.add_parser("optimize-prompt", help="find the prompt that describes a picture (continuous, or readable with --hard)")
-    _add_model_and_device(p)
-    p.add_argument("--clip-model", default=None, help="CLIP model (default: the one matching --model)")
-    p.add_argument("--clip-model-g", default=None, help="SDXL, continuous: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
-    p.add_argument("--image", required=True, action="append", help="a picture to describe; repeat for several")
-    p.add_argument("--image-weight", type=float, action="append", default=None, help="weight of each --image, in order (default: equal)")
-    p.add_argument("--prompt", default="", help="where to start (default: empty)")
-    p.add_argument("--anchor", default=None, help="a prompt whose meaning the result should stay near")
-    p.add_argument("--anchor-weight", type=float, default=0.5)
-    p.add_argument("--negative", default=None, help="a negative prompt, optimized to move away from the picture")
-    p.add_argument("--length", type=int, default=None, help="tokens in the prompt (default 16, or the --prompt's length)")
-    p.add_argument("--steps", type=int, default=None, help="default 40, or 300 with --hard")
-    p.add_argument("--lr", type=float, default=None, help="default 0.01, or 0.1 with --hard")
-    p.add_argument("--hard", action="store_true", help="readable words (Hard Prompts Made Easy) instead of free vectors")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="folder for prompt_embeds.safetensors or prompt.txt, and result.json")
-    p.add_argument("--log-jsonl", default=None, help="write one JSON object per step to this file")
+    add_arguments(p, PromptSettings)
 
 
 def _add_generate(sub) -> None:
+    from .schema import add_arguments
+    from .settings import GenerateSettings
+
     p = sub.add_parser("generate", help="make a picture with learned embeddings or optimized prompt embeddings")
-    _add_model_and_device(p)
-    p.add_argument(
-        "--embedding", action="append", default=[],
-        help="an embedding file whose name the prompt uses (the name the Playground shows); repeatable. diffusers' SDXL output is two files: give both",
-    )
-    p.add_argument("--prompt-embeds", default=None, help="prompt_embeds.safetensors from optimize-prompt (instead of --prompt)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--negative", default=None)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's own size)")
-    p.add_argument("--output", required=True, help="the PNG to write")
+    add_arguments(p, GenerateSettings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,69 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _images_arg(values: list[str]):
-    return values[0] if len(values) == 1 else values
+def _settings(cls, args):
+    """The settings of a command from its flags (tinv_gui.schema makes both from the same fields)."""
+    from .schema import from_args
 
-
-def settings_from_args(args):
-    from .settings import TrainSettings
-
-    return TrainSettings(
-        images=_images_arg(args.images),
-        token=args.token,
-        output_dir=args.output,
-        method=args.method,
-        model=args.model,
-        clip_model=args.clip_model,
-        clip_model_g=args.clip_model_g,
-        init=args.init,
-        vectors=args.vectors,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps,
-        grad_accum=args.grad_accum,
-        scale_lr=args.scale_lr,
-        resolution=args.resolution,
-        flip=not args.no_flip,
-        gradient_checkpointing=args.gradient_checkpointing,
-        resume=args.resume,
-        quick_steps=args.quick_steps,
-        caption=args.caption,
-        caption_model=args.caption_model,
-        preview_every=args.preview_every,
-        preview_prompt=args.preview_prompt,
-        preview_steps=args.preview_steps,
-        seed=args.seed,
-        style=args.style,
-        use_captions=args.captions,
-        save_every=args.save_every,
-        device=args.device,
-        precision=args.precision,
-    )
-
-
-def eval_settings_from_args(args):
-    from .evaluate import EvalSettings
-
-    return EvalSettings(
-        model=args.model,
-        embedding=args.embedding,
-        images=_images_arg(args.images),
-        prompt=args.prompt,
-        n=args.n,
-        seed=args.seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        init=args.init,
-        clip_model=args.clip_model,
-        device=args.device,
-        precision=args.precision,
-        save_images=args.save_images,
-        json_path=args.json,
-    )
+    return from_args(cls, args)
 
 
 def _run_job(submit, log_jsonl: str | None = None) -> int:
@@ -445,70 +321,21 @@ def _main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{args.format}: {path}")
         return 0
+    from .settings import EvalSettings, PromptSettings, TrainSettings
+
     if args.command == "evaluate":
-        return _run_job(lambda engine: engine.evaluate(eval_settings_from_args(args)))
+        return _run_job(lambda engine: engine.evaluate(_settings(EvalSettings, args)))
     if args.command == "train":
-        return _run_job(lambda engine: engine.train(settings_from_args(args)), args.log_jsonl)
+        return _run_job(lambda engine: engine.train(_settings(TrainSettings, args)), args.log_jsonl)
     if args.command == "optimize-prompt":
-        return _run_job(lambda engine: engine.optimize_prompt(prompt_settings_from_args(args)), args.log_jsonl)
+        return _run_job(lambda engine: engine.optimize_prompt(_settings(PromptSettings, args)), args.log_jsonl)
     if args.command == "generate":
         return _generate(args)
     return 2
 
 
-def prompt_settings_from_args(args):
-    from .settings import PromptSettings
-
-    return PromptSettings(
-        images=args.image,
-        image_weights=args.image_weight,
-        output_dir=args.output,
-        model=args.model,
-        clip_model=args.clip_model,
-        clip_model_g=args.clip_model_g,
-        prompt=args.prompt,
-        anchor=args.anchor,
-        anchor_weight=args.anchor_weight,
-        negative=args.negative,
-        length=args.length,
-        hard=args.hard,
-        steps=args.steps,
-        lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        precision=args.precision,
-    )
-
-
 def _generate(args) -> int:
-    from .device import choose_placement
-    from .engine import explain_failure
-    from .files import atomic_save_image
-    from .generate import generate, parse_size
-    from .models import ModelStore
+    """Draw through the engine, as the app does; every value is checked before anything loads."""
+    from .settings import GenerateSettings
 
-    if (args.prompt is None) == (args.prompt_embeds is None):
-        print("error: give --prompt or --prompt-embeds (one of them)", file=sys.stderr)
-        return 2
-    try:
-        size = parse_size(args.size) if args.size else None  # before the slow load
-        placement = choose_placement(args.device, args.precision)
-        pipe = ModelStore().pipeline(args.model, placement)
-        images = generate(
-            pipe,
-            prompt=args.prompt,
-            negative=args.negative,
-            embeddings=args.embedding,
-            prompt_embeds=args.prompt_embeds,
-            steps=args.steps,
-            guidance=args.guidance,
-            seed=args.seed,
-            size=size,
-            placement=placement,
-        )
-        output = atomic_save_image(images[0], args.output)  # a full disk never leaves half a picture
-    except Exception as error:  # noqa: BLE001 - one readable line, as for engine jobs
-        print(f"error: {explain_failure(error)}", file=sys.stderr)
-        return 2
-    print(f"image: {output}")
-    return 0
+    return _run_job(lambda engine: engine.generate(_settings(GenerateSettings, args)))

@@ -155,17 +155,23 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
 
 
 def save_embedding(
-    path: str | Path, token: str, vectors: torch.Tensor, metadata: dict[str, object] | None = None, widths: tuple[int, ...] | None = None
+    path: str | Path,
+    token: str,
+    vectors: torch.Tensor,
+    metadata: dict[str, object] | None = None,
+    widths: tuple[int, ...] | None = None,
+    keys: tuple[str, ...] = (),
 ) -> Path:
-    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. With
-    two text encoder `widths` (SDXL), `vectors` holds both parts side by side and is saved in
-    SDXL's layout {"clip_l": [n, 768], "clip_g": [n, 1280]}, the token in the metadata."""
+    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. For a
+    family with a key per text encoder (Family.embedding_keys; SDXL: clip_l, clip_g), `vectors`
+    holds the parts side by side, of `widths`, and is saved as {key: part}, the token in the metadata."""
     meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    if widths is not None and len(widths) == 2:
-        clip_l, clip_g = split_columns(vectors, widths)
-        meta["dim"] = f"{widths[0]}+{widths[1]}"
-        return atomic_save_safetensors({"clip_l": clip_l, "clip_g": clip_g}, path, meta)
+    if widths is not None and len(widths) != max(len(keys), 1):
+        raise ValueError(f"vectors for {len(widths)} text encoders need a key each (the family's embedding_keys), not {keys}")
+    if keys:
+        meta["dim"] = "+".join(str(w) for w in widths)
+        return atomic_save_safetensors(dict(zip(keys, split_columns(vectors, widths))), path, meta)
     return atomic_save_safetensors({token: vectors}, path, meta)
 
 

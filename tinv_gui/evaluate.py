@@ -13,7 +13,6 @@ a token worth having beats its initializer on image similarity without losing mu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,44 +26,7 @@ from .embeddings import embeddings_in_pipeline, mentions, replace_name
 from .events import Reporter
 from .formats import check_fits, read_embedding
 from .models import ClipBundle, ModelStore, pipeline_text_widths
-from .settings import SettingsError
-
-
-@dataclass
-class EvalSettings:
-    """What to evaluate and how. `init` is the baseline word (default: the initializer the
-    embedding file records; with none, the prompt without the token is the baseline)."""
-
-    model: str = "demo"
-    embedding: str = ""
-    images: object = None  # the training pictures: a folder, a file, or a list of files
-    prompt: str = ""  # holds the embedding's token
-    n: int = 8  # pictures generated for the token, and as many for the baseline
-    seed: int = 0  # picture i uses seed + i, for the token and the baseline alike
-    steps: int = 30  # denoising steps per picture
-    guidance: float = 7.5
-    init: str | None = None
-    clip_model: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    save_images: str | None = None  # a folder to keep the generated pictures in
-    json_path: str | None = None  # where to write the figures as JSON
-
-    @property
-    def total_steps(self) -> int:
-        return 2 * self.n
-
-    def check(self) -> None:
-        for name in ("n", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise SettingsError(name, f"must be a whole number of at least 1, not {value!r}")
-        if not str(self.embedding).strip():
-            raise SettingsError("embedding", "name the embedding file to evaluate")
-        if not (self.prompt or "").strip():
-            raise SettingsError("prompt", "type a prompt that uses the token, e.g. 'a photo of <my-cat> on a beach'")
-        if self.images is None:
-            raise SettingsError("images", "give the training pictures to compare with")
+from .settings import EvalSettings, SettingsError
 
 
 def without_token(prompt: str, token: str, replacement: str = "") -> str:

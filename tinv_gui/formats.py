@@ -199,6 +199,7 @@ def _are_sdxl_halves(first: EmbeddingFile, second: EmbeddingFile) -> bool:
         and not first.is_sdxl
         and not second.is_sdxl
         and first.vectors.shape[0] == second.vectors.shape[0]
+        and first.vectors.shape[1] != second.vectors.shape[1]  # SDXL's two encoders differ in width
     )
 
 

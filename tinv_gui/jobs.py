@@ -11,9 +11,9 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .model_families import FAMILY_TITLES, T5_ENCODER
 from .models import ModelLoadError, ModelStore
-from .settings import DIFFUSION_METHODS, TrainSettings
+from .methods import Loaded, method_named
+from .settings import TrainSettings
 from .training import EmbeddingWriter
 
 
@@ -47,7 +47,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     Under `accelerate launch` with several processes, each process trains on its own share of
     the pictures with its own random draws, gradients are averaged, and the main process saves.
     """
-    _refuse_untrained_families(store, settings.model, "training embeddings")
+    _refuse_untrained_family(store, settings.model, "training embeddings")
     process = process_info()
     reporter.process = process
     if process.distributed:
@@ -55,42 +55,32 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
-    widths = store.text_widths(settings.model)  # two for SDXL: one set of vectors per text encoder
-    writer = EmbeddingWriter(Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths)
+    family = store.family(settings.model)
+    widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
+    writer = EmbeddingWriter(
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+    )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
-    if settings.method == "quick":
-        from .methods.quick import train_quick
-
-        clips, images = _clips_and_pictures(settings, store, placement, reporter, writer)
-        train_quick(clips, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    if settings.method in DIFFUSION_METHODS:
-        from .methods import textual_inversion as ti
-
+    method = method_named(settings.method)
+    loaded = Loaded(placement)
+    if "pipeline" in method.loads:
         reporter.log(f"Loading {settings.model}")
-        pipe = store.pipeline(settings.model, placement)
-        size = settings.resolution or ti.native_resolution(pipe)
-        images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
-        reporter.log(f"{len(images)} pictures ready at {size}x{size}")
-        if settings.method == "textual-inversion":
-            ti.train_textual_inversion(pipe, placement, images, settings, reporter, writer)
-        elif settings.method == "quick-then-ti":
-            clips, clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-            ti.train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer)
-        else:
-            from .methods.caption_init import train_caption_init
-
-            train_caption_init(pipe, placement, images, settings, reporter, writer)
-        return dict(writer.outputs)
-    raise ValueError(f"unknown method {settings.method!r}")
+        loaded.pipe = store.pipeline(settings.model, placement)
+        size = settings.resolution or family.native_resolution(loaded.pipe)
+        loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
+        reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
+    if "clip" in method.loads:
+        loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
+    method.run(loaded, settings, reporter, writer)
+    return dict(writer.outputs)
 
 
-def _refuse_untrained_families(store: ModelStore, model: str, what: str) -> None:
-    """SD 3.x and Flux.1 load and generate; tinv-gui's methods do not handle their T5 encoder yet."""
+def _refuse_untrained_family(store: ModelStore, model: str, what: str) -> None:
+    """SD 3.x and Flux.1 load and draw; tinv-gui's methods do not handle their T5 encoder yet."""
     family = store.family(model)
-    if family in T5_ENCODER:
-        raise ModelLoadError(f"{what} on {FAMILY_TITLES[family]} ({model}) is not supported yet; generating pictures with it is")
+    if not family.trainable:
+        raise ModelLoadError(f"{what} on {family.title} ({model}) is not supported yet; generating pictures with it is")
 
 
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
@@ -116,7 +106,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
-    _refuse_untrained_families(store, settings.model, "evaluating embeddings")
+    _refuse_untrained_family(store, settings.model, "evaluating embeddings")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -127,8 +117,9 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     atomic_write_text(settings.json_path, json.dumps(result, indent=2))
     return {"json": str(settings.json_path)}
 
+
 def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
-    """Draw pictures as `settings` (tinv_gui.generate.GenerateSettings, checked) say and save them;
+    """Draw pictures as `settings` (GenerateSettings, checked) say and save them;
     returns {"image": path, "image-1": ..., "without": ..., "without-1": ...}."""
     from .files import atomic_save_image
     from .generate import generate
@@ -142,7 +133,7 @@ def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     for name, embeddings, without in runs:
         pictures = generate(
             pipe, settings.prompt, settings.negative, embeddings, settings.prompt_embeds, settings.steps, settings.guidance,
-            settings.seed, settings.size, settings.count, placement, settings.sampler, settings.strength,
+            settings.seed, settings.dimensions, settings.count, placement, settings.sampler, settings.strength,
         )
         for i, (picture, path) in enumerate(zip(pictures, settings.picture_paths(without))):
             outputs[name + (f"-{i}" if i else "")] = str(atomic_save_image(picture, path))
@@ -157,7 +148,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
-    _refuse_untrained_families(store, settings.model, "finding a prompt from pictures")
+    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
@@ -173,8 +164,9 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
     reporter.outputs.update(outputs)
     reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
-    if len(clips) == 2:  # SDXL: each CLIP's own figure, the headline being their mean
-        reporter.metrics.update(clip_l_similarity=result.similarities[0], clip_g_similarity=result.similarities[1])
+    keys = store.family(settings.model).embedding_keys
+    if len(clips) > 1:  # each CLIP's own figure (SDXL: clip_l, clip_g), the headline being their mean
+        reporter.metrics.update({f"{key}_similarity": value for key, value in zip(keys, result.similarities)})
     if result.loss is not None:
         reporter.metrics["loss"] = result.loss
     if result.anchor_similarity is not None:

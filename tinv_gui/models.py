@@ -4,10 +4,9 @@ A model is named by a Hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a 
 folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" / "demo-sd3" /
 "demo-flux" (the offline demo models, which load through the same code as a local folder).
 
-SD 1.x/2.x, SDXL, SD 3.x and Flux.1 load through the same code; the family is told from the
-folder's model_index.json or the checkpoint's keys (model_families.py). Their text encoders (and
-tokenizers) are numbered 0, 1, 2 here in the pipeline's order: SDXL's CLIP-L and bigG; SD 3.x's
-CLIP-L, bigG and T5; Flux's CLIP-L and T5.
+Every family loads through the same code; its Family (tinv_gui.families) is told from the folder's
+model_index.json or the checkpoint's keys, and says which pipeline class loads it and what its
+text encoders (and tokenizers) are, numbered 0, 1, ... here.
 """
 
 from __future__ import annotations
@@ -26,28 +25,12 @@ import torch
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
 from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
 from .device import Placement
-from .model_families import (
-    FAMILY_PIPELINES,
-    FAMILY_TEXT_ENCODERS,
-    FAMILY_TITLES,
-    T5_CHECKPOINT_KEY,
-    T5_ENCODER,
-    TEXT_ENCODER_FOLDERS,
-    TOKENIZER_FOLDERS,
-    checkpoint_family,
-    checkpoint_keys,
-    family_of_class_name,
-    missing_t5_hint,
-)
+from .families import Family, family_for_checkpoint, family_for_index, family_of
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The CLIP whose text tower each Stable Diffusion generation was trained with, by text width.
-DEFAULT_CLIP_BY_WIDTH = {
-    768: "openai/clip-vit-large-patch14",  # SD 1.x
-    1024: "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # SD 2.x
-    1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder (its first is 768's)
-}
+CLIP_FLAGS = ("--clip-model", "--clip-model-g")  # the settings naming each text encoder's CLIP
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+T5_CHECKPOINT_KEY = "text_encoders.t5xxl.transformer.shared.weight"  # in a single file that holds T5-XXL
 
 
 class ModelLoadError(RuntimeError):
@@ -212,7 +195,7 @@ class ModelStore:
         # The CLIP models of one (model, placement): {(clip name, encoder): bundle}.
         self._clips: tuple[tuple, dict[tuple, ClipBundle]] | None = None
         self._tokenizers: dict[tuple, object] = {}
-        self._families: dict[str, str] = {}
+        self._families: dict[str, Family] = {}
         self.loads = 0  # how many times weights were read from disk; tests check reuse with it
         self.hub_only = False  # a shared server: models by Hub id or demo name only (check_hub_name)
 
@@ -221,8 +204,8 @@ class ModelStore:
             check_hub_name(model, what)
         return resolve_source(model)
 
-    def family(self, model: str) -> str:
-        """The family of `model`, one of FAMILY_PIPELINES ("sd", "sdxl", "sd3", "flux"), told without loading weights."""
+    def family(self, model: str) -> Family:
+        """The family of `model` (SD 1.x/2.x, SDXL, ...), told without loading weights."""
         source = self._source(model)
         with self._lock:
             if source.location not in self._families:
@@ -232,13 +215,9 @@ class ModelStore:
                     raise _explain(source, "the model's description", error) from error
             return self._families[source.location]
 
-    def is_sdxl(self, model: str) -> bool:
-        """Whether `model` is Stable Diffusion XL (two text encoders), told without loading weights."""
-        return self.family(model) == "sdxl"
-
     def text_encoder_count(self, model: str) -> int:
-        """1 for SD 1.x/2.x, 2 for SDXL and Flux.1, 3 for SD 3.x."""
-        return len(FAMILY_TEXT_ENCODERS[self.family(model)])
+        """How many text encoders the model has (SDXL: 2)."""
+        return self.family(model).text_encoder_count
 
     def tokenizer(self, model: str, encoder: int = 0):
         """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
@@ -251,10 +230,10 @@ class ModelStore:
                 try:
                     family = self.family(model)
                     if source.kind == "file":
-                        self._tokenizers[key] = tokenizers(self._load_pipeline(source, None))[encoder]
+                        self._tokenizers[key] = family.tokenizers(self._load_pipeline(source, None))[encoder]
                     else:
-                        tokenizer_class = T5TokenizerFast if T5_ENCODER.get(family) == encoder else CLIPTokenizer
-                        self._tokenizers[key] = tokenizer_class.from_pretrained(source.location, subfolder=TOKENIZER_FOLDERS[encoder])
+                        tokenizer_class = T5TokenizerFast if encoder == family.t5_encoder else CLIPTokenizer
+                        self._tokenizers[key] = tokenizer_class.from_pretrained(source.location, subfolder=family.tokenizer_attributes[encoder])
                 except ModelLoadError:
                     raise
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
@@ -270,10 +249,10 @@ class ModelStore:
         if source.kind == "file":
             return pipeline_text_widths(self.pipeline(model))
         family = self.family(model)
-        folders = FAMILY_TEXT_ENCODERS[family]
-        config_classes = [T5Config if T5_ENCODER.get(family) == i else CLIPTextConfig for i in range(len(folders))]
+        folders = family.text_encoder_attributes  # diffusers' subfolders carry the same names
+        configs = [T5Config if i == family.t5_encoder else CLIPTextConfig for i in range(len(folders))]
         try:
-            return tuple(config.from_pretrained(source.location, subfolder=folder).hidden_size for config, folder in zip(config_classes, folders))
+            return tuple(config.from_pretrained(source.location, subfolder=folder).hidden_size for config, folder in zip(configs, folders))
         except Exception as error:  # noqa: BLE001
             raise _explain(source, "the text encoder config", error) from error
 
@@ -302,21 +281,16 @@ class ModelStore:
 
         dtype = placement.weight_dtype if placement else torch.float32
         family = self.family(source.name)
-        kwargs = dict(dtype=dtype)
-        if family == "sdxl":  # it has no safety checker; an invisible watermark is the user's choice
-            kwargs.update(add_watermarker=False)
-        elif family == "sd":
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipeline_class = getattr(diffusers, FAMILY_PIPELINES[family])
+        pipeline_class, kwargs = getattr(diffusers, family.pipeline_class), family.pipeline_kwargs(dtype)
         try:
             if source.kind == "file":
                 pipe = pipeline_class.from_single_file(source.location, **kwargs)
             else:
                 pipe = pipeline_class.from_pretrained(source.location, **kwargs)
         except Exception as error:  # noqa: BLE001
-            problem = _explain(source, f"the {FAMILY_TITLES[family]} pipeline", error)
-            if source.kind == "file" and family in T5_ENCODER and T5_CHECKPOINT_KEY not in checkpoint_keys(Path(source.location)):
-                problem = ModelLoadError(f"{problem} {missing_t5_hint(family)}")
+            problem = _explain(source, f"the {family.title} pipeline", error)
+            if source.kind == "file" and family.t5_encoder is not None and T5_CHECKPOINT_KEY not in checkpoint_keys(Path(source.location)):
+                problem = ModelLoadError(f"{problem} {_missing_t5_hint(family)}")
             raise problem from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
@@ -324,24 +298,23 @@ class ModelStore:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (denoiser(pipe), pipe.vae, *text_encoders(pipe)):
+        for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
-        if family == "sdxl":
-            _pool_at_first_end_token(pipe.text_encoder_2, pipe.tokenizer_2)
+        family.prepare(pipe)
         return pipe
 
     def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None, encoder: int = 0) -> ClipBundle:
         """The CLIP model whose text tower is `model`'s text encoder number `encoder` (or
-        `clip_model` when given), loaded once. SDXL's encoder 0 is OpenAI's CLIP ViT-L/14 and
-        encoder 1 is OpenCLIP ViT-bigG/14."""
+        `clip_model` when given), loaded once; by default the one the family names for the
+        encoder's width (SDXL's encoder 0 is OpenAI's CLIP ViT-L/14, encoder 1 OpenCLIP ViT-bigG/14)."""
         from .device import choose_placement
 
         placement = placement or choose_placement()
         source = self._source(model)
         if encoder >= self.text_encoder_count(model):
             raise ModelLoadError(f"{model} has {self.text_encoder_count(model)} text encoder(s), not {encoder + 1}")
-        if T5_ENCODER.get(self.family(model)) == encoder:
+        if encoder == self.family(model).t5_encoder:
             raise ModelLoadError(f"{model}'s text encoder {encoder + 1} is T5, which has no CLIP model (no image tower)")
         if clip_model:
             if self.hub_only:
@@ -351,11 +324,12 @@ class ModelStore:
             clip_name = source.clip_locations[encoder]
         else:
             width = self.text_widths(model)[encoder]
-            if width not in DEFAULT_CLIP_BY_WIDTH:
+            defaults = self.family(model).default_clips
+            if width not in defaults:
                 raise ModelLoadError(
-                    f"no default CLIP model for a text encoder of width {width}; name one with --clip-model"
+                    f"no default CLIP model for a text encoder of width {width}; name one with {CLIP_FLAGS[min(encoder, len(CLIP_FLAGS) - 1)]}"
                 )
-            clip_name = DEFAULT_CLIP_BY_WIDTH[width]
+            clip_name = defaults[width]
         model_key = (source.location, str(placement))
         with self._lock:
             if self._clips is None or self._clips[0] != model_key:
@@ -375,10 +349,11 @@ class ModelStore:
             processor_config, _ = ImageProcessingMixin.get_image_processor_dict(clip_name)
         except Exception as error:  # noqa: BLE001
             problem = _explain(clip_source, "the CLIP model", error)
-            if self.is_sdxl(model):
+            family = self.family(model)
+            if family.text_encoder_count > 1:
+                needed = " and ".join(f"{name} ({flag})" for name, flag in zip(family.default_clips.values(), CLIP_FLAGS))
                 raise ModelLoadError(
-                    f"{problem} SDXL's CLIP-space methods need the CLIP models both its text encoders come from: "
-                    f"{DEFAULT_CLIP_BY_WIDTH[768]} (--clip-model) and {DEFAULT_CLIP_BY_WIDTH[1280]} (--clip-model-g), "
+                    f"{problem} {family.title}'s CLIP-space methods need the CLIP models its text encoders come from: {needed}, "
                     "in transformers' format; point at local copies of them, or use a method that trains through the UNet."
                 ) from error
             raise problem from error
@@ -388,7 +363,7 @@ class ModelStore:
         if clip.config.text_config.hidden_size != expected:
             raise ModelLoadError(
                 f"CLIP model {clip_name} has a text tower of width {clip.config.text_config.hidden_size}, but the "
-                f"pipeline's text encoder{f' {encoder + 1}' if self.is_sdxl(model) else ''} has width {expected}; "
+                f"pipeline's text encoder{f' {encoder + 1}' if self.text_encoder_count(model) > 1 else ''} has width {expected}; "
                 "pick the CLIP model the pipeline was trained with"
             )
         clip.requires_grad_(False).eval().to(placement.device)
@@ -406,19 +381,13 @@ class ModelStore:
 
 
 def text_encoders(pipe) -> list:
-    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL and Flux.1, three
-    for SD 3.x)."""
-    return [te for te in (getattr(pipe, name, None) for name in TEXT_ENCODER_FOLDERS) if te is not None]
+    """The pipeline's text encoders, in order (one for SD 1.x/2.x, two for SDXL)."""
+    return family_of(pipe).text_encoders(pipe)
 
 
 def tokenizers(pipe) -> list:
     """The pipeline's tokenizers, one per text encoder."""
-    return [tok for tok in (getattr(pipe, name, None) for name in TOKENIZER_FOLDERS) if tok is not None]
-
-
-def denoiser(pipe):
-    """The pipeline's denoising network: the UNet of SD 1.x/2.x/XL, the transformer of SD 3.x and Flux.1."""
-    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return family_of(pipe).tokenizers(pipe)
 
 
 def pipeline_text_widths(pipe) -> tuple[int, ...]:
@@ -426,18 +395,32 @@ def pipeline_text_widths(pipe) -> tuple[int, ...]:
     return tuple(te.config.hidden_size for te in text_encoders(pipe))
 
 
-def _family_of_source(source: ModelSource) -> str:
+def _family_of_source(source: ModelSource) -> Family:
     if source.kind == "file":
-        return checkpoint_family(checkpoint_keys(Path(source.location)))
+        return family_for_checkpoint(checkpoint_keys(Path(source.location)))
     from diffusers import DiffusionPipeline
 
     index = DiffusionPipeline.load_config(source.location)  # model_index.json, from the folder or the Hub
-    return family_of_class_name(str(index.get("_class_name", "")))
+    return family_for_index(str(index.get("_class_name", "")))
 
 
-def _checkpoint_is_sdxl(path: Path) -> bool:
-    """Whether a single-file checkpoint is SDXL's, reading only its keys."""
-    return checkpoint_family(checkpoint_keys(path)) == "sdxl"
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, without reading its tensors."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
+    return list(data.get("state_dict", data).keys())
+
+
+def _missing_t5_hint(family: Family) -> str:
+    return (
+        f"This {family.title} file holds no T5 text encoder (text_encoders.t5xxl.*): diffusers takes it, and the "
+        "pipeline's configs, from the model's Hub repository, which is gated (log in with a token after accepting its "
+        "licence) and must be in the local cache when offline. Use a file that includes T5, or the model's diffusers folder."
+    )
 
 
 def _is_gated(error: BaseException | None) -> bool:
@@ -451,17 +434,6 @@ def _is_gated(error: BaseException | None) -> bool:
             return True
         error, seen = error.__cause__ or error.__context__, seen + 1
     return False
-
-
-def _pool_at_first_end_token(text_encoder, tokenizer) -> None:
-    """SDXL's second text encoder ships an old config (end-of-text id 2) under which transformers
-    pools at the largest token id, which is a new token's once a learned one is in the prompt.
-    Pool at the first end-of-text token instead, as SDXL itself does: the same for every prompt
-    of known words, and right for prompts holding new tokens."""
-    eos = tokenizer.eos_token_id
-    text_encoder.config.eos_token_id = eos
-    model = getattr(text_encoder, "text_model", text_encoder)
-    model.eos_token_id = eos
 
 
 def _try_xformers(pipe) -> None:

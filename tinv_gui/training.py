@@ -209,10 +209,14 @@ EMBEDDING_FILE = "learned_embeds.safetensors"
 class EmbeddingWriter:
     """Writes a run's embedding into its output folder: `learned_embeds.safetensors` (always the
     latest) and, every `save_every` steps, a numbered copy. Nothing is written before the first
-    step, so a run that fails at once never overwrites an earlier good file. With SDXL's two text
-    encoder `widths`, the vectors hold both parts side by side and are saved in SDXL's layout."""
+    step, so a run that fails at once never overwrites an earlier good file. With the family's
+    embedding `keys` (SDXL: clip_l, clip_g), the vectors hold one part per text encoder of `widths`
+    side by side, and are saved one key per part."""
 
-    def __init__(self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter, widths: tuple[int, ...] | None = None):
+    def __init__(
+        self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter,
+        widths: tuple[int, ...] | None = None, keys: tuple[str, ...] = (),
+    ):
         from pathlib import Path
 
         self.output_dir = Path(output_dir)
@@ -221,6 +225,7 @@ class EmbeddingWriter:
         self.metadata = metadata
         self.reporter = reporter
         self.widths = widths
+        self.keys = keys
         self.outputs: dict[str, str] = {}
         if self._writes:  # what a run killed mid-save left behind
             for leftover in self.output_dir.glob(".learned_embeds*.tmp"):
@@ -255,4 +260,4 @@ class EmbeddingWriter:
         state_path = optimizer_state_path(path)
         if optimizer is None or not save_optimizer_state(state_path, optimizer, step):
             state_path.unlink(missing_ok=True)  # a state from an earlier save is not these vectors'
-        return save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths)
+        return save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths, self.keys)

@@ -34,7 +34,8 @@ from ..clip_space import image_features, pooled_text_features, spherical_distanc
 from ..embeddings import extended_vocabularies, tokenize_words
 from ..files import atomic_save_safetensors, atomic_write_text
 from ..events import Reporter
-from ..models import ClipBundle, text_encoders, tokenizers
+from ..families import family_of
+from ..models import ClipBundle
 from ..settings import DEFAULT_PROMPT_LENGTH, PromptSettings, SettingsError
 from ..training import LoopSettings, optimize
 
@@ -227,23 +228,21 @@ def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor
     states) plus `pooled_prompt_embeds` and `negative_pooled_prompt_embeds` [1, proj] (the second
     encoder's). Without an optimized negative, the negative is what diffusers' own `encode_prompt`
     gives when none is typed (SDXL models may make it zeros)."""
-    from .textual_inversion import encode_prompts, pad_prompts
+    from .textual_inversion import pad_prompts
 
-    encoders = text_encoders(pipe)
+    family = family_of(pipe)
+    encoders = family.text_encoders(pipe)
     device = encoders[0].device
     prompts = []
-    for tokenizer, encoder in zip(tokenizers(pipe), encoders):
+    for tokenizer, encoder in zip(family.tokenizers(pipe), encoders):
         ids = _prompt_ids(tokenizer, encoder.get_input_embeddings().num_embeddings, result.length, result.rows)
         prompts.append(pad_prompts(tokenizer, ids.tolist(), device))
     with extended_vocabularies(encoders, result.vectors.to(device)):
-        hidden, pooled = encode_prompts(encoders, prompts)
-    out = {"prompt_embeds": hidden[0:1]}
-    if pooled is not None:
-        out["pooled_prompt_embeds"] = pooled[0:1]
+        hidden, pooled = family.encode_prompts(encoders, prompts)
+    row = (lambda t, i: None if t is None else t[i : i + 1])  # noqa: E731
+    out = family.pipeline_conditioning(hidden[0:1], row(pooled, 0))
     if result.rows == 2:
-        out["negative_prompt_embeds"] = hidden[1:2]
-        if pooled is not None:
-            out["negative_pooled_prompt_embeds"] = pooled[1:2]
+        out.update(family.pipeline_conditioning(hidden[1:2], row(pooled, 1), prefix="negative_"))
     elif pooled is None:
         out["negative_prompt_embeds"] = pipe.encode_prompt("", device, 1, False)[0]
     else:

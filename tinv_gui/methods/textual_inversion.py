@@ -36,16 +36,12 @@ from ..device import Placement, release_freed_memory
 from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
 from ..events import Preview, Reporter
 from ..formats import check_fits, read_embedding
+from ..families import family_of
 from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
 from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, make_optimizer, optimize, optimizer_state_path
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def native_resolution(pipe) -> int:
-    """The picture size the pipeline was trained at (512 for SD 1.x, 768 for SD 2.x 768)."""
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
 @dataclass
@@ -77,8 +73,7 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
     vae = pipe.vae
-    # SDXL's VAE overflows in float16: its pipeline runs it in float32 (force_upcast), and so does this.
-    upcast = vae.dtype == torch.float16 and len(text_encoders(pipe)) == 2 and getattr(vae.config, "force_upcast", False)
+    upcast = family_of(pipe).vae_needs_upcast(vae)
     if upcast:
         vae.to(torch.float32)
     moments = []
@@ -111,6 +106,10 @@ class NoiseSchedule:
         self.signal = alphas_cumprod.sqrt()
         self.noise = (1.0 - alphas_cumprod).sqrt()
 
+    def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Training timesteps drawn uniformly from the whole schedule."""
+        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+
     def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The noised latents at `timesteps`, and what the UNet should predict from them."""
         signal = self.signal[timesteps].view(-1, 1, 1, 1)
@@ -128,7 +127,7 @@ class DiffusionLoss:
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
     each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
-    per tokenizer (SDXL has two); SDXL also takes each picture's size conditioning, `time_ids`.
+    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's), if any.
     """
 
     def __init__(
@@ -141,15 +140,16 @@ class DiffusionLoss:
         batch_size: int,
         mirror: bool,
         seed: int,
-        time_ids: torch.Tensor | None = None,
+        size_ids: torch.Tensor | None = None,
     ):
-        self.unet = pipe.unet
-        self.text_encoders = text_encoders(pipe)
+        self.family = family_of(pipe)
+        self.denoiser = self.family.denoiser(pipe)
+        self.text_encoders = self.family.text_encoders(pipe)
         self.placement = placement
         self.latents = latents
-        self.schedule = NoiseSchedule(pipe.scheduler.config, placement.device)
+        self.schedule = self.family.objective(pipe.scheduler.config, placement.device)
         self.prompts = [pad_prompts(tokenizer, encoded, placement.device) for tokenizer, encoded in zip(tokenizers(pipe), prompts)]
-        self.time_ids = None if time_ids is None else time_ids.to(placement.device)
+        self.size_ids = None if size_ids is None else size_ids.to(placement.device)
         self.per_picture = per_picture
         self.batch_size = batch_size
         self.mirror = mirror and latents.mirrored
@@ -162,22 +162,15 @@ class DiffusionLoss:
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
-        timesteps = torch.randint(0, self.schedule.num_timesteps, (len(picked),), generator=self.generator, device=device)
+        timesteps = self.schedule.sample_timesteps(len(picked), self.generator, device)
         noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
         rows = picked if self.per_picture else [self.rng.randrange(len(self.prompts[0][0])) for _ in picked]
-        dtype = self.unet.dtype
         with self.placement.autocast():
-            hidden, pooled = encode_prompts(self.text_encoders, [(ids[rows], mask[rows]) for ids, mask in self.prompts])
-            # SDXL's extra conditioning (the mirror of a centered crop has the same corner).
-            extra = None if pooled is None else {"text_embeds": pooled.to(dtype), "time_ids": self.time_ids[picked].to(dtype)}
-            prediction = self.unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=extra).sample
+            hidden, pooled = self.family.encode_prompts(self.text_encoders, [(ids[rows], mask[rows]) for ids, mask in self.prompts])
+            # The family adds its own conditioning (SDXL: pooled and sizes; a mirrored centered crop has the same corner).
+            size_ids = None if self.size_ids is None else self.size_ids[picked]
+            prediction = self.family.predict(self.denoiser, noisy, timesteps, hidden, pooled, size_ids)
         return F.mse_loss(prediction.float(), target)
-
-
-def sdxl_time_ids(images: list[TrainImage], size: int) -> torch.Tensor:
-    """SDXL's size conditioning of each picture [pictures, 6], as its training computes it: the
-    original (height, width), the crop's (top, left) corner, the target (height, width)."""
-    return torch.tensor([[*(i.original_size or (size, size)), *i.crop_top_left, size, size] for i in images], dtype=torch.float32)
 
 
 def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,27 +183,17 @@ def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device) -> tu
     return ids, mask
 
 
-def encode_prompts(encoders: list, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The text conditioning as the pipelines compute it from (ids, attention mask) per text
-    encoder: SD 1.x/2.x, the last hidden states (and None); SDXL, both encoders' penultimate
-    hidden states side by side, and the second encoder's pooled projection."""
-    if len(encoders) == 1:
-        (text_encoder,), ((ids, attention_mask),) = encoders, prompts
-        use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-        return text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0], None
-    outputs = [text_encoder(ids, output_hidden_states=True) for text_encoder, (ids, _) in zip(encoders, prompts)]
-    return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
-
-
 def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size: int, steps: int, seed: int, path: Path) -> Path:
     """Generate one picture from a prompt already encoded for each tokenizer (the new vectors must
     be spliced in) with a fixed seed, and save it as PNG."""
-    prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(tokenizers(pipe), prompt_ids)]
+    family = family_of(pipe)
+    prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(family.tokenizers(pipe), prompt_ids)]
     with torch.no_grad(), placement.autocast():
-        embeds, pooled = encode_prompts(text_encoders(pipe), prompts)
-        extra = {} if pooled is None else {"pooled_prompt_embeds": pooled.to(pipe.unet.dtype)}
+        embeds, pooled = family.encode_prompts(family.text_encoders(pipe), prompts)
+        dtype = pipe.unet.dtype
+        conditioning = family.pipeline_conditioning(embeds.to(dtype), None if pooled is None else pooled.to(dtype))
         generator = torch.Generator(placement.device).manual_seed(seed)
-        image = pipe(prompt_embeds=embeds.to(pipe.unet.dtype), **extra, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
+        image = pipe(**conditioning, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -283,7 +266,8 @@ def train_diffusion(
     of the same job. Saves through `writer` (with the optimizer state, for --resume) and returns
     the vectors."""
     token = validate_token(settings.token, pipe.tokenizer)
-    size = settings.resolution or native_resolution(pipe)
+    family = family_of(pipe)
+    size = settings.resolution or family.native_resolution(pipe)
     start_step = 0
     optimizer_state = None
     vectors = vectors.to(placement.device, torch.float32).clone().requires_grad_(True)
@@ -307,10 +291,10 @@ def train_diffusion(
         placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
         encoded.append([encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts])
         preview_ids.append(encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids))
-    time_ids = sdxl_time_ids(images, size) if len(encoded) == 2 else None
+    size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
-    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, time_ids)
+    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids)
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
 
     def on_step(_step: int, optimizer) -> None:
@@ -354,6 +338,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
     progress scale (phases "quick" then "ti")."""
     import dataclasses
 
+    from . import QUICK
     from .quick import train_quick
 
     quick_steps = settings.quick_steps
@@ -364,7 +349,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
         )
     if resumed is None:
         quick_settings = dataclasses.replace(
-            settings, method="quick", steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
+            settings, method=QUICK, steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
             lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
         ).resolved()
         vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick").vectors

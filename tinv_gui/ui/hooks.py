@@ -1,7 +1,6 @@
 """Where the app meets features of other branches, one marked place each.
 
-- HOOK (issue 3): the method presets (offered when their method is in METHOD_DEFAULTS) and
-  auto-captioning (offered when tinv_gui.captioning exists; the interface is a guess).
+- HOOK (issue 3): auto-captioning (offered when tinv_gui.captioning exists; the interface is a guess).
 - Issue 4, wired: generation through tinv_gui.generate with a sampler and a strength on top
   (`generate_images`), prompt from an image through Engine.optimize_prompt.
 - Issue 6, wired: downloads for every tool (`export_formats`); other tools' files are read by
@@ -12,10 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
-from ..settings import METHOD_DEFAULTS
 
 
 def _module_available(name: str) -> bool:
@@ -23,69 +20,6 @@ def _module_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except ImportError:
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# HOOK (issue 3): training methods, as presets in plain words.
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preset:
-    label: str
-    method: str
-    what: str  # what it does
-    when: str  # when to pick it
-    s_per_step_gpu: float  # rough speed for "how long on this device", replaced by measurements
-    s_per_step_cpu: float
-    uses_captions: bool = False
-
-
-PRESETS = (
-    Preset(
-        "Quick",
-        "quick",
-        "QuickEmbedding: matches the new word to your pictures in CLIP's space only; no image is drawn while it learns.",
-        "A first try, or a slow computer. Captures colours, materials and the overall look; fine detail less well.",
-        0.02,
-        0.5,
-    ),
-    Preset(
-        "Balanced",
-        "quick-then-ti",
-        "QuickEmbedding first, then textual inversion continues from where it ended.",
-        "Most concepts, on a GPU: much of the quality of Thorough in a fraction of the time.",
-        0.3,
-        5.0,
-    ),
-    Preset(
-        "Thorough",
-        "textual-inversion",
-        "Textual inversion: learns the word through Stable Diffusion's own denoising, step by step.",
-        "When Quick or Balanced miss the details and you have a GPU and some patience.",
-        0.3,
-        5.0,
-    ),
-    Preset(
-        "From one picture",
-        "caption-init",
-        "Captions the picture, turns each word of the caption into its own vector, then refines them.",
-        "You have a single picture (or two) of the concept.",
-        0.3,
-        5.0,
-        uses_captions=True,
-    ),
-)
-
-
-def available_presets() -> list[Preset]:
-    """The presets whose method this build has; a method not built yet is not offered."""
-    return [p for p in PRESETS if p.method in METHOD_DEFAULTS]
-
-
-def preset_by_label(label: str) -> Preset:
-    for preset in available_presets():
-        if preset.label == label:
-            return preset
-    raise ValueError(f"unknown method preset {label!r}; choose one of {', '.join(p.label for p in available_presets())}")
 
 
 # ---------------------------------------------------------------------------------------------

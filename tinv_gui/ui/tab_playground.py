@@ -13,11 +13,12 @@ from ..data import open_image
 from ..device import choose_placement
 from ..embeddings import mentions, save_embedding
 from ..events import TERMINAL_EVENTS
-from ..formats import read_embedding, read_embeddings, write_embedding
-from ..settings import SettingsError
+from ..formats import SDXL_KEYS, read_embedding, read_embeddings, write_embedding
+from ..settings import GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset, hooks
 from .gpu import on_gpu
+from .options import whole_number
 from .progress import POLL_S, RunView
 from .workspace import Workspace, sanitize_filename, unique_path
 
@@ -84,7 +85,8 @@ class PlaygroundTab:
             target = unique_path(ws.embeddings, sanitize_filename(embedding.token, "embedding") + ".safetensors")
             vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
             origin = " + ".join(Path(f).name for f in files) if embedding.layout == "diffusers-sdxl" else embedding.path.name
-            save_embedding(target, embedding.token, vectors, {**embedding.metadata, "loaded_from": origin}, embedding.widths if embedding.is_sdxl else None)
+            meta = {**embedding.metadata, "loaded_from": origin}
+            save_embedding(target, embedding.token, vectors, meta, embedding.widths, SDXL_KEYS if embedding.is_sdxl else ())
             widths = " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
             lines.append(
                 f"Loaded `{embedding.token}` from {origin} ({embedding.vectors.shape[0]} vector(s) of width{'s' if embedding.is_sdxl else ''} "
@@ -129,6 +131,11 @@ class PlaygroundTab:
         prompt = (prompt or "").strip()
         if not prompt:
             raise gr.Error("Type a prompt first.")
+        try:  # the values are checked where they enter, as the command line's are
+            steps, seed = whole_number("steps", steps), whole_number("seed", seed)
+            GenerateSettings(model=model, prompt=prompt, negative=negative, steps=steps, guidance=float(guidance), seed=seed).check()
+        except SettingsError as error:
+            raise gr.Error(str(error)) from None
         path = self._own_embedding(ws, embedding)
         token = read_embedding(path).token if path else None
         note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and not mentions(prompt, token) else ""
@@ -184,10 +191,11 @@ class PlaygroundTab:
             raise gr.Error("Measuring compares with the pictures it learned from: add them on the Dataset tab.")
         token = read_embedding(path).token
         prompt = prompt if mentions(prompt, token) else f"a photo of {token}"
-        settings = EvalSettings(
-            model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES, steps=int(steps), seed=int(seed)
-        )
         try:
+            settings = EvalSettings(
+                model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES,
+                steps=whole_number("steps", steps), seed=whole_number("seed", seed),
+            )
             job = self.engine.evaluate(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None

@@ -14,12 +14,13 @@ from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
 from ..models import ModelLoadError
-from ..settings import METHOD_DEFAULTS, SettingsError, TrainSettings
+from ..methods import method_with_label
+from ..settings import SettingsError, TrainSettings
 from . import dataset, hooks
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .progress import POLL_S, RunView, loss_colours
 from .tab_dataset import table_rows
-from .tab_method import settings_from_form
+from .options import settings_from_form
 from .workspace import Workspace
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -28,9 +29,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
     """Seconds of GPU to ask ZeroGPU for one training: the preset's steps at its rough GPU speed,
     plus loading, within ZeroGPU's limits. A run cut short there keeps its last saved embedding."""
-    chosen = hooks.preset_by_label(preset)
-    steps = int(options.get("steps") or METHOD_DEFAULTS[chosen.method].get("steps") or 0)
-    return int(min(max(120 + 1.5 * steps * chosen.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
+    chosen = method_with_label(preset)
+    steps = int(options.get("steps") or chosen.defaults.get("steps") or 0)
+    return int(min(max(120 + 1.5 * steps * chosen.preset.s_per_step_gpu, 120), MAX_GPU_DURATION_S))
 
 
 class TrainTab:
@@ -52,7 +53,7 @@ class TrainTab:
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
         dataset.save_captions(ws, table_rows(captions))
-        method = hooks.preset_by_label(preset).method
+        method = method_with_label(preset).name
         if (options.get("resume") or "").strip():  # only the visitor's own files, named as the Playground lists them
             resume = ws.root / options["resume"].strip()
             if not ws.contains(resume) or not resume.is_file():

@@ -1,0 +1,104 @@
+"""What every model family answers (see tinv_gui.families)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Family:
+    """A family of diffusion models. Subclasses set the class attributes and override what differs."""
+
+    name: str = ""  # short, for messages and metadata
+    title: str = ""  # for people
+    pipeline_class: str = ""  # the diffusers pipeline that loads it
+    index_prefixes: tuple[str, ...] = ()  # model_index.json class names that belong to it ("" matches any)
+    checkpoint_key_prefix: str | None = None  # a tensor name prefix only its single-file checkpoints have
+    text_encoder_attributes: tuple[str, ...] = ("text_encoder",)  # the pipeline's attributes, in order
+    tokenizer_attributes: tuple[str, ...] = ("tokenizer",)
+    embedding_keys: tuple[str, ...] = ()  # an embedding file's key per text encoder; () : {token: tensor}
+    default_clips: dict[int, str] = {}  # the CLIP each text encoder comes from, by its width
+    demo_model: str = ""  # the offline demo model of this family
+    t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
+    trainable: bool = True  # whether tinv-gui's methods handle it (SD 3.x and Flux.1 load and draw; training comes later)
+
+    # ------------------------------------------------------------------------- recognising it
+    def matches_index(self, class_name: str) -> bool:
+        return any(class_name.startswith(prefix) for prefix in self.index_prefixes)
+
+    def matches_checkpoint(self, keys: list[str]) -> bool:
+        return self.checkpoint_key_prefix is None or any(k.startswith(self.checkpoint_key_prefix) for k in keys)
+
+    # ------------------------------------------------------------------------- loading it
+    @property
+    def text_encoder_count(self) -> int:
+        return len(self.text_encoder_attributes)
+
+    def pipeline_kwargs(self, dtype: torch.dtype) -> dict:
+        """Keyword arguments of `from_pretrained` / `from_single_file`."""
+        return dict(dtype=dtype)
+
+    def prepare(self, pipe) -> None:
+        """Anything the loaded pipeline needs before tinv-gui uses it."""
+
+    def text_encoders(self, pipe) -> list:
+        return [getattr(pipe, name) for name in self.text_encoder_attributes]
+
+    def tokenizers(self, pipe) -> list:
+        return [getattr(pipe, name) for name in self.tokenizer_attributes]
+
+    def native_resolution(self, pipe) -> int:
+        """The picture size the model was trained at."""
+        return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def check_generation(self, negative: str | None, custom_sampler: bool, with_embeddings: bool) -> None:
+        """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
+        other than the model's own, embeddings or prompt files)."""
+
+    def vae_needs_upcast(self, vae) -> bool:
+        """Whether its VAE must run in float32 where its weights are float16."""
+        return False
+
+    # ------------------------------------------------------------------------- conditioning
+    def encode_prompts(self, encoders: list, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text conditioning from (ids, attention mask) per text encoder, as the pipeline
+        computes it: (hidden states, pooled embedding or None)."""
+        raise NotImplementedError
+
+    def size_conditioning(self, images, size: int) -> torch.Tensor | None:
+        """Per-picture extra ids the UNet takes in training (SDXL's sizes), or None."""
+        return None
+
+    def denoiser(self, pipe):
+        """The network that denoises (a UNet here; a transformer in SD3 and Flux)."""
+        return pipe.unet
+
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor,
+                pooled: torch.Tensor | None, size_ids: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser's prediction for a training batch (latents in the VAE's layout; a family
+        that packs latents, like Flux, packs and unpacks here)."""
+        dtype = denoiser.dtype
+        return denoiser(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+
+    def pipeline_conditioning(self, hidden: torch.Tensor, pooled: torch.Tensor | None, prefix: str = "") -> dict:
+        """Encoded prompts as pipeline arguments: {prefix + "prompt_embeds": ..., ...}."""
+        return {f"{prefix}prompt_embeds": hidden}
+
+    @property
+    def pooled_in_prompt_embeds(self) -> bool:
+        """Whether a saved prompt_embeds file must hold pooled embeddings too."""
+        return False
+
+    # ------------------------------------------------------------------------- training objective
+    def objective(self, scheduler_config, device: torch.device):
+        """What the denoiser is trained to predict from noised latents: an object with
+        `num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)` and
+        `noisy_and_target(latents, noise, timesteps)` (flow matching would be another such object)."""
+        from ..methods.textual_inversion import NoiseSchedule
+
+        return NoiseSchedule(scheduler_config, device)
+
+
+def has_tensor(keys: list[str], name: str) -> bool:
+    """Whether a single-file checkpoint's tensor names hold `name`, bare or under the
+    "model.diffusion_model." prefix its all-in-one files use."""
+    return name in keys or f"model.diffusion_model.{name}" in keys
