@@ -40,7 +40,8 @@ def sdxl_file(path, token="<xl>", seed=0, count=2, clip_g=None):
 def test_demo_sdxl_has_sdxl_shape(store, pipe):
     assert isinstance(store.family("demo-sdxl"), StableDiffusionXL) and type(store.family("demo")) is StableDiffusion
     assert family_of(pipe) is store.family("demo-sdxl") and store.text_encoder_count("demo-sdxl") == 2
-    assert {f.demo_model for f in FAMILIES} == {"demo", "demo-sdxl"}  # each family has its offline model
+    assert {f.demo_model for f in FAMILIES} == {"demo", "demo-sdxl", "demo-sd3", "demo-flux"}  # each family has its offline model
+    assert all(type(store.family(f.demo_model)) is type(f) for f in FAMILIES)
     assert store.text_widths("demo-sdxl") == SDXL_TEXT_WIDTHS and WIDTH_L != WIDTH_G
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"

@@ -11,7 +11,7 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .models import ModelStore
+from .models import ModelLoadError, ModelStore
 from .methods import Loaded, method_named
 from .settings import TrainSettings
 from .training import EmbeddingWriter
@@ -47,6 +47,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     Under `accelerate launch` with several processes, each process trains on its own share of
     the pictures with its own random draws, gradients are averaged, and the main process saves.
     """
+    _refuse_untrained_family(store, settings.model, "training embeddings")
     process = process_info()
     reporter.process = process
     if process.distributed:
@@ -75,6 +76,13 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     return dict(writer.outputs)
 
 
+def _refuse_untrained_family(store: ModelStore, model: str, what: str) -> None:
+    """SD 3.x and Flux.1 load and draw; tinv-gui's methods do not handle their T5 encoder yet."""
+    family = store.family(model)
+    if not family.trainable:
+        raise ModelLoadError(f"{what} on {family.title} ({model}) is not supported yet; generating pictures with it is")
+
+
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
     """This process's pictures; with several processes, says which ones and the effective batch."""
     if not process.distributed:
@@ -98,6 +106,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
+    _refuse_untrained_family(store, settings.model, "evaluating embeddings")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -139,6 +148,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
+    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
