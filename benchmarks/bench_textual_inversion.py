@@ -42,7 +42,6 @@ from measure import RssSampler, StepClock, WholeTableAdamW, compare, make_pictur
 
 TOKEN = "<bench-toy>"
 INIT = "toy"
-RESOLUTION = 512
 
 
 def run_ours(args) -> dict:
@@ -59,9 +58,9 @@ def run_ours(args) -> dict:
     clock = StepClock(args.warmup, sampler)
     work = Path(tempfile.mkdtemp(prefix="bench-ti-"))
     settings = TrainSettings(
-        images=str(make_pictures(work / "pictures", 4, RESOLUTION)), token=TOKEN, init=INIT, output_dir=str(work / "out"),
+        images=str(make_pictures(work / "pictures", 4, args.resolution)), token=TOKEN, init=INIT, output_dir=str(work / "out"),
         method="textual-inversion", model=model, steps=args.warmup + args.steps, batch_size=1, grad_accum=1,
-        resolution=RESOLUTION, device="cpu", precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
+        resolution=args.resolution, device="cpu", precision=args.precision, gradient_checkpointing=args.gradient_checkpointing,
     ).resolved()
 
     def on_event(event):
@@ -111,11 +110,11 @@ def run_reference(args) -> dict:
     text_encoder.train()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ref-"))
-    pictures = [Image.open(p).convert("RGB") for p in sorted(make_pictures(work, 4, RESOLUTION).iterdir())]
+    pictures = [Image.open(p).convert("RGB") for p in sorted(make_pictures(work, 4, args.resolution).iterdir())]
     rng = random.Random(0)
 
     def example():
-        image = pictures[rng.randrange(len(pictures))].resize((RESOLUTION, RESOLUTION), Image.Resampling.BICUBIC)
+        image = pictures[rng.randrange(len(pictures))].resize((args.resolution, args.resolution), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -157,7 +156,7 @@ def run_floor(args, precision: str = "fp32") -> dict:
     clock = StepClock(args.warmup, sampler)
     unet = UNet2DConditionModel.from_pretrained(sd15_dir(), subfolder="unet", torch_dtype=placement.weight_dtype)
     unet.eval().requires_grad_(False)
-    latents = torch.randn(1, 4, RESOLUTION // 8, RESOLUTION // 8, dtype=placement.weight_dtype)
+    latents = torch.randn(1, 4, args.resolution // 8, args.resolution // 8, dtype=placement.weight_dtype)
     conditioning = torch.randn(1, 77, unet.config.cross_attention_dim, dtype=placement.weight_dtype)
     clock.start()
     for step in range(args.warmup + args.steps):
@@ -204,6 +203,7 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", help="ours: auto, fp32 or bf16 (the reference is fp32, as at its defaults)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="ours: with gradient checkpointing")
     parser.add_argument("--only", choices=tuple(RUNS), default=None, help="run one configuration")
+    parser.add_argument("--resolution", type=int, default=512, help="picture size; a small one (64) measures the weights' memory quickly")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
     parser.add_argument("--child", choices=tuple(RUNS), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,11 +217,11 @@ def main() -> int:
     from shaped_models import sd15_dir
 
     sd15_dir()  # build the model once, outside the measured processes
-    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads()), "--precision", args.precision]
+    passed = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(torch.get_num_threads()), "--precision", args.precision, "--resolution", str(args.resolution)]
     if args.gradient_checkpointing:
         passed.append("--gradient-checkpointing")
     rows = compare(Path(__file__), default_runs() if args.only is None else (args.only,), passed)
-    print(f"textual inversion step, SD 1.5 shapes, {RESOLUTION} px, batch 1, CPU ({torch.get_num_threads()} threads), "
+    print(f"textual inversion step, SD 1.5 shapes, {args.resolution} px, batch 1, CPU ({torch.get_num_threads()} threads), "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print(cpu_flags_line())
     named = {f"{name} ({row.get('precision', 'fp32')})": row for name, row in rows.items()}

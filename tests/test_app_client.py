@@ -10,7 +10,6 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
-from tinv_gui.embeddings import load_embedding
 from tinv_gui.formats import EmbeddingFile, read_embedding, write_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
@@ -75,7 +74,8 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
         "learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot.png", "toy-robot-onetrainer.safetensors"
     }
     for name, path in downloads.items():
-        token, vectors = load_embedding(path)  # the name each tool types: diffusers the token, the others the file's name
+        read = read_embedding(path)
+        token, vectors = read.token, read.vectors  # the name each tool types: diffusers the token, the others the file's name
         assert token == ("<toy-robot>" if name.startswith("learned_embeds") else Path(name).stem) and tuple(vectors.shape) == (1, 64)
     assert all(tool in final[5] for tool in ("kohya", "AUTOMATIC1111", "InvokeAI", "OneTrainer", "type `toy-robot`"))
 
@@ -107,7 +107,7 @@ def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
     assert "Stopping" in client.predict(api_name="/stop")
     final = job.result()
     assert final[0].startswith('<div class="tinv-progress">') and "Stopped: step" in final[0]
-    assert load_embedding(final[4][0])[0] == "<stopped>"  # the diffusers file comes first
+    assert read_embedding(final[4][0]).token == "<stopped>"  # the diffusers file comes first
 
 
 def test_two_visitors_never_see_each_others_files(app_server):

@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
-    demo.add_argument("--sdxl", action="store_true", help="SDXL-shaped instead: DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape = demo.add_mutually_exclusive_group()
+    shape.add_argument("--sdxl", action="store_true", help="SDXL-shaped instead: DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape.add_argument("--sd3", action="store_true", help="SD 3.5-shaped instead (CLIP-L, bigG, T5): DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape.add_argument("--flux", action="store_true", help="Flux.1-dev-shaped instead (CLIP-L, T5): DIR/sd and DIR/clip_l")
     return parser
 
 
@@ -296,11 +299,17 @@ def _main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command == "demo-model":
         from .demo_model import write_demo_model, write_demo_sdxl
+        from .demo_sd3_flux import write_demo_flux, write_demo_sd3
 
-        if args.sdxl:
-            out = write_demo_sdxl(args.dir)
-            print(f"SDXL demo model written: {Path(out) / 'sd'}, {Path(out) / 'clip_l'} and {Path(out) / 'clip_g'}")
-            return 0
+        for chosen, write, title, clips in (
+            (args.sdxl, write_demo_sdxl, "SDXL", ("clip_l", "clip_g")),
+            (args.sd3, write_demo_sd3, "SD 3", ("clip_l", "clip_g")),
+            (args.flux, write_demo_flux, "Flux", ("clip_l",)),
+        ):
+            if chosen:
+                out = Path(write(args.dir))
+                print(f"{title} demo model written: {out / 'sd'} and {' and '.join(str(out / clip) for clip in clips)}")
+                return 0
         out = write_demo_model(args.dir, prediction_type="v_prediction" if args.v_prediction else "epsilon")
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0

@@ -1,7 +1,7 @@
 """The engine: runs jobs one at a time on a background thread and streams their events.
 
-Everything that drives training (the CLI, the app, the tests) submits a job and reads its
-events; nothing here knows about Gradio or terminals.
+Everything that drives training, evaluation, prompt search or generation (the CLI, the app,
+the tests) submits a job and reads its events; nothing here knows about Gradio or terminals.
 """
 
 from __future__ import annotations
@@ -210,14 +210,16 @@ class Engine:
                 if getattr(settings, field, None) and not is_hub_name(getattr(settings, field)):
                     raise SettingsError(field, SHARED_MODELS_ONLY)
 
-    def train(self, settings) -> Job:
-        """Queue a training job. Settings are checked now, so bad values fail before queueing."""
-        from .jobs import check_output_folder, describe, run_training
+    def train(self, settings, export: bool = False) -> Job:
+        """Queue a training job. Settings are checked now, so bad values fail before queueing.
+        With `export`, the job also writes the embedding for every other tool when it ends."""
+        from .jobs import check_output_folder, describe, run_training, run_training_and_export
 
         resolved = settings.resolved()
         self._check_model_names(resolved)
         check_output_folder(resolved.output_dir)
-        return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+        run = run_training_and_export if export else run_training
+        return self.submit(describe(resolved), lambda reporter: run(resolved, self.store, reporter), resolved.total_steps)
 
     def evaluate(self, settings) -> Job:
         """Queue an evaluation job (tinv_gui.evaluate.EvalSettings); checked before queueing."""
@@ -233,6 +235,7 @@ class Engine:
         from .jobs import run_generation
 
         settings.check()
+        self._check_model_names(settings)
         what = repr(settings.prompt) if settings.prompt is not None else "a saved prompt"
         return self.submit(f"generate {what} on {settings.model}", lambda reporter: run_generation(settings, self.store, reporter))
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from ..files import atomic_write_text
 from .workspace import Workspace, sanitize_filename, unique_path
 
 # Smaller than this a picture is refused; smaller than SOFT_SIDE it is kept with a warning.
@@ -73,7 +74,7 @@ def _refuse(ws: Workspace, source: Path, name: str, problem: str) -> Picture:
         name, n = f"{stem}-{n}{suffix}", n + 1
     problems[name] = problem
     problems = dict(list(problems.items())[-MAX_REFUSED:])
-    (ws.rejected / PROBLEMS_FILE).write_text(json.dumps(problems, indent=1))
+    atomic_write_text(ws.rejected / PROBLEMS_FILE, json.dumps(problems, indent=1))
     return Picture(name, ws.rejected / name, problem=problem)
 
 
@@ -233,7 +234,7 @@ def save_captions(ws: Workspace, rows) -> int:
         caption = str(row[1] or "").strip()
         sidecar = picture.with_suffix(".txt")
         if caption:
-            sidecar.write_text(caption + "\n", encoding="utf-8")
+            atomic_write_text(sidecar, caption + "\n")
             saved += 1
         else:
             sidecar.unlink(missing_ok=True)

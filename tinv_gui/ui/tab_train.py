@@ -15,10 +15,12 @@ from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
+from ..formats import read_embedding
+from ..jobs import EXPORTS
 from ..models import ModelLoadError
 from ..methods import method_with_label
 from ..settings import SettingsError, TrainSettings
-from . import dataset, hooks
+from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .progress import POLL_S, RunView, loss_colours
 from .tab_dataset import table_rows
@@ -79,7 +81,7 @@ class TrainTab:
                 init=(init or "").strip() or None,
                 **settings_from_form(method, options),
             )
-            job = self.engine.train(settings)
+            job = self.engine.train(settings, export=True)  # the downloads, written once when it ends
         except (TokenError, SettingsError, ModelLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         self.jobs[ws.key] = job
@@ -125,10 +127,31 @@ class TrainTab:
                 return
             time.sleep(POLL_S)
 
+    @staticmethod
+    def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
+        """A finished run's files to download, each with the tools it is for and the name to type
+        there: the embedding, then the files the job exported for other tools (jobs.EXPORTS)."""
+        embedding = ws.inside(outputs["embedding"])
+        run = read_embedding(embedding)
+        token, name = run.token, Path(outputs.get("kohya", embedding)).stem
+        where = f"type `{name}` (InvokeAI `<{name}>`, ComfyUI `embedding:{name}`)"
+        tools = {
+            "diffusers-bin": f"diffusers' older .bin layout: type `{token}`",
+            "a1111-pt": f"AUTOMATIC1111, Forge, ComfyUI, InvokeAI, kohya: {where}",
+            "kohya": f"kohya sd-scripts, InvokeAI, ComfyUI, AUTOMATIC1111: {where}",
+            "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
+            "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
+        }
+        if run.is_sdxl:
+            files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{token}`")]
+        else:
+            files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
+        return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
+
     def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
         c = self.components
         embedding = view.outputs.get("embedding")
-        files = hooks.export_formats(ws.inside(embedding)) if view.done and embedding else []
+        files = self.download_files(ws, view.outputs) if view.done and embedding else []
         legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
         return {
             c["progress"]: view.progress_html(),
