@@ -40,7 +40,7 @@ def browser_page():
 
 
 def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_path):
-    from tinv_gui.embeddings import load_embedding
+    from tinv_gui.formats import read_embedding
 
     url, _ = app_server
     shots = Path(os.environ.get("TINV_GUI_SCREENSHOTS") or tempfile.mkdtemp(prefix="tinv-gui-screens-"))
@@ -84,7 +84,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
         page.locator("#downloads a[data-testid=download-link]").first.click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
-    assert saved.name == "learned_embeds.safetensors" and load_embedding(saved)[0] == "<toy-robot>"
+    assert saved.name == "learned_embeds.safetensors" and read_embedding(saved).token == "<toy-robot>"
 
     page.get_by_role("button", name="Try it in the Playground").click()
     assert page.locator("#playground-prompt").get_by_role("textbox").input_value() == "a photo of <toy-robot>"
@@ -100,5 +100,5 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_text("4 picture(s) ready").wait_for()
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_text("Done: step 1500 / 1500").wait_for()
-    assert page.locator("#downloads a[data-testid=download-link]").count() == 5  # one per format
+    assert page.locator("#downloads a[data-testid=download-link]").count() == 6  # the embedding, diffusers .bin, A1111 .pt, kohya, A1111 card, OneTrainer
     print(f"screenshots in {shots}")

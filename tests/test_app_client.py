@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_client.utils import Status
 
-from tinv_gui.embeddings import load_embedding
 from tinv_gui.formats import EmbeddingFile, read_embedding, write_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
@@ -76,7 +74,8 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
         "learned_embeds.safetensors", "learned_embeds.bin", "toy-robot.pt", "toy-robot.safetensors", "toy-robot.png", "toy-robot-onetrainer.safetensors"
     }
     for name, path in downloads.items():
-        token, vectors = load_embedding(path)  # the name each tool types: diffusers the token, the others the file's name
+        read = read_embedding(path)
+        token, vectors = read.token, read.vectors  # the name each tool types: diffusers the token, the others the file's name
         assert token == ("<toy-robot>" if name.startswith("learned_embeds") else Path(name).stem) and tuple(vectors.shape) == (1, 64)
     assert all(tool in final[5] for tool in ("kohya", "AUTOMATIC1111", "InvokeAI", "OneTrainer", "type `toy-robot`"))
 
@@ -108,7 +107,7 @@ def test_stop_ends_the_run_and_keeps_the_embedding(app_server):
     assert "Stopping" in client.predict(api_name="/stop")
     final = job.result()
     assert final[0].startswith('<div class="tinv-progress">') and "Stopped: step" in final[0]
-    assert load_embedding(final[4][0])[0] == "<stopped>"  # the diffusers file comes first
+    assert read_embedding(final[4][0]).token == "<stopped>"  # the diffusers file comes first
 
 
 def test_two_visitors_never_see_each_others_files(app_server):
@@ -118,15 +117,16 @@ def test_two_visitors_never_see_each_others_files(app_server):
     bob_gallery, _, bob_status, _ = bob.predict([handle_file(str(EXAMPLES[0]))], api_name="/add_pictures")
     assert len(bob_gallery) == 1 and "1 picture(s) ready" in bob_status
 
-    # Alice trains a long run; Bob's training waits in the queue (one training at a time).
+    # Alice trains a long run; Bob's training waits in the queue (one training at a time), and
+    # his page says so, with his place in it.
     alice_job = _train(alice, steps=100_000, token="<alice-secret>")
     _wait_until_training(alice_job)
+    assert "Nothing is training" in bob.predict(api_name="/stop")  # Bob cannot stop Alice's run
     bob_job = _train(bob, steps=5, token="<bob-thing>")
     deadline = time.monotonic() + 60
-    while bob_job.status().code != Status.IN_QUEUE:
-        assert time.monotonic() < deadline, bob_job.status()
+    while not any("1 job(s) ahead of yours" in update[0] for update in bob_job.outputs()):
+        assert time.monotonic() < deadline and not bob_job.done(), bob_job.outputs()[-1:]
         time.sleep(0.2)
-    assert "Nothing is training" in bob.predict(api_name="/stop")  # Bob cannot stop Alice's run
     assert not alice_job.done()
     alice.predict(api_name="/stop")
     alice_final, bob_final = alice_job.result(), bob_job.result()

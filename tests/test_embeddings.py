@@ -1,5 +1,6 @@
 """New tokens: validation, initialization, only-new-vectors training, saving."""
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -9,12 +10,11 @@ from tinv_gui.embeddings import (
     encode_with_placeholder,
     extended_vocabulary,
     initial_vectors,
-    load_embedding,
     save_embedding,
     token_names,
     validate_token,
 )
-import pytest
+from tinv_gui.formats import read_embedding
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_save_is_diffusers_layout_with_metadata(tmp_path):
         assert list(f.keys()) == ["<t>"]
         meta = f.metadata()
     assert meta["base_model"] == "demo" and meta["method"] == "quick" and meta["steps"] == "5" and meta["token"] == "<t>"
-    token, loaded = load_embedding(path)
+    read = read_embedding(path)
+    token, loaded = read.token, read.vectors
     assert token == "<t>" and torch.equal(loaded, vectors)
     assert [p.name for p in tmp_path.iterdir()] == ["e.safetensors"]  # no temporary left behind
 

@@ -4,9 +4,9 @@ import threading
 
 import pytest
 
-from tinv_gui.embeddings import load_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Progress, Started
+from tinv_gui.formats import read_embedding
 from tinv_gui.settings import SettingsError, TrainSettings
 
 
@@ -30,7 +30,8 @@ def test_events_stream_in_order_and_models_stay_warm(engine, picture_dir, tmp_pa
     assert all(p.phase == "quick" and p.elapsed_s >= 0 and p.lr > 0 for p in progress)
     assert progress[-1].eta_s == 0
     assert isinstance(events[-1], Finished) and not events[-1].stopped_early
-    token, vectors = load_embedding(events[-1].outputs["embedding"])
+    read = read_embedding(events[-1].outputs["embedding"])
+    token, vectors = read.token, read.vectors
     assert token == "<e>" and vectors.shape == (1, 64)
     loads = engine.store.loads
     assert isinstance(engine.train(quick(picture_dir, tmp_path / "b", steps=2)).wait(), Finished)
@@ -48,7 +49,7 @@ def test_cancel_stops_within_a_step_and_keeps_the_embedding(engine, picture_dir,
     assert isinstance(last, Finished) and last.stopped_early
     steps = [e.step for e in job.history if isinstance(e, Progress)]
     assert steps[-1] <= stopped_at + 1  # at most the step already under way
-    _, vectors = load_embedding(last.outputs["embedding"])
+    vectors = read_embedding(last.outputs["embedding"]).vectors
     assert vectors.isfinite().all()
 
 

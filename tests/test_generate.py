@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinv_gui.embeddings import atomic_save_safetensors, save_embedding
+from tinv_gui.embeddings import save_embedding
+from tinv_gui.files import atomic_save_safetensors
 from tinv_gui.generate import generate, parse_size
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tinv_gui.embeddings import read_metadata, save_embedding
 from tinv_gui.engine import Engine
-from tinv_gui.events import Failed, Finished, Log
+from tinv_gui.events import Failed, Finished, Log, Progress
 from tinv_gui.settings import TrainSettings
 from tinv_gui.training import EMBEDDING_FILE, optimizer_state_path
 
@@ -298,3 +298,193 @@ def test_a_shared_server_takes_no_server_path_in_any_model_field(tmp_path, monke
     for path in (existing, missing):  # the Playground loads through the same store
         with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
             app.engine.store.pipeline(path)
+
+
+# ----------------------------------------------------------------------------- 6, 7: returning visitors
+class _Request:
+    def __init__(self, session_hash):
+        self.session_hash = session_hash
+
+
+def _page(tmp_path, monkeypatch):
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.delenv("TINV_GUI_SECRET", raising=False)
+    app = TinvApp(workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    app.build()
+    return app
+
+
+def test_a_restart_keeps_the_secret_that_seals_visitor_keys(tmp_path, monkeypatch):
+    first = _page(tmp_path, monkeypatch).components["visitor"].secret
+    after_restart = _page(tmp_path, monkeypatch).components["visitor"].secret
+    assert first and first == after_restart
+    elsewhere = _page(tmp_path / "other", monkeypatch).components["visitor"].secret
+    assert elsewhere != first
+    assert ((tmp_path / "visitors" / ".visitor-key-secret").stat().st_mode & 0o777) == 0o600
+
+
+def test_a_flood_of_page_loads_never_evicts_a_visitor_with_files(tmp_path, monkeypatch, picture_dir):
+    from tinv_gui.ui import app as app_module, dataset
+
+    monkeypatch.setattr(app_module, "MAX_RETURNING", 5)
+    app = _page(tmp_path, monkeypatch)
+    victim = _Request("victim-session")
+    key = app.welcome("", victim)[app.components["visitor"]]
+    dataset.add_files(app.workspace(victim), [str(p) for p in picture_dir.iterdir()])
+    for i in range(30):
+        app.welcome("", _Request(f"flood-{i}"))
+    assert app.workspace(victim).key == key and dataset.picture_paths(app.workspace(victim))
+    assert len(app.returning) <= 6  # the table stays bounded: idle visitors are forgotten
+
+
+# ----------------------------------------------------------------------------- 4: uploads
+def test_uploads_are_bounded_refused_bytes_dropped_and_big_pictures_downscaled_once(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from conftest import make_picture
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setattr(dataset, "MAX_UNPACKED_BYTES", 3 * 1024 * 1024)
+    ws = Workspaces(tmp_path / "visitors").get("visitor-a")
+    up = tmp_path / "uploads"
+    up.mkdir()
+    # A small zip that unpacks to far more than an upload may: members of 1 MB of zeros (compressed to ~1 kB).
+    with zipfile.ZipFile(up / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        for i in range(10):
+            zf.writestr(f"junk{i}.png", b"\0" * (1024 * 1024))
+    (up / "evil.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
+    big = make_picture(5, (3000, 2400))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=90)
+    (up / "huge.jpg").write_bytes(buffer.getvalue())
+
+    added = dataset.add_files(ws, [str(p) for p in sorted(up.iterdir())])
+
+    problems = {p.name: p.problem for p in added if p.problem}
+    assert sum("at most 3 MB" in why for why in problems.values()) == 7, problems  # 3 unpacked, 7 left packed
+    assert "evil.svg" in problems
+    stored = sum(f.stat().st_size for f in (tmp_path / "visitors").rglob("*") if f.is_file())
+    assert stored < 2 * 1024 * 1024  # refused files keep their names and reasons, not their bytes
+    assert not list(ws.rejected.glob("*.svg")) and not list(ws.rejected.glob("junk*"))
+    listed = {p.name: p.problem for p in dataset.list_pictures(ws)}
+    assert listed["evil.svg"] == problems["evil.svg"] and len(listed) == len(added)
+    kept = dataset.picture_paths(ws)
+    assert [p.name for p in kept] == ["huge.jpg"]
+    with Image.open(kept[0]) as picture:
+        assert min(picture.size) == dataset.MAX_SIDE and picture.size == (1280, 1024)
+
+
+# ----------------------------------------------------------------------------- 3: serving
+@pytest.fixture(scope="module")
+def app_outside_temp(tmp_path_factory):
+    """The app with its visitors' folders outside the system's temporary folder (as with
+    TINV_GUI_VISITORS=/srv/visitors): the app's TMPDIR is a folder of its own."""
+    from conftest import _serve_app
+
+    temp = tmp_path_factory.mktemp("server-temp")
+    yield from _serve_app(tmp_path_factory, TMPDIR=str(temp))
+
+
+def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_outside_temp, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    url, visitors = app_outside_temp
+    client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+    examples = sorted((ROOT / "assets" / "examples").glob("*.png"))
+    evil = tmp_path / "evil.svg"
+    evil.write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(document.cookie)</script></svg>')
+    _, _, status, _ = client.predict([handle_file(str(p)) for p in [*examples, evil]], api_name="/add_pictures")
+    assert "evil.svg" in status
+    final = client.submit(model="demo", token="<far>", init="robot", preset="Quick", steps=5, batch_size=4, api_name="/train").result()
+    downloads = {Path(p).name: Path(p) for p in final[4]}
+    assert downloads["learned_embeds.safetensors"].stat().st_size > 0  # the visitor gets their files
+
+    [embedding] = visitors.glob("*/runs/*/learned_embeds.safetensors")
+    assert not list(visitors.rglob("*.svg"))  # a refused upload is not kept
+    for path in (embedding, embedding.parent.parent.parent / "pictures" / examples[0].name):
+        with pytest.raises(urllib.error.HTTPError) as refused:  # nobody gets them by naming their path
+            urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
+        assert refused.value.code in (403, 404)
+
+
+# ----------------------------------------------------------------------------- 1, 5: the queue on a shared server
+def test_a_job_past_the_time_limit_stops_and_keeps_what_it_saved():
+    engine = Engine()
+    engine.time_limit_s = 0.3
+
+    def endless(reporter):
+        while not reporter.should_stop():
+            time.sleep(0.01)
+        return {"embedding": "kept.safetensors"}
+
+    job = engine.submit("endless", endless)
+    event = job.wait()
+    assert isinstance(event, Finished) and event.stopped_early and event.outputs
+    assert any(isinstance(e, Log) and "at most 0.005 minutes" in e.message for e in job.history)
+    engine.close()
+
+
+def _shared_page(tmp_path, monkeypatch, picture_dir):
+    from tinv_gui.ui import dataset
+
+    monkeypatch.setenv("TINV_GUI_SHARED", "1")
+    app = _page(tmp_path, monkeypatch)
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    return app, ws
+
+
+def test_a_shared_server_caps_steps_and_stops_the_jobs_of_visitors_who_left(tmp_path, monkeypatch, picture_dir):
+    import gradio as gr
+
+    from tinv_gui.ui import tab_train
+
+    app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
+    assert app.engine.time_limit_s == 3600  # the default cap on a job's time
+    with pytest.raises(gr.Error, match="at most 3000 steps"):
+        app._submit_training(ws, "demo", "<x>", "toy", "Quick", [], {"steps": 5000})
+
+    monkeypatch.setattr(tab_train, "LEFT_GRACE_S", 0.5)
+    blocker = app.engine.submit("someone else's run", lambda r: time.sleep(3) or {})  # the visitor's run waits behind it
+    following = app.start_training("demo", "<left>", "toy", "Quick", [], _Request("visitor-a"), steps=3000, batch_size=1)
+    next(following)
+    job = next(iter(app.jobs.values()))
+    following.close()  # the visitor closed the page
+    assert not job.done
+    deadline = time.monotonic() + 60
+    while not job.done and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.cancelled and job.done
+    blocker.wait()
+
+
+def test_a_waiting_visitor_sees_their_place_and_the_expected_wait(tmp_path, monkeypatch, picture_dir):
+    app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
+    release = threading.Event()
+
+    def running(reporter):  # another visitor's run: 10 steps at 1 s each, 5 done
+        reporter.total_steps = 10
+        for _ in range(5):
+            reporter.step_started()
+            reporter.step_finished(1.0, 0.1, "quick")
+        release.wait(30)
+        return {}
+
+    app.engine.submit("someone else's run", running, total_steps=10)
+    while not app.engine.current or not any(isinstance(e, Progress) for e in app.engine.current.history):
+        time.sleep(0.05)
+    following = app.start_training("demo", "<wait>", "toy", "Quick", [], _Request("visitor-a"), steps=20)
+    shown = next(following)
+    progress = shown[app.components["progress"]]
+    release.set()
+    following.close()
+    assert "1 job(s) ahead of yours" in progress and "Expected wait: about" in progress, progress

@@ -30,7 +30,7 @@ def test_pipeline_and_clip_load_once(store):
     assert store.pipeline("demo") is pipe and store.loads == loads
     clip = store.clip("demo")
     assert store.clip("demo") is clip
-    assert clip.image_size == 64 and store.text_width("demo") == 64
+    assert clip.image_size == 64 and store.text_widths("demo") == (64,)
 
 
 def test_placement_choices():

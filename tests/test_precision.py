@@ -115,7 +115,7 @@ def test_bf16_loss_and_gradient_match_fp32(pipelines, picture_dir):
 
 
 def test_bf16_training_moves_fp32_vectors_and_logs_the_precision(stores, pipelines, picture_dir, tmp_path):
-    from tinv_gui.embeddings import load_embedding
+    from tinv_gui.formats import read_embedding
 
     events = []
     settings = TrainSettings(
@@ -125,7 +125,7 @@ def test_bf16_training_moves_fp32_vectors_and_logs_the_precision(stores, pipelin
     outputs = run_training(settings, stores["bf16"], Reporter(events.append, total_steps=settings.total_steps))
     logs = [e.message for e in events if isinstance(e, Log)]
     assert any("bf16 weights, bf16 compute" in line and "--precision bf16" in line for line in logs)
-    _, trained = load_embedding(outputs["embedding"])
+    trained = read_embedding(outputs["embedding"]).vectors
     pipe = pipelines["fp32"]
     ids = pipe.tokenizer("dog", add_special_tokens=False).input_ids
     start = pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0, keepdim=True)

@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tinv_gui import files
 from tinv_gui.data import ImageError, open_image
-from tinv_gui.embeddings import load_embedding, save_embedding
+from tinv_gui.embeddings import save_embedding
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Reporter
+from tinv_gui.formats import read_embedding
 from tinv_gui.training import LoopSettings, TrainingDiverged, optimize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +101,7 @@ def test_a_crash_while_saving_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.setattr(files, "save_file", broken_save)
     with pytest.raises(OSError):
         save_embedding(path, "<t>", torch.randn(1, 8))
-    assert torch.equal(load_embedding(path)[1], good)
+    assert torch.equal(read_embedding(path).vectors, good)
     assert [p.name for p in tmp_path.iterdir()] == ["learned_embeds.safetensors"]
 
 
@@ -121,7 +123,8 @@ def test_interrupting_the_cli_saves_the_embedding(picture_dir, tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr  # stopped early: not the status of a finished run
     assert f"stopped early by {signal.Signals(sig).name}; the embedding so far was saved" in stderr
-    token, vectors = load_embedding(out / "learned_embeds.safetensors")
+    read = read_embedding(out / "learned_embeds.safetensors")
+    token, vectors = read.token, read.vectors
     assert token == "<int>" and torch.isfinite(vectors).all()
 
 
@@ -135,7 +138,7 @@ def test_odd_modes_train(store, tmp_path, mode):
         array = (np.random.RandomState(i).rand(70, 90, 3) * 255).astype(np.uint8)
         image = Image.fromarray(array)
         if mode == "I;16":
-            image = Image.fromarray((array[..., 0].astype(np.uint16) * 257))
+            image = Image.fromarray(array[..., 0].astype(np.uint16) * 257)
         else:
             image = image.convert(mode)
         image.save(folder / (f"{i}.tiff" if mode in ("CMYK", "I;16") else f"{i}.png"))

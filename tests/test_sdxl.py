@@ -40,7 +40,8 @@ def sdxl_file(path, token="<xl>", seed=0, count=2, clip_g=None):
 def test_demo_sdxl_has_sdxl_shape(store, pipe):
     assert isinstance(store.family("demo-sdxl"), StableDiffusionXL) and type(store.family("demo")) is StableDiffusion
     assert family_of(pipe) is store.family("demo-sdxl") and store.text_encoder_count("demo-sdxl") == 2
-    assert {f.demo_model for f in FAMILIES} == {"demo", "demo-sdxl"}  # each family has its offline model
+    assert {f.demo_model for f in FAMILIES} == {"demo", "demo-sdxl", "demo-sd3", "demo-flux"}  # each family has its offline model
+    assert all(type(store.family(f.demo_model)) is type(f) for f in FAMILIES)
     assert store.text_widths("demo-sdxl") == SDXL_TEXT_WIDTHS and WIDTH_L != WIDTH_G
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
@@ -116,14 +117,12 @@ def test_generation_uses_both_parts_and_leaves_the_pipeline_clean(pipe, tmp_path
 
 
 def test_playground_draws_with_an_sdxl_embedding_at_any_strength(pipe, tmp_path):
-    from tinv_gui.ui import hooks
-
     thing = sdxl_file(tmp_path / "thing.safetensors")
     kwargs = dict(prompt="a photo of <xl>", steps=2, seed=1, sampler="Euler")
-    full = hooks.generate_images(pipe, embedding=thing, **kwargs)
-    weaker = hooks.generate_images(pipe, embedding=thing, strength=0.5, **kwargs)
+    full = generate(pipe, embeddings=[thing], **kwargs)
+    weaker = generate(pipe, embeddings=[thing], strength=0.5, **kwargs)
     assert not np.array_equal(np.asarray(full[0]), np.asarray(weaker[0]))
-    assert list(tmp_path.iterdir()) == [thing]  # the scaled copy is gone
+    assert list(tmp_path.iterdir()) == [thing]  # nothing is written beside it
     assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == 49408 and type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
 
 
@@ -249,7 +248,6 @@ def test_continuous_prompt_on_sdxl_through_the_cli_then_generate(store, pipe, tm
 
     from tinv_gui.clip_space import image_features, pooled_text_features
     from tinv_gui.embeddings import tokenize_words
-    from tinv_gui.ui import hooks
 
     picture = make_picture(3)
     picture.save(tmp_path / "p.png")
@@ -292,7 +290,7 @@ def test_continuous_prompt_on_sdxl_through_the_cli_then_generate(store, pipe, tm
                      "--size", "64x48", "--output", str(picture_path)])
     assert code == 0 and Image.open(picture_path).size == (64, 48)
     common = dict(steps=2, seed=5)
-    found = hooks.generate_images(pipe, prompt_embeds=out / "prompt_embeds.safetensors", **common)  # the app's "Generate with it"
+    found = generate(pipe, prompt_embeds=out / "prompt_embeds.safetensors", **common)  # the app's "Generate with it"
     empty = generate(pipe, prompt="", **common)
     no_pooled = tmp_path / "no_pooled.safetensors"
     save_file({**saved, "pooled_prompt_embeds": torch.zeros_like(saved["pooled_prompt_embeds"])}, str(no_pooled))

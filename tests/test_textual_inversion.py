@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from tinv_gui.device import choose_placement
-from tinv_gui.embeddings import extended_vocabulary, load_embedding, load_into_pipeline, read_metadata
+from tinv_gui.embeddings import extended_vocabulary, load_into_pipeline, read_metadata
 from tinv_gui.events import Log, Preview, Progress, Reporter
+from tinv_gui.formats import read_embedding
 from tinv_gui.jobs import run_training
 from tinv_gui.settings import SettingsError, TrainSettings
 from tinv_gui.training import optimizer_state_path
@@ -60,7 +61,8 @@ def generate(pipe, token: str, vectors: torch.Tensor) -> np.ndarray:
 
 def assert_changes_image(pipe, path: Path, start: torch.Tensor) -> None:
     """The saved file loads into diffusers and generates a different picture than its start."""
-    token, vectors = load_embedding(path)
+    read = read_embedding(path)
+    token, vectors = read.token, read.vectors
     assert token == TOKEN
     trained = generate(pipe, token, vectors)
     untrained = generate(pipe, token, start)
@@ -132,7 +134,8 @@ def test_caption_init_makes_one_vector_per_caption_token_starting_at_each_word(p
         "--method", "caption-init", "--images", str(picture_dir), "--token", TOKEN, "--caption", caption,
         "--steps", "2", "--batch-size", "1", "--output", str(out),
     )
-    token, vectors = load_embedding(out / "learned_embeds.safetensors")
+    read = read_embedding(out / "learned_embeds.safetensors")
+    token, vectors = read.token, read.vectors
     start = word_vectors(fresh_pipe, caption)
     assert token == TOKEN and vectors.shape == start.shape == (6, 64)
     # Two small steps later, each vector is still nearest to its own word of the whole vocabulary.
@@ -150,7 +153,7 @@ def test_caption_init_asks_the_captioner_when_no_caption_is_given(store, picture
     caption = read_metadata(outputs["embedding"])["caption"]
     assert caption and any(isinstance(e, Log) and e.message.startswith("Caption:") for e in events)
     count = len(store.tokenizer("demo")(caption, add_special_tokens=False).input_ids)
-    assert load_embedding(outputs["embedding"])[1].shape[0] == count
+    assert read_embedding(outputs["embedding"]).vectors.shape[0] == count
 
 
 def test_v_prediction_model_trains_on_v_targets(store, picture_dir, tmp_path):

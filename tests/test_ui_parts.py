@@ -1,4 +1,4 @@
-"""The app's parts without a server: visitors' folders, uploads, the loss curve, the form, the hooks."""
+"""The app's parts without a server: visitors' folders, uploads, the loss curve, the form, the presets."""
 
 import dataclasses
 import io
@@ -9,12 +9,13 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import make_picture
 from PIL import Image
 
-from conftest import make_picture
 from tinv_gui.events import Failed, Finished, Log, Progress, Started
+from tinv_gui.generate import generate
 from tinv_gui.settings import TrainSettings
-from tinv_gui.ui import dataset, hooks
+from tinv_gui.ui import dataset
 from tinv_gui.ui.app import hub_status
 from tinv_gui.ui.options import option_fields, settings_from_form
 from tinv_gui.ui.progress import RunView, loss_colours, loss_frame
@@ -184,20 +185,20 @@ def test_playground_generation_uses_the_embedding_and_removes_it_after(store, tm
     vocabulary = len(pipe.tokenizer)
     thing = save_embedding(tmp_path / "thing.safetensors", "<thing>", torch.randn(2, pipe.text_encoder.config.hidden_size) * 0.5)
     kwargs = dict(prompt="a photo of <thing>", steps=2, seed=7, count=2, size=(32, 32))
-    plain = hooks.generate_images(pipe, **kwargs)
-    learned = hooks.generate_images(pipe, embedding=thing, sampler="Euler", **kwargs)
-    again = hooks.generate_images(pipe, embedding=thing, sampler="Euler", **kwargs)
-    weaker = hooks.generate_images(pipe, embedding=thing, sampler="Euler", strength=0.5, **kwargs)
+    plain = generate(pipe, **kwargs)
+    learned = generate(pipe, embeddings=[thing], sampler="Euler", **kwargs)
+    again = generate(pipe, embeddings=[thing], sampler="Euler", **kwargs)
+    weaker = generate(pipe, embeddings=[thing], sampler="Euler", strength=0.5, **kwargs)
     pixels = lambda images: torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # noqa: E731
     assert len(plain) == len(learned) == 2 and not torch.equal(pixels(learned[:1]), pixels(learned[1:]))
     assert not torch.equal(pixels(plain), pixels(learned))  # the embedding changes the picture
     assert torch.equal(pixels(learned), pixels(again))  # the same seed gives the same picture
     assert not torch.equal(pixels(learned), pixels(weaker))  # strength scales the vectors
-    assert list(tmp_path.iterdir()) == [thing]  # the scaled copy is gone
+    assert list(tmp_path.iterdir()) == [thing]  # nothing is written beside it
     assert len(pipe.tokenizer) == vocabulary and type(pipe.scheduler).__name__ == "PNDMScheduler"
     wide = save_embedding(tmp_path / "wide.safetensors", "<wide>", torch.randn(1, 768))
     with pytest.raises(ValueError, match="width 768"):
-        hooks.generate_images(pipe, embedding=wide, **kwargs)
+        generate(pipe, embeddings=[wide], **kwargs)
     assert len(pipe.tokenizer) == vocabulary
 
 
@@ -213,3 +214,29 @@ def test_a_shared_server_refuses_visitors_paths_on_it(tmp_path, monkeypatch, pic
     for model in ("/etc", str(picture_dir), "../../secret.ckpt"):
         with pytest.raises(gr.Error, match="Hugging Face Hub"):
             app._submit_training(ws, model, "<x>", "", "Quick", [], {})
+
+
+def test_a_training_exports_for_other_tools_once_and_drawing_writes_nothing(store, picture_dir, tmp_path):
+    from pathlib import Path
+
+    from tinv_gui.engine import Engine
+    from tinv_gui.formats import read_embedding
+    from tinv_gui.jobs import EXPORTS
+    from tinv_gui.ui.app import TinvApp
+
+    app = TinvApp(engine=Engine(store), workspaces=Workspaces(tmp_path), hub=(False, "offline"))
+    app.build()
+    ws = app.workspaces.get("visitor-a")
+    dataset.add_files(ws, [str(p) for p in picture_dir.iterdir()])
+    job = app._submit_training(ws, "demo", "<x>", "toy", "Quick", [], {"steps": 2, "batch_size": 4})
+    final = job.wait()
+    assert final.kind == "finished", final
+    run = read_embedding(final.outputs["embedding"])
+    assert all(torch.equal(read_embedding(final.outputs[fmt]).vectors, run.vectors) for fmt in EXPORTS)
+    files = lambda: {p: p.stat().st_mtime_ns for p in ws.root.rglob("*") if p.is_file()}  # noqa: E731
+    written = files()
+    for _ in range(2):  # a page load or a poll draws the run again
+        shown = app._train_outputs(ws, RunView.from_events(list(job.history)))
+    assert files() == written
+    names = [Path(p).name for p in shown[app.components["downloads"]]]
+    assert names == ["learned_embeds.safetensors", "learned_embeds.bin", "x.pt", "x.safetensors", "x.png", "x-onetrainer.safetensors"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from tinv_gui.embeddings import load_embedding
+from tinv_gui.formats import read_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
 
@@ -28,7 +28,7 @@ def test_training_and_generation_run_inside_gpu_calls(zerogpu_app_server):
     assert "Done: step 1000 / 1000" in final[0], final[0]
     downloads = {Path(p).name: p for p in final[4]}
     assert "learned_embeds.safetensors" in downloads
-    assert load_embedding(downloads["learned_embeds.safetensors"])[0] == "<zero>"
+    assert read_embedding(downloads["learned_embeds.safetensors"]).token == "<zero>"
 
     with_it, without, note = client.predict(
         model="demo", embedding=final[6]["value"], prompt="a photo of <zero>", steps=2, compare=True, api_name="/generate"
@@ -53,4 +53,4 @@ def test_stop_reaches_the_job_in_the_gpu_process(zerogpu_app_server):
     assert "Stopping" in client.predict(api_name="/stop")  # this handler runs in the server, the job does not
     final = job.result(timeout=120)
     assert "Stopped: step" in final[0], final[0]
-    assert load_embedding(final[4][0])[0] == "<zero-stop>"  # the embedding so far was saved
+    assert read_embedding(final[4][0]).token == "<zero-stop>"  # the embedding so far was saved

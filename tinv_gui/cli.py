@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-model", help="write the offline demo model: DIR/sd and DIR/clip")
     demo.add_argument("dir")
     demo.add_argument("--v-prediction", action="store_true", help="a scheduler that predicts v (like SD 2.x 768)")
-    demo.add_argument("--sdxl", action="store_true", help="SDXL-shaped instead: DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape = demo.add_mutually_exclusive_group()
+    shape.add_argument("--sdxl", action="store_true", help="SDXL-shaped instead: DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape.add_argument("--sd3", action="store_true", help="SD 3.5-shaped instead (CLIP-L, bigG, T5): DIR/sd, DIR/clip_l and DIR/clip_g")
+    shape.add_argument("--flux", action="store_true", help="Flux.1-dev-shaped instead (CLIP-L, T5): DIR/sd and DIR/clip_l")
     return parser
 
 
@@ -221,8 +224,9 @@ def follow(job, log_jsonl: str | None = None) -> int:
     code = 1
     try:
         for event in job.events():
+            code = _exit_status(event, received, code)
             try:
-                code = _show(event, bar, step_log, prefix, rank, received, code)
+                _show(event, bar, step_log, prefix, rank, received)
             except OSError:  # the terminal went away mid-line; the run and its files matter more
                 pass
     finally:
@@ -236,15 +240,25 @@ def follow(job, log_jsonl: str | None = None) -> int:
     return code
 
 
-def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list[int], code: int) -> int:
-    """Show one event of `follow`; returns the exit status so far."""
+def _exit_status(event, received: list[int], code: int) -> int:
+    """The exit status once `event` has come: 0 finished, 2 failed, 128 + the signal's number
+    when a signal stopped the run early."""
+    from .events import Failed, Finished
+
+    if isinstance(event, Finished):
+        return 128 + received[0] if event.stopped_early and received else 0
+    return EXIT_FAILED if isinstance(event, Failed) else code
+
+
+def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list[int]) -> None:
+    """Show one event of `follow` in the terminal."""
     from .events import Failed, Finished, Log, Preview, Progress
 
     if isinstance(event, Progress):
+        step_log.write({k: v for k, v in event.to_dict().items() if k != "event"})  # first: the terminal may fail
         bar.total = event.total
         bar.update(event.step - bar.n)
         bar.set_postfix(loss=f"{event.loss:.4f}", phase=event.phase)
-        step_log.write({k: v for k, v in event.to_dict().items() if k != "event"})
     elif isinstance(event, Log):
         bar.write(prefix + event.message, file=sys.stderr)
     elif isinstance(event, Preview):
@@ -256,21 +270,18 @@ def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list
         for name, value in event.metrics.items():
             print(f"{name}: {value:.4f}")
         if not event.stopped_early:
-            return 0
+            return
         saved = "the embedding so far was saved" if event.outputs.get("embedding") else "nothing was saved (no step had finished)"
         if received:
             name = signal.Signals(received[0]).name
             print(f"stopped early by {name}; {saved}", file=sys.stderr)
-            return 128 + received[0]
+            return
         print(f"stopped early; {saved}", file=sys.stderr)
-        return 0
     elif isinstance(event, Failed):
         bar.close()
         print(f"error: {event.message}", file=sys.stderr)
         for what, path in event.outputs.items():
             print(f"kept {what}: {path}", file=sys.stderr)
-        return EXIT_FAILED
-    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,11 +299,17 @@ def _main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command == "demo-model":
         from .demo_model import write_demo_model, write_demo_sdxl
+        from .demo_sd3_flux import write_demo_flux, write_demo_sd3
 
-        if args.sdxl:
-            out = write_demo_sdxl(args.dir)
-            print(f"SDXL demo model written: {Path(out) / 'sd'}, {Path(out) / 'clip_l'} and {Path(out) / 'clip_g'}")
-            return 0
+        for chosen, write, title, clips in (
+            (args.sdxl, write_demo_sdxl, "SDXL", ("clip_l", "clip_g")),
+            (args.sd3, write_demo_sd3, "SD 3", ("clip_l", "clip_g")),
+            (args.flux, write_demo_flux, "Flux", ("clip_l",)),
+        ):
+            if chosen:
+                out = Path(write(args.dir))
+                print(f"{title} demo model written: {out / 'sd'} and {' and '.join(str(out / clip) for clip in clips)}")
+                return 0
         out = write_demo_model(args.dir, prediction_type="v_prediction" if args.v_prediction else "epsilon")
         print(f"demo model written: {Path(out) / 'sd'} and {Path(out) / 'clip'}")
         return 0

@@ -175,20 +175,6 @@ def save_embedding(
     return atomic_save_safetensors({token: vectors}, path, meta)
 
 
-def load_embedding(path: str | Path, width: int | None = None) -> tuple[str, torch.Tensor]:
-    """Read an SD 1.x/2.x embedding file of any layout (diffusers, A1111, kohya; see formats.py):
-    (token, tensor[n, dim]). With `width`, a file made for another text width is refused with a
-    message naming both widths."""
-    from .formats import EmbeddingFormatError, check_fits, read_embedding
-
-    embedding = read_embedding(path)
-    if width is not None:
-        check_fits(embedding, width, Path(path).name)
-    if embedding.is_sdxl:
-        raise EmbeddingFormatError(f"{Path(path).name} is an SDXL embedding ({embedding.describe_width()}); SD 1.x/2.x models cannot use it")
-    return embedding.token, embedding.vectors
-
-
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (method, steps, base model...)."""
     from safetensors import safe_open

@@ -1,7 +1,7 @@
 """The engine: runs jobs one at a time on a background thread and streams their events.
 
-Everything that drives training (the CLI, the app, the tests) submits a job and reads its
-events; nothing here knows about Gradio or terminals.
+Everything that drives training, evaluation, prompt search or generation (the CLI, the app,
+the tests) submits a job and reads its events; nothing here knows about Gradio or terminals.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import threading
 import traceback
 from typing import Callable, Iterator
 
-from .events import Event, Failed, Finished, Log, Reporter, Started, TERMINAL_EVENTS
+from .events import TERMINAL_EVENTS, Event, Failed, Finished, Log, Progress, Reporter, Started
 from .models import ModelStore, reporting_downloads
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class Job:
         self._lock = threading.Lock()
         self.history: list[Event] = []
         self.status = "queued"  # queued, running, finished, failed
+        self.time_limit_s: float | None = None  # set by the engine: the longest the job may run
+        self.reporter: Reporter | None = None
         self.outputs: dict[str, str] = {}
 
     def cancel(self) -> None:
@@ -118,6 +120,8 @@ class Job:
     def _run(self) -> None:
         self.status = "running"
         reporter = Reporter(self._emit, self._stop, self.total_steps)
+        reporter.limit_time(self.time_limit_s)
+        self.reporter = reporter
         self._emit(Started(self.id, self.description, self.total_steps))
         failure = None
         try:
@@ -148,6 +152,9 @@ class Engine:
 
     def __init__(self, store: ModelStore | None = None):
         self.store = store or ModelStore()
+        # The longest a job may run (a shared server's setting): past it, the job stops as if
+        # Stop were pressed, keeping what it saved. None: no limit.
+        self.time_limit_s: float | None = None
         self._start_worker()
 
     def _start_worker(self) -> None:
@@ -164,6 +171,7 @@ class Engine:
         if os.getpid() != self._pid:  # forked: the parent's thread (and what it held) is not here
             self._start_worker()
         job = Job(description, work, total_steps)
+        job.time_limit_s = self.time_limit_s
         with self._lock:
             self._waiting.append(job)
         self._jobs.put(job)
@@ -176,6 +184,21 @@ class Engine:
                 return 0
             return self._waiting.index(job) + (1 if self.current is not None else 0)
 
+    def expected_wait(self, job: Job) -> float | None:
+        """Seconds until `job` should start, roughly: what the running job has left (its own
+        estimate) plus the steps of the jobs queued before `job` at the running job's speed.
+        None while nothing is known yet (the running job has not finished a step)."""
+        with self._lock:
+            if job not in self._waiting or self.current is None:
+                return None
+            ahead = self._waiting[: self._waiting.index(job)]
+            progress = [e for e in list(self.current.history) if isinstance(e, Progress)]
+        if not progress or progress[-1].eta_s is None:
+            return None
+        last = progress[-1]
+        per_step = last.elapsed_s / max(last.step, 1)
+        return last.eta_s + sum(other.total_steps for other in ahead) * per_step
+
     def _check_model_names(self, settings) -> None:
         """On a shared server (the store takes Hub ids only), every setting naming a model is
         checked before the job is queued, whichever loader would read it."""
@@ -187,14 +210,16 @@ class Engine:
                 if getattr(settings, field, None) and not is_hub_name(getattr(settings, field)):
                     raise SettingsError(field, SHARED_MODELS_ONLY)
 
-    def train(self, settings) -> Job:
-        """Queue a training job. Settings are checked now, so bad values fail before queueing."""
-        from .jobs import check_output_folder, describe, run_training
+    def train(self, settings, export: bool = False) -> Job:
+        """Queue a training job. Settings are checked now, so bad values fail before queueing.
+        With `export`, the job also writes the embedding for every other tool when it ends."""
+        from .jobs import check_output_folder, describe, run_training, run_training_and_export
 
         resolved = settings.resolved()
         self._check_model_names(resolved)
         check_output_folder(resolved.output_dir)
-        return self.submit(describe(resolved), lambda reporter: run_training(resolved, self.store, reporter), resolved.total_steps)
+        run = run_training_and_export if export else run_training
+        return self.submit(describe(resolved), lambda reporter: run(resolved, self.store, reporter), resolved.total_steps)
 
     def evaluate(self, settings) -> Job:
         """Queue an evaluation job (tinv_gui.evaluate.EvalSettings); checked before queueing."""
@@ -210,6 +235,7 @@ class Engine:
         from .jobs import run_generation
 
         settings.check()
+        self._check_model_names(settings)
         what = repr(settings.prompt) if settings.prompt is not None else "a saved prompt"
         return self.submit(f"generate {what} on {settings.model}", lambda reporter: run_generation(settings, self.store, reporter))
 

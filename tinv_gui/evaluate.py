@@ -22,9 +22,11 @@ from PIL import Image
 from .clip_space import image_features, pooled_text_features
 from .data import load_dataset
 from .device import Placement, choose_placement
-from .embeddings import embeddings_in_pipeline, mentions, replace_name
+from .embeddings import mentions, replace_name
 from .events import Reporter
+from .files import atomic_save_image
 from .formats import check_fits, read_embedding
+from .generate import generate
 from .models import ClipBundle, ModelStore, pipeline_text_widths
 from .settings import EvalSettings, SettingsError
 
@@ -34,16 +36,16 @@ def without_token(prompt: str, token: str, replacement: str = "") -> str:
     return re.sub(r"\s+", " ", replace_name(prompt, token, replacement)).strip()
 
 
-def generate_images(pipe, prompt: str, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
-    """One picture per seed, stopping early when asked."""
-    from .generate import generate
-
+def _draw_each_seed(pipe, prompt: str, embeddings: list, settings: EvalSettings, placement: Placement, reporter: Reporter, phase: str) -> list[Image.Image]:
+    """One picture per seed (generate.generate), stopping early when asked."""
     images = []
     for i in range(settings.n):
         if reporter.should_stop():
             break
         reporter.step_started()
-        picture = generate(pipe, prompt, steps=settings.steps, guidance=settings.guidance, seed=settings.seed + i, placement=placement)
+        picture = generate(
+            pipe, prompt, embeddings=embeddings, steps=settings.steps, guidance=settings.guidance, seed=settings.seed + i, placement=placement
+        )
         images.append(picture[0])
         reporter.step_finished(0.0, 0.0, phase)
     return images
@@ -84,9 +86,8 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     reference = image_features(clip, [p.image for p in pictures], crops=1)
     reporter.log(f"{len(pictures)} training pictures; generating {settings.n} pictures with {token!r}, then {settings.n} with {baseline_word or 'no word'!r}")
 
-    with embeddings_in_pipeline(pipe, [embedding]) as rewrite:  # checks the widths; unloads again after
-        with_token = generate_images(pipe, rewrite(settings.prompt), settings, placement, reporter, "generate (token)")
-    baseline = generate_images(pipe, baseline_prompt, settings, placement, reporter, "generate (baseline)")
+    with_token = _draw_each_seed(pipe, settings.prompt, [settings.embedding], settings, placement, reporter, "generate (token)")
+    baseline = _draw_each_seed(pipe, baseline_prompt, [], settings, placement, reporter, "generate (baseline)")
     if reporter.should_stop() or len(baseline) < settings.n:
         return None
     if settings.save_images:
@@ -116,7 +117,6 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
 
 
 def _save_pictures(folder: Path, with_token: list[Image.Image], baseline: list[Image.Image]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     for kind, images in (("token", with_token), ("baseline", baseline)):
         for i, image in enumerate(images):
-            image.save(folder / f"{kind}-{i:02d}.png")
+            atomic_save_image(image, folder / f"{kind}-{i:02d}.png")

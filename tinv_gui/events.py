@@ -68,6 +68,11 @@ class Failed(Event):
 TERMINAL_EVENTS = (Finished, Failed)
 
 
+def format_minutes(seconds: float | None) -> str:
+    minutes = (seconds or 0) / 60
+    return f"{minutes:g} minute{'s' if minutes != 1 else ''}"
+
+
 class Reporter:
     """Handed to a method: sends its events, keeps the job's clock, and says when to stop.
 
@@ -85,6 +90,8 @@ class Reporter:
         self.process = None  # a distributed.ProcessInfo under `accelerate launch`; None: one process
         self._start: float | None = None
         self._steps_before_start = 0  # a resumed run's earlier steps, left out of the time estimate
+        self.time_limit_s: float | None = None
+        self.deadline: float | None = None  # time.monotonic() past which the job stops (limit_time)
 
     def emit(self, event: Event) -> None:
         self._emit(event)
@@ -93,7 +100,15 @@ class Reporter:
         self._emit(Log(message))
 
     def should_stop(self) -> bool:
+        if self.deadline is not None and not self.stop_event.is_set() and time.monotonic() > self.deadline:
+            self.log(f"This server lets a job run for at most {format_minutes(self.time_limit_s)}: stopping here, keeping what was saved.")
+            self.stop_event.set()
         return self.stop_event.is_set()
+
+    def limit_time(self, seconds: float | None) -> None:
+        """Stop the job, as Stop would, once it has run for `seconds` (None: no limit)."""
+        self.time_limit_s = seconds
+        self.deadline = None if seconds is None else time.monotonic() + seconds
 
     def resume_at(self, steps_done: int) -> None:
         """Count `steps_done` steps as done by an earlier run that this one continues."""

@@ -1,5 +1,6 @@
-"""Jobs: what runs on the engine's thread. A job loads what it needs (through the ModelStore,
-so models stay warm), prepares the data, calls a method, and returns its output files."""
+"""Jobs: what runs on the engine's thread (training, with or without the exports for other
+tools; evaluation; prompt search; generation). A job loads what it needs (through the
+ModelStore, so models stay warm), prepares the data, calls a method, and returns its output files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .models import ModelStore
+from .models import ModelLoadError, ModelStore
 from .methods import Loaded, method_named
 from .settings import TrainSettings
 from .training import EmbeddingWriter
@@ -47,6 +48,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     Under `accelerate launch` with several processes, each process trains on its own share of
     the pictures with its own random draws, gradients are averaged, and the main process saves.
     """
+    _refuse_untrained_family(store, settings.model, "training embeddings")
     process = process_info()
     reporter.process = process
     if process.distributed:
@@ -75,6 +77,51 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     return dict(writer.outputs)
 
 
+# The other tools' files written beside a run's embedding, in the order the page lists them.
+EXPORTS = ("diffusers-bin", "a1111-pt", "kohya", "a1111-png", "onetrainer")
+
+
+def run_training_and_export(settings: TrainSettings, store: ModelStore, reporter: Reporter) -> dict[str, str]:
+    """run_training, then the embedding written once for every other tool (export_for_other_tools).
+    A run that fails or is stopped has the embedding it kept exported too."""
+    try:
+        outputs = run_training(settings, store, reporter)
+    except BaseException:
+        kept = reporter.outputs.get("embedding")
+        if kept:
+            try:
+                reporter.outputs.update(export_for_other_tools(kept))
+            except Exception as error:  # noqa: BLE001 - the training's own error is the one to report
+                reporter.log(f"the kept embedding could not be exported for other tools: {error}")
+        raise
+    if outputs.get("embedding"):
+        outputs.update(export_for_other_tools(outputs["embedding"]))
+    return outputs
+
+
+def export_for_other_tools(embedding: str) -> dict[str, str]:
+    """The files other tools load (formats.export_all, in an `export` folder beside the
+    embedding): {format: path} for the formats of EXPORTS. Each keeps the name its tools call
+    it by; A1111's one-tensor .safetensors is left out (the kohya file serves A1111 as well),
+    diffusers' .bin too for SDXL (its two-file copies stay in export/diffusers), and
+    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own."""
+    from .formats import export_all, read_embedding
+
+    written = export_all(embedding)
+    if read_embedding(embedding).is_sdxl:
+        del written["diffusers-bin"]
+    onetrainer = Path(written["onetrainer"])
+    written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
+    return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
+
+
+def _refuse_untrained_family(store: ModelStore, model: str, what: str) -> None:
+    """SD 3.x and Flux.1 load and draw; tinv-gui's methods do not handle their T5 encoder yet."""
+    family = store.family(model)
+    if not family.trainable:
+        raise ModelLoadError(f"{what} on {family.title} ({model}) is not supported yet; generating pictures with it is")
+
+
 def _own_share(images, process: ProcessInfo, settings: TrainSettings, reporter: Reporter):
     """This process's pictures; with several processes, says which ones and the effective batch."""
     if not process.distributed:
@@ -98,6 +145,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
+    _refuse_untrained_family(store, settings.model, "evaluating embeddings")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -139,6 +187,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
+    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the

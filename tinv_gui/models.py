@@ -1,8 +1,8 @@
 """Loading Stable Diffusion pipelines and CLIP models, once, and keeping them warm.
 
 A model is named by a Hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"), a local diffusers
-folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" (the offline
-demo models, which load through the same code as a local folder).
+folder, a single .safetensors/.ckpt checkpoint, or "demo" / "demo-vpred" / "demo-sdxl" / "demo-sd3" /
+"demo-flux" (the offline demo models, which load through the same code as a local folder).
 
 Every family loads through the same code; its Family (tinv_gui.families) is told from the folder's
 model_index.json or the checkpoint's keys, and says which pipeline class loads it and what its
@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
+from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
 from .device import Placement
 from .families import Family, family_for_checkpoint, family_for_index, family_of
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_FLAGS = ("--clip-model", "--clip-model-g")  # the settings naming each text encoder's CLIP
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+T5_CHECKPOINT_KEY = "text_encoders.t5xxl.transformer.shared.weight"  # in a single file that holds T5-XXL
 
 
 class ModelLoadError(RuntimeError):
@@ -57,7 +59,7 @@ def is_hub_name(name: str) -> bool:
     Decided before any look at the server's disk that could answer differently, so a refusal
     never tells an existing path from a missing one."""
     name = (name or "").strip()
-    if name in (*DEMO_NAMES, SDXL_DEMO_NAME):
+    if name in (*DEMO_NAMES, SDXL_DEMO_NAME, SD3_DEMO_NAME, FLUX_DEMO_NAME):
         return True
     # A Hub id also naming something on disk (relative to the server's folder) would load that.
     return bool(HUB_ID.match(name)) and not any(part in (".", "..") for part in name.split("/")) and not Path(name).exists()
@@ -80,6 +82,12 @@ def resolve_source(model: str) -> ModelSource:
     if model == SDXL_DEMO_NAME:
         root = demo_sdxl_dir()
         return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"), str(root / "clip_g")))
+    if model == SD3_DEMO_NAME:
+        root = demo_sd3_dir()
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"), str(root / "clip_g")))
+    if model == FLUX_DEMO_NAME:
+        root = demo_flux_dir()
+        return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip_l"),))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").exists():
@@ -101,6 +109,12 @@ def resolve_source(model: str) -> ModelSource:
 
 def _explain(source: ModelSource, what: str, error: Exception) -> ModelLoadError:
     text = str(error)
+    if _is_gated(error):
+        return ModelLoadError(
+            f"could not load {what} '{source.name}': it comes from a gated Hugging Face Hub repository (SD 3.x and "
+            "FLUX.1-dev are). Accept its licence on the repository's page, then log in with a token "
+            "(`hf auth login`, or set HF_TOKEN) and try again; or point at a local copy."
+        )
     if source.kind == "hub":
         hint = (
             f"could not load {what} '{source.name}' from the Hugging Face Hub and it is not in the local cache "
@@ -207,7 +221,7 @@ class ModelStore:
 
     def tokenizer(self, model: str, encoder: int = 0):
         """The tokenizer of the pipeline's text encoder number `encoder`, without loading any weights."""
-        from transformers import CLIPTokenizer
+        from transformers import CLIPTokenizer, T5TokenizerFast
 
         source = self._source(model)
         key = (source.location, encoder)
@@ -218,7 +232,8 @@ class ModelStore:
                     if source.kind == "file":
                         self._tokenizers[key] = family.tokenizers(self._load_pipeline(source, None))[encoder]
                     else:
-                        self._tokenizers[key] = CLIPTokenizer.from_pretrained(source.location, subfolder=family.tokenizer_attributes[encoder])
+                        tokenizer_class = T5TokenizerFast if encoder == family.t5_encoder else CLIPTokenizer
+                        self._tokenizers[key] = tokenizer_class.from_pretrained(source.location, subfolder=family.tokenizer_attributes[encoder])
                 except ModelLoadError:
                     raise
                 except Exception as error:  # noqa: BLE001 - turned into a message the user can act on
@@ -227,21 +242,19 @@ class ModelStore:
 
     def text_widths(self, model: str) -> tuple[int, ...]:
         """Widths of the pipeline's text encoders: (768,) for SD 1.x, (1024,) for SD 2.x,
-        (768, 1280) for SDXL."""
-        from transformers import CLIPTextConfig
+        (768, 1280) for SDXL, (768, 1280, 4096) for SD 3.x, (768, 4096) for Flux.1."""
+        from transformers import CLIPTextConfig, T5Config
 
         source = self._source(model)
         if source.kind == "file":
             return pipeline_text_widths(self.pipeline(model))
-        folders = self.family(model).text_encoder_attributes  # diffusers' subfolders carry the same names
+        family = self.family(model)
+        folders = family.text_encoder_attributes  # diffusers' subfolders carry the same names
+        configs = [T5Config if i == family.t5_encoder else CLIPTextConfig for i in range(len(folders))]
         try:
-            return tuple(CLIPTextConfig.from_pretrained(source.location, subfolder=folder).hidden_size for folder in folders)
+            return tuple(config.from_pretrained(source.location, subfolder=folder).hidden_size for config, folder in zip(configs, folders))
         except Exception as error:  # noqa: BLE001
             raise _explain(source, "the text encoder config", error) from error
-
-    def text_width(self, model: str) -> int:
-        """Width of the pipeline's (first) text encoder (768 for SD 1.x and SDXL, 1024 for SD 2.x)."""
-        return self.text_widths(model)[0]
 
     def pipeline(self, model: str, placement: Placement | None = None):
         """A diffusers StableDiffusionPipeline (or StableDiffusionXLPipeline) on `placement`'s device
@@ -271,14 +284,17 @@ class ModelStore:
             else:
                 pipe = pipeline_class.from_pretrained(source.location, **kwargs)
         except Exception as error:  # noqa: BLE001
-            raise _explain(source, f"the {family.title} pipeline", error) from error
+            problem = _explain(source, f"the {family.title} pipeline", error)
+            if source.kind == "file" and family.t5_encoder is not None and T5_CHECKPOINT_KEY not in checkpoint_keys(Path(source.location)):
+                problem = ModelLoadError(f"{problem} {_missing_t5_hint(family)}")
+            raise problem from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
         if placement is not None:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (pipe.unet, pipe.vae, *family.text_encoders(pipe)):
+        for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
         family.prepare(pipe)
@@ -294,6 +310,8 @@ class ModelStore:
         source = self._source(model)
         if encoder >= self.text_encoder_count(model):
             raise ModelLoadError(f"{model} has {self.text_encoder_count(model)} text encoder(s), not {encoder + 1}")
+        if encoder == self.family(model).t5_encoder:
+            raise ModelLoadError(f"{model}'s text encoder {encoder + 1} is T5, which has no CLIP model (no image tower)")
         if clip_model:
             if self.hub_only:
                 check_hub_name(clip_model, "CLIP model")
@@ -391,6 +409,27 @@ def checkpoint_keys(path: Path) -> list[str]:
             return list(f.keys())
     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: the tensors are not read
     return list(data.get("state_dict", data).keys())
+
+
+def _missing_t5_hint(family: Family) -> str:
+    return (
+        f"This {family.title} file holds no T5 text encoder (text_encoders.t5xxl.*): diffusers takes it, and the "
+        "pipeline's configs, from the model's Hub repository, which is gated (log in with a token after accepting its "
+        "licence) and must be in the local cache when offline. Use a file that includes T5, or the model's diffusers folder."
+    )
+
+
+def _is_gated(error: BaseException | None) -> bool:
+    """Whether the error, or one it was raised from or while handling (diffusers re-raises the
+    Hub's error as an OSError), says the Hub repository is gated."""
+    from huggingface_hub.errors import GatedRepoError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, GatedRepoError) or "gated repo" in str(error).lower():
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
 
 
 def _try_xformers(pipe) -> None:

@@ -15,10 +15,13 @@ the families it is more specific than.
 from __future__ import annotations
 
 from .base import Family
+from .flux import Flux
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-FAMILIES: tuple[Family, ...] = (StableDiffusionXL(), StableDiffusion())  # the first that matches wins
+# The first that matches wins. SD 3.x and Flux.1 load and draw; their training is not built yet.
+FAMILIES: tuple[Family, ...] = (StableDiffusion3(), Flux(), StableDiffusionXL(), StableDiffusion())
 
 
 def family_for_index(class_name: str) -> Family:
@@ -37,4 +40,4 @@ def family_of(pipe) -> Family:
     return family_for_index(type(pipe).__name__)
 
 
-__all__ = ["FAMILIES", "Family", "StableDiffusion", "StableDiffusionXL", "family_for_checkpoint", "family_for_index", "family_of"]
+__all__ = ["FAMILIES", "Family", "Flux", "StableDiffusion", "StableDiffusion3", "StableDiffusionXL", "family_for_checkpoint", "family_for_index", "family_of"]

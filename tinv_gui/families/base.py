@@ -18,6 +18,8 @@ class Family:
     embedding_keys: tuple[str, ...] = ()  # an embedding file's key per text encoder; () : {token: tensor}
     default_clips: dict[int, str] = {}  # the CLIP each text encoder comes from, by its width
     demo_model: str = ""  # the offline demo model of this family
+    t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
+    trainable: bool = True  # whether tinv-gui's methods handle it (SD 3.x and Flux.1 load and draw; training comes later)
 
     # ------------------------------------------------------------------------- recognising it
     def matches_index(self, class_name: str) -> bool:
@@ -47,6 +49,10 @@ class Family:
     def native_resolution(self, pipe) -> int:
         """The picture size the model was trained at."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    def check_generation(self, negative: str | None, custom_sampler: bool, with_embeddings: bool) -> None:
+        """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
+        other than the model's own, embeddings or prompt files)."""
 
     def vae_needs_upcast(self, vae) -> bool:
         """Whether its VAE must run in float32 where its weights are float16."""
@@ -90,3 +96,9 @@ class Family:
         from ..methods.textual_inversion import NoiseSchedule
 
         return NoiseSchedule(scheduler_config, device)
+
+
+def has_tensor(keys: list[str], name: str) -> bool:
+    """Whether a single-file checkpoint's tensor names hold `name`, bare or under the
+    "model.diffusion_model." prefix its all-in-one files use."""
+    return name in keys or f"model.diffusion_model.{name}" in keys

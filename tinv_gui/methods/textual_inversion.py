@@ -35,6 +35,7 @@ from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, trainin
 from ..device import Placement, release_freed_memory
 from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
 from ..events import Preview, Reporter
+from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
 from ..families import family_of
 from ..models import pipeline_text_widths, text_encoders, tokenizers
@@ -194,9 +195,7 @@ def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size
         conditioning = family.pipeline_conditioning(embeds.to(dtype), None if pooled is None else pooled.to(dtype))
         generator = torch.Generator(placement.device).manual_seed(seed)
         image = pipe(**conditioning, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return atomic_save_image(image, path)
 
 
 @contextlib.contextmanager

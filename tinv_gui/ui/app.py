@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 from collections import OrderedDict
-from pathlib import Path
+
 
 import gradio as gr
 
@@ -81,6 +80,9 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
+        if self.shared:  # one visitor's job cannot hold the queue for ever
+            self.engine.time_limit_s = float(os.environ.get("TINV_GUI_MAX_JOB_MINUTES", "60")) * 60
+        self.followers: dict[str, int] = {}  # job id -> pages following it now
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
         # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
         self.returning: OrderedDict[str, str] = OrderedDict()
@@ -96,9 +98,7 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         """On page load: give the browser a lasting key (or take back the one it kept), and show
         that visitor's pictures, embeddings and last run, finished or still going."""
         key = stored_key if stored_key and self.workspaces.exists(stored_key) else secrets.token_urlsafe(18)
-        self.returning[request.session_hash] = key
-        while len(self.returning) > MAX_RETURNING:
-            self.returning.popitem(last=False)
+        self._remember(request.session_hash, key)
         ws = self.workspace(request)
         c = self.components
         gallery, captions, status = self.dataset_view(ws)
@@ -111,13 +111,30 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
                 shown[c["start"]] = gr.update(interactive=True, value="Follow my running training")
         return shown
 
+    def _remember(self, session: str, key: str) -> None:
+        """Map a page session to the visitor's key, keeping the table at about MAX_RETURNING
+        entries: the oldest idle visitors are forgotten first (they come back with an empty
+        folder, which is what they had); visitors with a job running or files in their folder
+        are never dropped, however many pages others load."""
+        self.returning[session] = key
+        for _ in range(len(self.returning) - MAX_RETURNING):
+            oldest, oldest_key = next(iter(self.returning.items()))
+            if self._holds_something(oldest_key):
+                self.returning.move_to_end(oldest)
+            else:
+                del self.returning[oldest]
+
+    def _holds_something(self, key: str) -> bool:
+        running = any(key in jobs and not jobs[key].done for jobs in (self.jobs, self.prompt_jobs))
+        return running or self.workspaces.holds_files(key)
+
     # ----------------------------------------------------------------------------- The page
     def build(self) -> gr.Blocks:
         """The Blocks page. Handlers are this object's methods."""
         c: dict[str, gr.components.Component] = {}
         self.components = c
         with gr.Blocks(title="tinv-gui", delete_cache=(3600, 24 * 3600)) as page:
-            c["visitor"] = gr.BrowserState("", storage_key="tinv-gui-visitor")
+            c["visitor"] = gr.BrowserState("", storage_key="tinv-gui-visitor", secret=self.workspaces.secret())
             logo = LOGO.read_text() if LOGO.exists() else ""  # inline: no file route needed
             gr.HTML(f'<div class="tinv-header">{logo}<div><h1>{TITLE}</h1></div></div>')
             gr.Markdown(INTRO)
@@ -155,21 +172,13 @@ def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
 
 def launch(**launch_kwargs):
     """Build and serve the page; GRADIO_SERVER_PORT and GRADIO_SERVER_NAME are honoured."""
-    page, app = build_app()
-    allowed = [] if _under_served_roots(app.workspaces.root) else [str(app.workspaces.root)]
+    page, _app = build_app()
     return page.launch(
         theme=gr.themes.Soft(primary_hue="indigo"),
         css=CSS,
         favicon_path=str(LOGO) if LOGO.exists() else None,
-        allowed_paths=allowed,
+        allowed_paths=[],  # never the visitors' folders: their files go out through each visitor's session (Workspace.served)
         max_file_size="200mb",
         footer_links=["gradio", "settings"],
         **launch_kwargs,
     )
-
-
-def _under_served_roots(path: Path) -> bool:
-    """True when Gradio may hand out files from `path` without adding it to allowed_paths (which
-    would also make its files directly reachable by URL)."""
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(Path(root).resolve()) for root in (tempfile.gettempdir(), os.getcwd()))

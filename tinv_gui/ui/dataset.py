@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from ..files import atomic_write_text
 from .workspace import Workspace, sanitize_filename, unique_path
 
 # Smaller than this a picture is refused; smaller than SOFT_SIDE it is kept with a warning.
@@ -22,6 +23,12 @@ MAX_ZIP_MEMBERS = 500
 # Pictures one visitor may keep: textual inversion wants 3 to 20; this bounds a shared server's disk.
 MAX_PICTURES = int(os.environ.get("TINV_GUI_MAX_PICTURES", "100"))
 MAX_MEMBER_BYTES = 50 * 1024 * 1024
+# Bytes one upload may unpack from zips (a small zip can hold gigabytes of members).
+MAX_UNPACKED_BYTES = int(os.environ.get("TINV_GUI_MAX_UNPACKED_MB", "500")) * 1024 * 1024
+# Pictures are kept at most this large on their shorter side: training crops a square at 512
+# (SD 1.x) to 1024 (SDXL), so anything larger only costs disk, memory and every gallery redraw.
+MAX_SIDE = int(os.environ.get("TINV_GUI_PICTURE_SIDE", "1024"))
+MAX_REFUSED = 50  # refused uploads listed (their names and reasons; their bytes are not kept)
 PROBLEMS_FILE = "problems.json"
 DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
 
@@ -57,17 +64,25 @@ def _problems(ws: Workspace) -> dict[str, str]:
 
 
 def _refuse(ws: Workspace, source: Path, name: str, problem: str) -> Picture:
-    target = unique_path(ws.rejected, name)
-    source.replace(target)
+    """Note why an upload was refused (its name and the reason, the last MAX_REFUSED of them)
+    and delete it: a refused file is never kept, so never served either."""
+    source.unlink(missing_ok=True)
     problems = _problems(ws)
-    problems[target.name] = problem
-    (ws.rejected / PROBLEMS_FILE).write_text(json.dumps(problems, indent=1))
-    return Picture(target.name, target, problem=problem)
+    stem, suffix = Path(name).stem, Path(name).suffix
+    n = 2
+    while name in problems:
+        name, n = f"{stem}-{n}{suffix}", n + 1
+    problems[name] = problem
+    problems = dict(list(problems.items())[-MAX_REFUSED:])
+    atomic_write_text(ws.rejected / PROBLEMS_FILE, json.dumps(problems, indent=1))
+    return Picture(name, ws.rejected / name, problem=problem)
 
 
-def _unpack_zip(archive: Path, into: Path) -> list[Path]:
-    """Pictures and caption files of a zip, written under sanitized names."""
-    out = []
+def _unpack_zip(archive: Path, into: Path, budget: list[int]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Pictures and caption files of a zip, written under sanitized names, within `budget[0]`
+    bytes (what is left of the upload's allowance, updated); and (name, problem) of members
+    left packed."""
+    out, skipped = [], []
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [m for m in zf.infolist() if not m.is_dir() and "__MACOSX" not in m.filename]
@@ -75,16 +90,37 @@ def _unpack_zip(archive: Path, into: Path) -> list[Path]:
                 suffix = Path(member.filename).suffix.lower()
                 if suffix not in IMAGE_SUFFIXES + (".txt",) or Path(member.filename).name.startswith("."):
                     continue
-                target = unique_path(into, sanitize_filename(member.filename))
+                name = sanitize_filename(member.filename)
+                limit = min(MAX_MEMBER_BYTES, budget[0])
                 with zf.open(member) as src:  # read at most the limit: a member's declared size can lie
-                    data = src.read(MAX_MEMBER_BYTES + 1)
-                if len(data) > MAX_MEMBER_BYTES:
+                    data = src.read(limit + 1)
+                if len(data) > limit:
+                    why = "larger than 50 MB" if limit == MAX_MEMBER_BYTES else f"not unpacked: one upload may unpack at most {MAX_UNPACKED_BYTES // 2**20} MB"
+                    skipped.append((name, why))
                     continue
+                budget[0] -= len(data)
+                target = unique_path(into, name)
                 target.write_bytes(data)
                 out.append(target)
     except (zipfile.BadZipFile, OSError) as error:
         raise ImageError(archive, f"not a readable zip file ({error})") from None
-    return out
+    return out, skipped
+
+
+def _keep(image: Image.Image, source: Path, target: Path) -> Path:
+    """Store an accepted picture at `target` (returned): downscaled once, on arrival, to MAX_SIDE
+    on its shorter side when larger (as PNG unless it was a JPEG or WebP), else as uploaded."""
+    if min(image.size) <= MAX_SIDE:
+        source.replace(target)
+        return target
+    scale = MAX_SIDE / min(image.size)
+    smaller = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    kind = Image.registered_extensions().get(target.suffix.lower())
+    if kind not in ("JPEG", "WEBP"):
+        kind, target = "PNG", unique_path(target.parent, target.with_suffix(".png").name)
+    smaller.save(target, format=kind, quality=95)
+    source.unlink()
+    return target
 
 
 def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
@@ -95,17 +131,19 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
     incoming.mkdir(exist_ok=True)
     staged: list[Path] = []
     added: list[Picture] = []
+    budget = [MAX_UNPACKED_BYTES]
     for upload in uploads or []:
         upload = Path(upload)
         target = unique_path(incoming, sanitize_filename(upload.name))
         if upload.suffix.lower() == ".zip":
             try:
-                staged += _unpack_zip(upload, incoming)
-                continue
+                unpacked, skipped = _unpack_zip(upload, incoming, budget)
             except ImageError as error:
-                target.write_bytes(upload.read_bytes())
                 added.append(_refuse(ws, target, target.name, error.problem))
                 continue
+            staged += unpacked
+            added += [_refuse(ws, incoming / name, name, why) for name, why in skipped]
+            continue
         target.write_bytes(upload.read_bytes())
         staged.append(target)
 
@@ -131,8 +169,7 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
         if original:
             added.append(_refuse(ws, path, name, f"duplicate of {original}"))
             continue
-        target = unique_path(ws.pictures, name)
-        path.replace(target)
+        target = _keep(image, path, unique_path(ws.pictures, name))
         known[target.name] = fingerprint
         if path.stem in captions:
             captions[path.stem].replace(target.with_suffix(".txt"))
@@ -155,7 +192,7 @@ def list_pictures(ws: Workspace) -> list[Picture]:
     """Every picture of the visitor: those to train on first, then the refused ones."""
     usable = [describe(p) for p in sorted(ws.pictures.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     refused = [Picture(name, ws.rejected / name, problem=problem) for name, problem in sorted(_problems(ws).items())]
-    return usable + [p for p in refused if p.path.exists()]
+    return usable + refused
 
 
 def as_seen(picture: Picture, size: int = 256) -> Image.Image | None:
@@ -170,11 +207,11 @@ def gallery_items(ws: Workspace, size: int = 256) -> list[tuple[Image.Image, str
     """(image, caption) pairs for the Dataset gallery; a refused picture is labelled with its problem."""
     items = []
     for picture in list_pictures(ws):
-        image = as_seen(picture, size)
-        if picture.problem:
+        if picture.problem:  # its bytes were not kept
             label = f"✗ {picture.name}: {picture.problem}"
-            image = image or Image.new("RGB", (size, size), (235, 220, 220))
+            image = Image.new("RGB", (size, size), (235, 220, 220))
         else:
+            image = as_seen(picture, size)
             label = f"{picture.name}" + (f" ⚠ {picture.note}" if picture.note else "")
         items.append((image, label))
     return items
@@ -197,7 +234,7 @@ def save_captions(ws: Workspace, rows) -> int:
         caption = str(row[1] or "").strip()
         sidecar = picture.with_suffix(".txt")
         if caption:
-            sidecar.write_text(caption + "\n", encoding="utf-8")
+            atomic_write_text(sidecar, caption + "\n")
             saved += 1
         else:
             sidecar.unlink(missing_ok=True)

@@ -82,10 +82,11 @@ class RunView:
     metrics: dict[str, float] = field(default_factory=dict)  # evaluation figures, when the job sends them
     message: str = ""  # the failure, said so a person can act on it
     queue_position: int = 0
+    queue_wait_s: float | None = None  # expected seconds before it starts, when known
 
     @classmethod
-    def from_events(cls, events: list[Event], queue_position: int = 0) -> "RunView":
-        view = cls(status="queued" if queue_position else "loading", queue_position=queue_position)
+    def from_events(cls, events: list[Event], queue_position: int = 0, queue_wait_s: float | None = None) -> "RunView":
+        view = cls(status="queued" if queue_position else "loading", queue_position=queue_position, queue_wait_s=queue_wait_s)
         for event in events:
             if isinstance(event, Started):
                 view.description = event.description
@@ -118,7 +119,8 @@ class RunView:
         if self.status == "idle":
             return "Not started yet. Add pictures, choose a method, then press Start training."
         if self.status == "queued":
-            return f"Waiting for the GPU/CPU: {self.queue_position} job(s) ahead of yours."
+            wait = f" Expected wait: about {format_seconds(self.queue_wait_s)}." if self.queue_wait_s is not None else ""
+            return f"Waiting for the GPU/CPU: {self.queue_position} job(s) ahead of yours.{wait}"
         last = self.progress[-1] if self.progress else None
         if last is None:
             if self.status == "failed":

@@ -6,13 +6,10 @@ tab's controls and handlers.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import gradio as gr
 
 from ..demo_model import ASSETS_DIR
-from . import dataset, hooks
-from .gpu import on_gpu
+from . import dataset
 from .workspace import Workspace
 
 EXAMPLES_DIR = ASSETS_DIR / "examples"
@@ -67,16 +64,6 @@ class DatasetTab:
         saved = dataset.save_captions(ws, table_rows(rows))
         return f"{saved} caption(s) saved."
 
-    def auto_caption(self, model: str, request: gr.Request):
-        """HOOK (issue 3): caption every picture with BLIP, then show the captions for editing."""
-        ws = self.workspace(request)
-        paths = [str(p) for p in dataset.picture_paths(ws)]
-        if not paths:
-            raise gr.Error("Add pictures first.")
-        captions = hooks.auto_caption(paths, model)
-        dataset.save_captions(ws, [[Path(p).name, c] for p, c in zip(paths, captions)])
-        return dataset.caption_rows(ws), f"{len(captions)} caption(s) written; edit them as you like."
-
     def build_dataset_tab(self, c: dict) -> None:
         with gr.Tab("1. Dataset", id="dataset"):
             gr.Markdown(
@@ -107,9 +94,6 @@ class DatasetTab:
             )
             with gr.Row():
                 c["save_captions"] = gr.Button("Save captions", size="sm")
-                c["auto_caption"] = gr.Button(
-                    "Auto-caption (BLIP)", size="sm", visible=hooks.auto_caption_available()
-                )
             c["caption_status"] = gr.Markdown()
 
     def dataset_outputs(self) -> list:
@@ -122,7 +106,3 @@ class DatasetTab:
         c["examples"].click(self.add_examples, None, dataset_out, api_name="add_examples")
         c["clear"].click(self.clear_pictures, None, dataset_out, api_name="clear_pictures")
         c["save_captions"].click(self.save_captions, c["captions"], c["caption_status"], api_name="save_captions")
-        if hooks.auto_caption_available():
-            c["auto_caption"].click(
-                on_gpu(self.auto_caption), c["model"], [c["captions"], c["caption_status"]], concurrency_id="gpu", concurrency_limit=1
-            )

@@ -10,13 +10,11 @@ import gradio as gr
 import torch
 
 from ..data import open_image
-from ..device import choose_placement
 from ..embeddings import mentions, save_embedding
-from ..events import TERMINAL_EVENTS
 from ..formats import SDXL_KEYS, read_embedding, read_embeddings, write_embedding
-from ..settings import GenerateSettings, SettingsError
+from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
-from . import dataset, hooks
+from . import dataset
 from .gpu import on_gpu
 from .options import whole_number
 from .progress import POLL_S, RunView
@@ -103,7 +101,7 @@ class PlaygroundTab:
         if path is None:
             raise gr.Error("Choose an embedding first.")
         chosen = read_embedding(path)
-        drawn = sorted(ws.images.glob("*/with-0.png"), key=lambda p: p.stat().st_mtime)
+        drawn = sorted(ws.images.glob("*/picture.png"), key=lambda p: p.stat().st_mtime)
         picture = open_image(drawn[-1]) if drawn else None
         name = sanitize_filename(chosen.token, "embedding")
         card = write_embedding(chosen, unique_path(ws.images, "card-" + time.strftime("%Y%m%d-%H%M%S")) / f"{name}.png", "a1111-png", picture)
@@ -140,31 +138,23 @@ class PlaygroundTab:
         token = read_embedding(path).token if path else None
         note = f"Your prompt does not contain `{token}`, so the embedding has no effect on it." if token and not mentions(prompt, token) else ""
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S"))
-        runs = [("with", path)] + ([("without", None)] if compare and path else [])
-        options = dict(
-            negative=(negative or "").strip() or None, steps=int(steps), guidance=float(guidance), seed=int(seed),
-            size=SIZES.get(size), count=int(count), placement=choose_placement(),
+        settings = GenerateSettings(
+            model=model, output=str(out / "picture.png"), prompt=prompt, negative=(negative or "").strip() or None,
+            embeddings=[str(path)] if path else [], strength=float(strength), sampler=sampler, steps=int(steps),
+            guidance=float(guidance), seed=int(seed), size="x".join(map(str, SIZES[size])) if SIZES.get(size) else None,
+            count=int(count), compare=bool(compare),
         )
-
-        def work(reporter):
-            pipe = self.engine.store.pipeline(model)
-            saved = {}
-            out.mkdir(parents=True)
-            for name, file in runs:
-                pictures = hooks.generate_images(pipe, prompt, sampler, embedding=file, strength=float(strength), **options)
-                for i, picture in enumerate(pictures):
-                    saved[f"{name}-{i}"] = str(out / f"{name}-{i}.png")
-                    picture.save(saved[f"{name}-{i}"])
-            return saved
-
-        final = self.engine.submit(f"generate {prompt!r} on {model}", work).wait()
-        if not isinstance(final, TERMINAL_EVENTS) or final.kind == "failed":
-            raise gr.Error(getattr(final, "message", "generation failed"))
+        try:
+            final = self.engine.generate(settings).wait()
+        except (SettingsError, ValueError) as error:
+            raise gr.Error(str(error)) from None
+        if final.kind == "failed":
+            raise gr.Error(final.message)
 
         def pictures(name: str) -> list[Path] | None:
-            return [ws.inside(p) for k, p in final.outputs.items() if k.startswith(name + "-")] or None
+            return [ws.served(p) for k, p in final.outputs.items() if k.split("-")[0] == name] or None
 
-        return pictures("with"), pictures("without"), note or f"Seed {int(seed)}."
+        return pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
@@ -245,7 +235,7 @@ class PlaygroundTab:
                         c["seed"] = gr.Number(0, label="Seed", precision=0, info="Same seed, same picture.")
                         c["count"] = gr.Slider(1, 4, 1, step=1, label="Pictures")
                     with gr.Row():
-                        c["sampler"] = gr.Dropdown(list(hooks.SAMPLERS), value="Model default", label="Sampler")
+                        c["sampler"] = gr.Dropdown(list(SAMPLERS), value="Model default", label="Sampler")
                         c["size"] = gr.Dropdown(list(SIZES), value="Model default", label="Size")
                     c["strength"] = gr.Slider(
                         0, 2, 1, step=0.05, label="Strength", info="Scales the learned vectors: below 1 weaker, above 1 stronger."

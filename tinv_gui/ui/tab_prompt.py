@@ -3,6 +3,7 @@ continuous prompt, Engine.optimize_prompt), watch the similarity rise, and draw 
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from pathlib import Path
@@ -10,12 +11,16 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from ..device import choose_placement
-from ..settings import SettingsError
-from . import hooks
+from ..generate import GenerateSettings
+from ..settings import PromptSettings, SettingsError
 from .gpu import on_gpu
 from .progress import POLL_S, RunView
 from .workspace import sanitize_filename, unique_path
+
+
+def similarity_from_loss(loss: float) -> float:
+    """Cosine similarity from the spherical distance θ²/2 the CLIP-space methods minimize."""
+    return math.cos(math.sqrt(max(2.0 * loss, 0.0)))
 
 
 class PromptTab:
@@ -31,13 +36,14 @@ class PromptTab:
         target.parent.mkdir(exist_ok=True)
         shutil.copyfile(image, target)
         try:
-            job = hooks.submit_prompt_search(self.engine, str(target), model, bool(readable), int(steps or 0) or None, str(ws.new_run_dir("prompt")))
+            settings = PromptSettings(images=[str(target)], model=model, hard=bool(readable), steps=int(steps or 0) or None, output_dir=str(ws.new_run_dir("prompt")))
+            job = self.engine.optimize_prompt(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None
         self.prompt_jobs[ws.key] = job
         while True:
             view = RunView.from_events(list(job.history), self.engine.position(job))
-            similarity = [(p.step, hooks.similarity_from_loss(p.loss)) for p in view.progress]
+            similarity = [(p.step, similarity_from_loss(p.loss)) for p in view.progress]
             frame = pd.DataFrame(similarity, columns=["step", "similarity"]).astype({"step": "int64", "similarity": "float64"})
             prompt = ""
             if view.outputs.get("prompt"):
@@ -68,16 +74,11 @@ class PromptTab:
         else:
             raise gr.Error("Find a prompt first.")
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S") + "-found.png")
-
-        def work(reporter):
-            pictures = hooks.generate_images(self.engine.store.pipeline(model), placement=choose_placement(), **found)
-            pictures[0].save(out)
-            return {"picture": str(out)}
-
-        final = self.engine.submit(f"generate from a found prompt on {model}", work).wait()
+        final = self.engine.generate(GenerateSettings(model=model, output=str(out), **found)).wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
-        return [ws.inside(final.outputs["picture"])]
+        return [ws.served(final.outputs["image"])]
+
 
     def build_prompt_tab(self, c: dict) -> None:
         with gr.Tab("5. Prompt from image", id="prompt-from-image"):

@@ -3,7 +3,9 @@ previews, log), stop it, and offer its files for download."""
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -13,16 +15,22 @@ from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
+from ..formats import read_embedding
+from ..jobs import EXPORTS
 from ..models import ModelLoadError
 from ..methods import method_with_label
 from ..settings import SettingsError, TrainSettings
-from . import dataset, hooks
+from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .progress import POLL_S, RunView, loss_colours
 from .tab_dataset import table_rows
 from .options import settings_from_form
 from .workspace import Workspace
 
+# A shared server's limits (README, Spaces): steps a run may ask for, and how long a visitor may
+# be away from a running job of theirs before it is stopped (a reload within it rejoins the job).
+MAX_STEPS = int(os.environ.get("TINV_GUI_MAX_STEPS", "3000"))
+LEFT_GRACE_S = float(os.environ.get("TINV_GUI_LEFT_GRACE_SECONDS", "120"))
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -61,6 +69,9 @@ class TrainTab:
             options = {**options, "resume": str(resume.resolve())}
         try:
             validate_token(token, self.engine.store.tokenizer(model))
+            steps = TrainSettings(images=str(ws.pictures), token=token.strip(), method=method, model=model, **settings_from_form(method, options)).resolved().total_steps
+            if self.shared and steps > MAX_STEPS:
+                raise SettingsError("steps", f"this shared server trains at most {MAX_STEPS} steps a run (this run asks for {steps}); ask for fewer")
             settings = TrainSettings(
                 images=str(ws.pictures),
                 token=token.strip(),
@@ -70,7 +81,7 @@ class TrainTab:
                 init=(init or "").strip() or None,
                 **settings_from_form(method, options),
             )
-            job = self.engine.train(settings)
+            job = self.engine.train(settings, export=True)  # the downloads, written once when it ends
         except (TokenError, SettingsError, ModelLoadError, ValueError) as error:
             raise gr.Error(str(error)) from None
         self.jobs[ws.key] = job
@@ -79,14 +90,24 @@ class TrainTab:
 
     def _follow(self, ws: Workspace, job: Job):
         """Yield the Train tab's state whenever the job has news, until it ends."""
+        self.followers[job.id] = self.followers.get(job.id, 0) + 1
         try:
             yield from self._follow_events(ws, job)
         finally:
+            self.followers[job.id] -= 1
             if ZERO_GPU and not job.done:  # the visitor left: end the job while the GPU is still ours
                 job.cancel()
                 deadline = time.monotonic() + 120
                 while not job.done and time.monotonic() < deadline:
                     time.sleep(POLL_S)
+            elif self.shared and not job.done:  # the visitor left: stop their job unless they come back soon
+                timer = threading.Timer(LEFT_GRACE_S, self._stop_if_unfollowed, (job,))
+                timer.daemon = True  # never holds the server's exit
+                timer.start()
+
+    def _stop_if_unfollowed(self, job: Job) -> None:
+        if not job.done and not self.followers.get(job.id):
+            job.cancel()
 
     def _follow_events(self, ws: Workspace, job: Job):
         seen = -1
@@ -97,7 +118,7 @@ class TrainTab:
             ended = bool(history) and isinstance(history[-1], TERMINAL_EVENTS)
             if len(history) != seen or ended:
                 seen = len(history)
-                view = RunView.from_events(history, self.engine.position(job))
+                view = RunView.from_events(history, self.engine.position(job), self.engine.expected_wait(job))
                 yield self._train_outputs(ws, view)
             if ended:
                 if view.progress:
@@ -106,17 +127,38 @@ class TrainTab:
                 return
             time.sleep(POLL_S)
 
+    @staticmethod
+    def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
+        """A finished run's files to download, each with the tools it is for and the name to type
+        there: the embedding, then the files the job exported for other tools (jobs.EXPORTS)."""
+        embedding = ws.inside(outputs["embedding"])
+        run = read_embedding(embedding)
+        token, name = run.token, Path(outputs.get("kohya", embedding)).stem
+        where = f"type `{name}` (InvokeAI `<{name}>`, ComfyUI `embedding:{name}`)"
+        tools = {
+            "diffusers-bin": f"diffusers' older .bin layout: type `{token}`",
+            "a1111-pt": f"AUTOMATIC1111, Forge, ComfyUI, InvokeAI, kohya: {where}",
+            "kohya": f"kohya sd-scripts, InvokeAI, ComfyUI, AUTOMATIC1111: {where}",
+            "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
+            "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
+        }
+        if run.is_sdxl:
+            files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{token}`")]
+        else:
+            files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
+        return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
+
     def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
         c = self.components
         embedding = view.outputs.get("embedding")
-        files = hooks.export_formats(ws.inside(embedding)) if view.done and embedding else []
+        files = self.download_files(ws, view.outputs) if view.done and embedding else []
         legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
         return {
             c["progress"]: view.progress_html(),
             c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
-            c["previews"]: gr.update(value=view.previews or None, visible=bool(view.previews)),  # only methods that draw
+            c["previews"]: gr.update(value=[(ws.served(path), caption) for path, caption in view.previews] or None, visible=bool(view.previews)),  # only methods that draw
             c["log"]: view.log_text(),
-            c["downloads"]: [str(path) for path, _ in files] or None,
+            c["downloads"]: [ws.served(path) for path, _ in files] or None,
             c["download_help"]: f"**Which file for which tool:**{legend}" if files else "",
             c["start"]: gr.update(interactive=view.done, value="Start training"),
             c["stop"]: gr.update(interactive=not view.done),
@@ -172,6 +214,9 @@ class TrainTab:
 
     def wire_train_tab(self, c: dict) -> None:
         train_outputs = self.train_outputs()
+        # The engine runs one job at a time and tells each visitor their place in its queue, which
+        # the page shows; Gradio's own queue would hide that (its position sits in the hidden
+        # progress element), so training waits there only on ZeroGPU, where the GPU call must.
         c["start"].click(
             on_gpu(self.start_training, duration=training_duration, outputs=train_outputs),
             [c["model"], c["token"], c["init"], c["preset"], c["captions"]],
@@ -179,8 +224,8 @@ class TrainTab:
             inputs_kwargs=c["options"],
             api_name="train",
             show_progress="hidden",  # the page draws its own progress bar
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            concurrency_id="gpu" if ZERO_GPU else "train",
+            concurrency_limit=1 if ZERO_GPU else None,
         )
         c["stop"].click(self.stop_training, None, c["stop_status"], api_name="stop", queue=False)
         c["try_it"].click(self.try_in_playground, None, [c["tabs"], c["embedding"], c["prompt"]], api_name=False)

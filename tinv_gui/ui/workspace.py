@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,8 @@ _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 LAST_USED_FILE = ".last_used"
 STOP_FILE = ".stop_requested"  # Stop pressed: read by whichever process runs the visitor's job
+SECRET_FILE = ".visitor-key-secret"
+HANDOUT_FOLDER = "tinv-gui-handout"  # copies of files handed to visitors, when their folders lie outside the temp folder
 
 
 def sanitize_filename(name: str, fallback: str = "file") -> str:
@@ -46,6 +49,12 @@ def unique_path(folder: Path, name: str) -> Path:
         path = folder / f"{stem}-{n}{suffix}"
         n += 1
     return path
+
+
+def _gradio_takes_files_from(folder: Path) -> bool:
+    """True when Gradio accepts a handler's files from `folder` without it being in allowed_paths."""
+    resolved = folder.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in (tempfile.gettempdir(), os.getcwd()))
 
 
 class Workspace:
@@ -82,6 +91,23 @@ class Workspace:
             raise PermissionError(f"{Path(path).name} is not one of your files")
         return Path(path).resolve()
 
+    def served(self, path: str | os.PathLike) -> str:
+        """`path` (one of this visitor's files) as a file the page may hand to this visitor.
+
+        Gradio takes a handler's files from the system's temporary folder (or the working folder)
+        into its cache, from where only the session they were given to gets a link to them. A
+        visitors' folder elsewhere is not added to Gradio's allowed paths (that would serve every
+        file in it to anyone naming its path, and inline): its files are copied, once, into a
+        hand-out folder under the temporary folder instead."""
+        path = self.inside(path)
+        if _gradio_takes_files_from(self.root):
+            return str(path)
+        handout = Path(tempfile.gettempdir()) / HANDOUT_FOLDER / self.key / path.relative_to(self.root.resolve())
+        if not handout.exists() or handout.stat().st_mtime < path.stat().st_mtime:
+            handout.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, handout)
+        return str(handout)
+
     def request_stop(self) -> None:
         """Leave word for the visitor's running job to stop. A file, not a flag in memory,
         because on ZeroGPU the job runs in another process than the Stop button's handler."""
@@ -116,6 +142,21 @@ class Workspaces:
         # Whether a visitor's folder is in use (a job of theirs running): such folders are kept.
         self.in_use: Callable[[str], bool] = in_use or (lambda key: False)
 
+    def secret(self) -> str:
+        """The secret that seals the visitor key kept in each browser. It must outlive a restart,
+        or every returning visitor would get a new, empty folder: TINV_GUI_SECRET when set, else
+        one made once and kept in a private file beside the visitors' folders."""
+        if os.environ.get("TINV_GUI_SECRET"):
+            return os.environ["TINV_GUI_SECRET"]
+        path = self.root / SECRET_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
     def get(self, session_key: str | None) -> Workspace:
         """The folder of the visitor with this session key, created on first use."""
         if not session_key or not _SESSION_KEY.match(session_key):
@@ -124,6 +165,18 @@ class Workspaces:
         if not root.exists():
             self.expire()
         return Workspace(root)
+
+    def holds_files(self, session_key: str) -> bool:
+        """True when the visitor's folder holds anything of theirs (pictures, runs, embeddings...)."""
+        root = self.root / session_key
+        for sub in ("pictures", "rejected", "runs", "embeddings", "images"):
+            try:
+                with os.scandir(root / sub) as entries:
+                    if any(True for _ in entries):
+                        return True
+            except OSError:
+                continue
+        return False
 
     def exists(self, session_key: str) -> bool:
         """True when a visitor with this key has a folder (kept from an earlier visit)."""
@@ -145,5 +198,6 @@ class Workspaces:
                 last_used = marker.stat().st_mtime if marker.exists() else folder.stat().st_mtime
                 if current - last_used > self.max_age_s:
                     shutil.rmtree(folder, ignore_errors=True)
+                    shutil.rmtree(Path(tempfile.gettempdir()) / HANDOUT_FOLDER / folder.name, ignore_errors=True)
                     removed.append(folder.name)
             return removed

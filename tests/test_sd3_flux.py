@@ -1,0 +1,203 @@
+"""SD 3.x and Flux.1 on the offline demo-sd3 and demo-flux models: the real pipeline classes and
+the shapes each family conditions on, the offline T5 tokenizer, generating through the CLI,
+`demo-model --sd3/--flux`, and telling the families apart from folders and single files."""
+
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tinv_gui import cli
+from tinv_gui.demo_sd3_flux import (
+    FLUX_TEXT_WIDTHS,
+    SD3_TEXT_WIDTHS,
+    T5_MAX_LENGTH,
+    build_t5_tokenizer,
+)
+from tinv_gui.families import family_for_checkpoint
+from tinv_gui.models import (
+    ModelLoadError,
+    ModelSource,
+    ModelStore,
+    _explain,
+    checkpoint_keys,
+    is_hub_name,
+)
+
+SENTENCE = "a photo of a Zebra sitting on a red sofa, 3 times!"
+
+
+@pytest.fixture(scope="module")
+def sd3(store):
+    return store.pipeline("demo-sd3")
+
+
+@pytest.fixture(scope="module")
+def flux(store):
+    return store.pipeline("demo-flux")
+
+
+def assert_text_towers_equal(text_encoder, clip):
+    """A pipeline's CLIP text encoder is its CLIP model's text tower, weight for weight."""
+    for name, weight in getattr(text_encoder, "text_model", text_encoder).state_dict().items():
+        assert torch.equal(weight, clip.text_model.state_dict()[name]), name
+
+
+def test_t5_tokenizer_works_offline_and_round_trips():
+    tokenizer = build_t5_tokenizer()
+    assert type(tokenizer).__name__ in ("T5TokenizerFast", "T5Tokenizer")  # one class in transformers 5
+    ids = tokenizer(SENTENCE).input_ids
+    assert ids[-1] == tokenizer.eos_token_id == 1 and tokenizer.pad_token_id == 0 and tokenizer.unk_token_id == 2
+    assert tokenizer.unk_token_id not in ids  # every ASCII character has a piece
+    assert tokenizer.decode(ids, skip_special_tokens=True) == SENTENCE
+    assert tokenizer.convert_tokens_to_ids(["▁photo", "▁red"]) != [tokenizer.unk_token_id] * 2  # whole words are pieces
+    # T5's layout: the sentinels last, <extra_id_0> the very last id.
+    assert tokenizer.convert_tokens_to_ids("<extra_id_0>") == len(tokenizer) - 1
+    assert tokenizer.convert_tokens_to_ids("<extra_id_99>") == len(tokenizer) - 100
+    assert tokenizer.model_max_length == T5_MAX_LENGTH
+    padded = tokenizer(SENTENCE, padding="max_length", max_length=256, truncation=True).input_ids
+    assert len(padded) == 256 and padded[len(ids):] == [0] * (256 - len(ids))
+    assert build_t5_tokenizer().get_vocab() == tokenizer.get_vocab()  # built the same every time
+
+
+def test_demo_sd3_is_sd3_shaped(store, sd3):
+    width_l, width_g, width_t5 = SD3_TEXT_WIDTHS
+    assert store.family("demo-sd3").name == "sd3" and store.text_encoder_count("demo-sd3") == 3
+    assert store.text_widths("demo-sd3") == SD3_TEXT_WIDTHS and len(set(SD3_TEXT_WIDTHS)) == 3
+    assert type(sd3).__name__ == "StableDiffusion3Pipeline"
+    classes = [type(getattr(sd3, name)).__name__ for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae", "scheduler")]
+    assert classes == ["CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel", "SD3Transformer2DModel", "AutoencoderKL", "FlowMatchEulerDiscreteScheduler"]
+    assert type(store.tokenizer("demo-sd3", 2)).__name__ in ("T5TokenizerFast", "T5Tokenizer")
+    assert sd3.tokenizer_2.pad_token == "!" and sd3.tokenizer.pad_token == "<|endoftext|>"
+    assert sd3.vae.config.latent_channels == sd3.transformer.config.in_channels == 16
+    assert sd3.transformer.config.joint_attention_dim == width_t5 > width_l + width_g  # CLIP states are padded to T5's width
+    assert sd3.transformer.config.qk_norm == "rms_norm"  # SD 3.5
+    # The conditioning SD3 computes: both CLIPs' penultimate states side by side and padded, then
+    # T5's 256 tokens after them; both CLIPs' pooled projections side by side.
+    with torch.no_grad():
+        embeds, _, pooled, _ = sd3.encode_prompt(SENTENCE, SENTENCE, SENTENCE, do_classifier_free_guidance=False)
+    assert embeds.shape == (1, 77 + 256, width_t5) and pooled.shape == (1, width_l + width_g)
+    assert embeds[0, :77, width_l + width_g :].abs().max() == 0 and embeds[0, 77:].abs().max() > 0
+    for encoder, text_encoder in enumerate((sd3.text_encoder, sd3.text_encoder_2)):
+        clip = store.clip("demo-sd3", encoder=encoder).model
+        assert_text_towers_equal(text_encoder, clip)
+        assert torch.equal(text_encoder.text_projection.weight, clip.text_projection.weight)
+    with pytest.raises(ModelLoadError, match="T5"):
+        store.clip("demo-sd3", encoder=2)
+
+
+def test_demo_flux_is_flux_dev_shaped(store, flux):
+    width_l, width_t5 = FLUX_TEXT_WIDTHS
+    assert store.family("demo-flux").name == "flux" and store.text_widths("demo-flux") == FLUX_TEXT_WIDTHS
+    assert type(flux).__name__ == "FluxPipeline"
+    classes = [type(getattr(flux, name)).__name__ for name in ("text_encoder", "text_encoder_2", "transformer", "scheduler")]
+    assert classes == ["CLIPTextModel", "T5EncoderModel", "FluxTransformer2DModel", "FlowMatchEulerDiscreteScheduler"]
+    config = flux.transformer.config
+    assert config.guidance_embeds and config.in_channels == 4 * flux.vae.config.latent_channels == 64  # 2x2-packed latents
+    assert config.joint_attention_dim == width_t5 and config.pooled_projection_dim == width_l
+    assert flux.scheduler.config.use_dynamic_shifting
+    with torch.no_grad():
+        embeds, pooled, text_ids = flux.encode_prompt(SENTENCE, SENTENCE)
+    assert embeds.shape == (1, 512, width_t5) and pooled.shape == (1, width_l) and text_ids.shape == (512, 3)
+    assert flux.tokenizer_2.model_max_length == 512
+    assert_text_towers_equal(flux.text_encoder, store.clip("demo-flux").model)
+
+
+def draw(pipe, prompt, **options):
+    from tinv_gui.generate import generate
+
+    options = {"steps": 2, "size": (48, 32), "seed": 0, **options}
+    return np.asarray(generate(pipe, prompt=prompt, **options)[0])
+
+
+@pytest.mark.parametrize("model", ["demo-sd3", "demo-flux"])
+def test_cli_generates_a_picture_of_the_asked_size_that_follows_the_prompt(tmp_path, store, model):
+    output = tmp_path / "cat.png"
+    assert cli.main(["generate", "--model", model, "--prompt", "a photo of a cat", "--steps", "2", "--size", "48x32", "--output", str(output)]) == 0
+    cat = Image.open(output)
+    assert cat.size == (48, 32)
+    pipe = store.pipeline(model)
+    assert np.array_equal(np.asarray(cat), draw(pipe, "a photo of a cat", guidance=7.5))  # the CLI's defaults, drawn again
+    assert not np.array_equal(np.asarray(cat), draw(pipe, "a boat on the sea", guidance=7.5))
+
+
+def test_flux_guidance_is_the_distilled_guidance_and_it_has_no_negative(tmp_path, flux, capsys):
+    assert not np.array_equal(draw(flux, "a cat", guidance=1.0), draw(flux, "a cat", guidance=6.0))  # it reaches the guidance embedding
+    assert cli.main(["generate", "--model", "demo-flux", "--prompt", "a cat", "--negative", "blurry", "--output", str(tmp_path / "n.png")]) == 2
+    assert "Flux.1 has no negative prompt" in capsys.readouterr().err
+
+
+def test_training_on_these_families_is_refused_with_a_message(picture_dir, tmp_path, capsys):
+    code = cli.main(["train", "--method", "quick", "--model", "demo-flux", "--images", str(picture_dir), "--token", "<t>", "--init", "cat", "--output", str(tmp_path)])
+    assert code != 0 and "not supported yet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, family, widths, clips", [("--sd3", "sd3", SD3_TEXT_WIDTHS, ("clip_l", "clip_g")), ("--flux", "flux", FLUX_TEXT_WIDTHS, ("clip_l",))])
+def test_demo_model_command_writes_loadable_folders(tmp_path, flag, family, widths, clips):
+    from transformers import CLIPModel
+
+    assert cli.main(["demo-model", str(tmp_path), flag]) == 0
+    store = ModelStore()
+    folder = str(tmp_path / "sd")
+    assert store.family(folder).name == family and store.text_widths(folder) == widths
+    pipe = store.pipeline(folder)
+    for encoder, name in enumerate(clips):
+        clip = CLIPModel.from_pretrained(tmp_path / name)
+        assert clip.config.vision_config.image_size > 0  # the image tower the CLIP-space methods need
+        assert_text_towers_equal((pipe.text_encoder, pipe.text_encoder_2)[encoder], clip)
+        assert store.clip(folder, str(tmp_path / name), encoder=encoder).model.config.text_config.hidden_size == widths[encoder]
+
+
+def test_single_files_are_told_apart_by_their_keys(tmp_path):
+    files = {
+        "sd35.safetensors": ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias", "text_encoders.t5xxl.transformer.shared.weight"],
+        "sd3-bare.safetensors": ["joint_blocks.0.context_block.adaLN_modulation.1.bias", "pos_embed"],
+        "flux1-dev.safetensors": ["double_blocks.0.img_attn.norm.key_norm.scale", "guidance_in.in_layer.bias"],
+        "flux-comfy.safetensors": ["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale", "vae.decoder.conv_in.weight"],
+        "xl.safetensors": ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"],
+        "sd15.safetensors": ["cond_stage_model.transformer.text_model.final_layer_norm.weight"],
+    }
+    for name, keys in files.items():
+        save_file({key: torch.zeros(1) for key in keys}, tmp_path / name)
+    torch.save({"state_dict": {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}}, tmp_path / "sd3.ckpt")
+    found = {name: family_for_checkpoint(checkpoint_keys(tmp_path / name)).name for name in [*files, "sd3.ckpt"]}
+    assert found == {
+        "sd35.safetensors": "sd3", "sd3-bare.safetensors": "sd3", "flux1-dev.safetensors": "flux", "flux-comfy.safetensors": "flux",
+        "xl.safetensors": "sdxl", "sd15.safetensors": "sd", "sd3.ckpt": "sd3",
+    }
+    assert ModelStore().family(str(tmp_path / "flux1-dev.safetensors")).name == "flux"
+
+
+def test_the_demo_models_are_allowed_on_a_shared_server():
+    shared = ModelStore()
+    shared.hub_only = True
+    assert is_hub_name("demo-sd3") and is_hub_name("demo-flux")
+    assert shared.family("demo-flux").name == "flux"
+
+
+def test_a_single_file_without_t5_says_where_t5_comes_from(tmp_path):
+    path = tmp_path / "sd3.5_large.safetensors"  # the MMDiT alone: offline, diffusers cannot fetch the rest
+    save_file({"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(1)}, path)
+    with pytest.raises(ModelLoadError) as error:
+        ModelStore().pipeline(str(path))
+    message = str(error.value)
+    assert "Stable Diffusion 3" in message and "no T5 text encoder" in message and "gated" in message
+
+
+def test_gated_hub_repositories_ask_for_a_token():
+    from huggingface_hub.errors import GatedRepoError
+
+    try:
+        try:
+            raise GatedRepoError("Access to model stabilityai/stable-diffusion-3.5-large is restricted.", response=mock.Mock())
+        except GatedRepoError:
+            raise OSError("stabilityai/stable-diffusion-3.5-large is not a valid model identifier")  # noqa: B904
+    except OSError as error:  # as diffusers' load_config re-raises it: the Hub's error is its context
+        raised = error
+    source = ModelSource("stabilityai/stable-diffusion-3.5-large", "hub", "stabilityai/stable-diffusion-3.5-large")
+    message = str(_explain(source, "the model", raised))
+    assert "gated" in message and "HF_TOKEN" in message and "licence" in message
+    assert "gated" not in str(_explain(source, "the model", OSError("offline")))
