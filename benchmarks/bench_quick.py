@@ -28,7 +28,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from measure import RssSampler, StepClock, WholeTableAdamW, compare, make_pictures, print_table, report  # noqa: E402
+from measure import (  # noqa: E402
+    RssSampler,
+    StepClock,
+    WholeTableAdamW,
+    compare,
+    make_pictures,
+    print_table,
+    report,
+)
 
 TOKEN = "<bench-toy>"
 BATCH = 32
@@ -156,7 +164,7 @@ def main() -> int:
               f"(CPU time {ref['cpu_s_per_step'] / ours['cpu_s_per_step']:.1f}x)")
     if not args.no_full_run:
         full = time_full_run(args.threads)
-        print(f"full 100-step QuickEmbedding run on 4 pictures, model loading included: "
+        print("full 100-step QuickEmbedding run on 4 pictures, model loading included: "
               + (f"{full['wall_s']:.1f} s" if "wall_s" in full else f"failed: {full['error']}"))
     return 0
 

@@ -38,7 +38,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from measure import RssSampler, StepClock, WholeTableAdamW, compare, make_pictures, print_table, report  # noqa: E402
+from measure import (  # noqa: E402
+    RssSampler,
+    StepClock,
+    WholeTableAdamW,
+    compare,
+    make_pictures,
+    print_table,
+    report,
+)
 
 TOKEN = "<bench-toy>"
 INIT = "toy"

@@ -41,7 +41,12 @@ def text_config():
 
 
 def write_sd15(out_dir: Path) -> None:
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel
 
     torch.manual_seed(0)
@@ -66,7 +71,13 @@ def write_sd15(out_dir: Path) -> None:
 
 
 def write_clip_vit_l14(out_dir: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionConfig,
+    )
 
     torch.manual_seed(1)
     vision = CLIPVisionConfig(

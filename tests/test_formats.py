@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 
 from tinv_gui import formats
 from tinv_gui.embeddings import load_into_pipeline, save_embedding, unload_from_pipeline
-from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, check_fits, read_embedding, write_embedding
+from tinv_gui.formats import (
+    EmbeddingFile,
+    EmbeddingFormatError,
+    check_fits,
+    read_embedding,
+    write_embedding,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every file layout the app writes: (format, file name).

@@ -326,7 +326,8 @@ def test_a_restart_keeps_the_secret_that_seals_visitor_keys(tmp_path, monkeypatc
 
 
 def test_a_flood_of_page_loads_never_evicts_a_visitor_with_files(tmp_path, monkeypatch, picture_dir):
-    from tinv_gui.ui import app as app_module, dataset
+    from tinv_gui.ui import app as app_module
+    from tinv_gui.ui import dataset
 
     monkeypatch.setattr(app_module, "MAX_RETURNING", 5)
     app = _page(tmp_path, monkeypatch)
@@ -344,9 +345,9 @@ def test_uploads_are_bounded_refused_bytes_dropped_and_big_pictures_downscaled_o
     import io
     import zipfile
 
+    from conftest import make_picture
     from PIL import Image
 
-    from conftest import make_picture
     from tinv_gui.ui import dataset
     from tinv_gui.ui.workspace import Workspaces
 

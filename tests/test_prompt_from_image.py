@@ -16,7 +16,11 @@ from tinv_gui.clip_space import image_features
 from tinv_gui.device import choose_placement
 from tinv_gui.engine import Engine
 from tinv_gui.events import Failed, Finished, Progress, Reporter
-from tinv_gui.methods.prompt_from_image import optimize_prompt, readable_token_ids, text_features
+from tinv_gui.methods.prompt_from_image import (
+    optimize_prompt,
+    readable_token_ids,
+    text_features,
+)
 from tinv_gui.settings import PromptSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,14 +9,29 @@ from safetensors.torch import load_file, save_file
 
 from tinv_gui import cli
 from tinv_gui.data import load_dataset
-from tinv_gui.device import choose_placement
 from tinv_gui.demo_model import SDXL_TEXT_WIDTHS, SDXL_TIME_EMBED_WIDTH
-from tinv_gui.embeddings import extended_vocabulary, save_embedding, unload_from_pipeline
+from tinv_gui.device import choose_placement
+from tinv_gui.embeddings import (
+    extended_vocabulary,
+    save_embedding,
+    unload_from_pipeline,
+)
 from tinv_gui.events import Reporter
-from tinv_gui.formats import EmbeddingFile, EmbeddingFormatError, check_fits, read_embedding
+from tinv_gui.families import (
+    FAMILIES,
+    StableDiffusion,
+    StableDiffusionXL,
+    family_for_checkpoint,
+    family_of,
+)
+from tinv_gui.formats import (
+    EmbeddingFile,
+    EmbeddingFormatError,
+    check_fits,
+    read_embedding,
+)
 from tinv_gui.generate import generate
 from tinv_gui.methods.quick import train_quick
-from tinv_gui.families import FAMILIES, StableDiffusion, StableDiffusionXL, family_for_checkpoint, family_of
 from tinv_gui.models import ModelLoadError, checkpoint_keys
 from tinv_gui.settings import TrainSettings
 from tinv_gui.training import EmbeddingWriter
@@ -182,7 +197,11 @@ def test_sdxl_checkpoints_are_told_by_their_keys(tmp_path):
 def test_sdxl_conditioning_is_the_pipelines_own_and_reaches_the_unet(pipe, picture_dir):
     from tinv_gui.device import choose_placement
     from tinv_gui.embeddings import encode_with_placeholder, extended_vocabularies
-    from tinv_gui.methods.textual_inversion import DiffusionLoss, encode_latents, pad_prompts
+    from tinv_gui.methods.textual_inversion import (
+        DiffusionLoss,
+        encode_latents,
+        pad_prompts,
+    )
     from tinv_gui.models import text_encoders, tokenizers
 
     placement = choose_placement("cpu", "fp32")

@@ -10,7 +10,13 @@ import pytest
 from tinv_gui import cli
 from tinv_gui.methods import METHODS
 from tinv_gui.schema import described_fields
-from tinv_gui.settings import EvalSettings, GenerateSettings, PromptSettings, SettingsError, TrainSettings
+from tinv_gui.settings import (
+    EvalSettings,
+    GenerateSettings,
+    PromptSettings,
+    SettingsError,
+    TrainSettings,
+)
 
 
 def run(capsys, *argv) -> tuple[int, str]:

@@ -198,7 +198,11 @@ def test_vae_encodes_each_picture_and_mirror_once_and_models_stay_frozen(store, 
 
 def test_recomputing_activations_gives_the_same_gradient(store, picture_dir):
     from tinv_gui.data import load_dataset
-    from tinv_gui.methods.textual_inversion import DiffusionLoss, activation_recomputation, encode_latents
+    from tinv_gui.methods.textual_inversion import (
+        DiffusionLoss,
+        activation_recomputation,
+        encode_latents,
+    )
 
     placement = choose_placement("auto", "auto")
     pipe = store.pipeline("demo", placement)

@@ -315,9 +315,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "convert":
         from .data import ImageError, open_image
-        from .formats import EmbeddingFormatError, convert
-
         from .engine import explain_failure
+        from .formats import EmbeddingFormatError, convert
 
         try:
             if len(args.input) > 2:

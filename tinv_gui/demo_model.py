@@ -64,7 +64,13 @@ def _text_config(width: int = TEXT_WIDTH, **overrides):
 
 
 def _build_clip(tokenizer, seed: int, text_config=None):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPVisionConfig,
+    )
 
     text_config = text_config or _text_config()
     width = text_config.hidden_size

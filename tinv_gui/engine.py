@@ -13,9 +13,18 @@ import os
 import queue
 import threading
 import traceback
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
-from .events import TERMINAL_EVENTS, Event, Failed, Finished, Log, Progress, Reporter, Started
+from .events import (
+    TERMINAL_EVENTS,
+    Event,
+    Failed,
+    Finished,
+    Log,
+    Progress,
+    Reporter,
+    Started,
+)
 from .models import ModelStore, reporting_downloads
 
 log = logging.getLogger(__name__)
@@ -213,7 +222,12 @@ class Engine:
     def train(self, settings, export: bool = False) -> Job:
         """Queue a training job. Settings are checked now, so bad values fail before queueing.
         With `export`, the job also writes the embedding for every other tool when it ends."""
-        from .jobs import check_output_folder, describe, run_training, run_training_and_export
+        from .jobs import (
+            check_output_folder,
+            describe,
+            run_training,
+            run_training_and_export,
+        )
 
         resolved = settings.resolved()
         self._check_model_names(resolved)

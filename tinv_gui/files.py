@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 # Below this much free space, a write that failed is taken to have failed for want of space:
 # not every writer says so (torch.save reports "basic_ios::clear", safetensors its own error).
 FULL_DISK_BYTES = 1 << 20

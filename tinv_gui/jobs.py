@@ -12,8 +12,8 @@ from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
 from .files import atomic_write_text
-from .models import ModelLoadError, ModelStore
 from .methods import Loaded, method_named
+from .models import ModelLoadError, ModelStore
 from .settings import TrainSettings
 from .training import EmbeddingWriter
 

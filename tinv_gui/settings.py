@@ -161,7 +161,7 @@ class TrainSettings:
     precision: Precision = _precision()
     extra: dict = dataclasses.field(default_factory=dict)
 
-    def resolved(self) -> "TrainSettings":
+    def resolved(self) -> TrainSettings:
         """A copy with the method's defaults filled in, checked; raises SettingsError."""
         method = method_named(self.method)
         values = {k: v for k, v in method.defaults.items() if getattr(self, k) is None}
@@ -235,7 +235,7 @@ class PromptSettings:
     def total_steps(self) -> int:
         return int(self.steps or 0)
 
-    def resolved(self) -> "PromptSettings":
+    def resolved(self) -> PromptSettings:
         """A copy with the mode's defaults filled in, checked; raises SettingsError."""
         values = {k: v for k, v in PROMPT_DEFAULTS[self.mode].items() if getattr(self, k) is None}
         out = dataclasses.replace(self, **values)
@@ -335,7 +335,7 @@ class GenerateSettings:
     device: str = _device()
     precision: Precision = _precision()
 
-    def check(self) -> "GenerateSettings":
+    def check(self) -> GenerateSettings:
         """Raises SettingsError naming the first bad value; returns self."""
         check_fields(self)
         if (self.prompt is None) == (self.prompt_embeds is None):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import torch
 
@@ -30,7 +31,7 @@ class LoopSettings:
     phase: str = "train"
 
     @classmethod
-    def of(cls, settings, phase: str) -> "LoopSettings":
+    def of(cls, settings, phase: str) -> LoopSettings:
         """The loop part of resolved TrainSettings (lr scaled when scale_lr asks)."""
         return cls(
             steps=settings.steps,
@@ -75,10 +76,8 @@ def make_optimizer(vectors: torch.Tensor, settings: LoopSettings, state: dict | 
 OPTIMIZER_SUFFIX = ".optimizer.safetensors"
 
 
-def optimizer_state_path(embedding_path) -> "Path":
+def optimizer_state_path(embedding_path) -> Path:
     """Where the optimizer state of an embedding file lives: beside it, `name.optimizer.safetensors`."""
-    from pathlib import Path
-
     path = Path(embedding_path)
     return path.with_name(path.name.removesuffix(".safetensors") + OPTIMIZER_SUFFIX)
 
@@ -144,7 +143,13 @@ def optimize(
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
     """
-    from .distributed import ProcessInfo, any_process, average_gradient, average_value, broadcast_from_main
+    from .distributed import (
+        ProcessInfo,
+        any_process,
+        average_gradient,
+        average_value,
+        broadcast_from_main,
+    )
 
     process = reporter.process or ProcessInfo(0, 1)
     broadcast_from_main(vectors, process)  # every process starts from the same vectors
@@ -217,8 +222,6 @@ class EmbeddingWriter:
         self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter,
         widths: tuple[int, ...] | None = None, keys: tuple[str, ...] = (),
     ):
-        from pathlib import Path
-
         self.output_dir = Path(output_dir)
         self.token = token
         self.save_every = save_every

@@ -7,8 +7,8 @@ This module imports no model code: each runner imports its method's module when 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass

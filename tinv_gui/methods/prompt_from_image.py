@@ -32,9 +32,9 @@ from PIL import Image
 
 from ..clip_space import image_features, pooled_text_features, spherical_distance
 from ..embeddings import extended_vocabularies, tokenize_words
-from ..files import atomic_save_safetensors, atomic_write_text
 from ..events import Reporter
 from ..families import family_of
+from ..files import atomic_save_safetensors, atomic_write_text
 from ..models import ClipBundle
 from ..settings import DEFAULT_PROMPT_LENGTH, PromptSettings, SettingsError
 from ..training import LoopSettings, optimize
@@ -64,7 +64,7 @@ class PromptResult:
     similarities: list[float] | None = None  # the similarity per CLIP model (SDXL: ViT-L's, then bigG's)
 
 
-_readable_cache: "weakref.WeakKeyDictionary[object, torch.Tensor]" = weakref.WeakKeyDictionary()
+_readable_cache: weakref.WeakKeyDictionary[object, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
 def readable_token_ids(tokenizer) -> torch.Tensor:

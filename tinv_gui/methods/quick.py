@@ -19,7 +19,12 @@ import torch
 
 from ..clip_space import CachedPrefixPrompts, image_features, spherical_distance
 from ..data import TrainImage, sample_indices, training_prompts
-from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, validate_token
+from ..embeddings import (
+    encode_with_placeholder,
+    extended_vocabularies,
+    initial_vectors,
+    validate_token,
+)
 from ..events import Reporter
 from ..models import ClipBundle
 from ..settings import TrainSettings

@@ -31,16 +31,35 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import ImageOps
 
-from ..data import TEMPLATES, TrainImage, fill_template, sample_indices, training_prompts
+from ..data import (
+    TEMPLATES,
+    TrainImage,
+    fill_template,
+    sample_indices,
+    training_prompts,
+)
 from ..device import Placement, release_freed_memory
-from ..embeddings import encode_with_placeholder, extended_vocabularies, initial_vectors, read_metadata, validate_token
+from ..embeddings import (
+    encode_with_placeholder,
+    extended_vocabularies,
+    initial_vectors,
+    read_metadata,
+    validate_token,
+)
 from ..events import Preview, Reporter
+from ..families import family_of
 from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
-from ..families import family_of
 from ..models import pipeline_text_widths, text_encoders, tokenizers
 from ..settings import SettingsError, TrainSettings
-from ..training import EmbeddingWriter, LoopSettings, load_optimizer_state, make_optimizer, optimize, optimizer_state_path
+from ..training import (
+    EmbeddingWriter,
+    LoopSettings,
+    load_optimizer_state,
+    make_optimizer,
+    optimize,
+    optimizer_state_path,
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -13,7 +13,6 @@ import os
 import secrets
 from collections import OrderedDict
 
-
 import gradio as gr
 
 from ..demo_model import ASSETS_DIR

@@ -85,7 +85,7 @@ class RunView:
     queue_wait_s: float | None = None  # expected seconds before it starts, when known
 
     @classmethod
-    def from_events(cls, events: list[Event], queue_position: int = 0, queue_wait_s: float | None = None) -> "RunView":
+    def from_events(cls, events: list[Event], queue_position: int = 0, queue_wait_s: float | None = None) -> RunView:
         view = cls(status="queued" if queue_position else "loading", queue_position=queue_position, queue_wait_s=queue_wait_s)
         for event in events:
             if isinstance(event, Started):

@@ -17,14 +17,14 @@ from ..engine import Job
 from ..events import TERMINAL_EVENTS
 from ..formats import read_embedding
 from ..jobs import EXPORTS
-from ..models import ModelLoadError
 from ..methods import method_with_label
+from ..models import ModelLoadError
 from ..settings import SettingsError, TrainSettings
 from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
+from .options import settings_from_form
 from .progress import POLL_S, RunView, loss_colours
 from .tab_dataset import table_rows
-from .options import settings_from_form
 from .workspace import Workspace
 
 # A shared server's limits (README, Spaces): steps a run may ask for, and how long a visitor may

@@ -16,8 +16,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 # How long a visitor's folder lives after its last use; long enough to come back for a result.
 DEFAULT_MAX_AGE_S = float(os.environ.get("TINV_GUI_VISITOR_HOURS", "24")) * 3600
