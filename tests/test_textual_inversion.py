@@ -167,7 +167,7 @@ def test_v_prediction_model_trains_on_v_targets(store, picture_dir, tmp_path):
 def test_noise_schedule_tables_match_diffusers(prediction_type):
     from diffusers import DDPMScheduler
 
-    from tinv_gui.methods.textual_inversion import NoiseSchedule
+    from tinv_gui.objectives import NoiseSchedule
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
     schedule = NoiseSchedule(scheduler.config, torch.device("cpu"))

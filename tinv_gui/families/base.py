@@ -93,7 +93,7 @@ class Family:
         """What the denoiser is trained to predict from noised latents: an object with
         `num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)` and
         `noisy_and_target(latents, noise, timesteps)` (flow matching would be another such object)."""
-        from ..methods.textual_inversion import NoiseSchedule
+        from ..objectives import NoiseSchedule
 
         return NoiseSchedule(scheduler_config, device)
 

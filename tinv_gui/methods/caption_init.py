@@ -19,7 +19,7 @@ from ..data import TEMPLATES
 from ..demo_model import DEMO_CAPTIONER, DEMO_NAMES, SDXL_DEMO_NAME, demo_captioner_dir
 from ..embeddings import tokenize_words
 from ..models import ModelLoadError, ModelSource, _explain
-from ..settings import SettingsError
+from ..schema import SettingsError
 from .textual_inversion import read_resume, starting_vectors, train_diffusion
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -27,8 +28,10 @@ from ..embeddings import (
 )
 from ..events import Reporter
 from ..models import ClipBundle
-from ..settings import TrainSettings
 from ..training import EmbeddingWriter, LoopSettings, optimize
+
+if TYPE_CHECKING:  # settings import the method registry, which imports the methods
+    from ..settings import TrainSettings
 
 
 @dataclass

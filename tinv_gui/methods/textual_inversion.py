@@ -25,6 +25,7 @@ import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ from ..families import family_of
 from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
 from ..models import pipeline_text_widths, text_encoders, tokenizers
-from ..settings import SettingsError, TrainSettings
+from ..schema import SettingsError
 from ..training import (
     EmbeddingWriter,
     LoopSettings,
@@ -61,7 +62,8 @@ from ..training import (
     optimizer_state_path,
 )
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+if TYPE_CHECKING:  # settings import the method registry, which imports the methods
+    from ..settings import TrainSettings
 
 
 @dataclass
@@ -108,38 +110,6 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
     return LatentCache(
         torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
     )
-
-
-class NoiseSchedule:
-    """The pipeline's training noise schedule (read through diffusers' DDPMScheduler, as its
-    training examples do), as square-root tables on the device, computed once."""
-
-    def __init__(self, scheduler_config, device: torch.device):
-        from diffusers import DDPMScheduler
-
-        scheduler = DDPMScheduler.from_config(scheduler_config)
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise SettingsError("model", f"its scheduler predicts {self.prediction_type!r}; only {', '.join(PREDICTION_TYPES)} can be trained")
-        self.num_timesteps = scheduler.config.num_train_timesteps
-        alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
-        self.signal = alphas_cumprod.sqrt()
-        self.noise = (1.0 - alphas_cumprod).sqrt()
-
-    def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Training timesteps drawn uniformly from the whole schedule."""
-        return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
-
-    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-        """The noised latents at `timesteps`, and what the UNet should predict from them."""
-        signal = self.signal[timesteps].view(-1, 1, 1, 1)
-        noise_scale = self.noise[timesteps].view(-1, 1, 1, 1)
-        noisy = signal * latents + noise_scale * noise
-        if self.prediction_type == "epsilon":
-            return noisy, noise
-        if self.prediction_type == "v_prediction":
-            return noisy, signal * noise - noise_scale * latents
-        return noisy, latents
 
 
 class DiffusionLoss:
