@@ -93,7 +93,8 @@ def _build_clip(tokenizer, seed: int, text_config=None):
     return clip, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
-def _tiny_vae(scaling_factor: float = 0.18215):
+def _tiny_vae(scaling_factor: float = 0.18215, latent_channels: int = 4, **family_options):
+    """A two-block VAE; `family_options` are what a family's VAE sets besides (SD3/Flux: shift, no quant convs)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -102,11 +103,12 @@ def _tiny_vae(scaling_factor: float = 0.18215):
         block_out_channels=(32, 64),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         layers_per_block=1,
         norm_num_groups=16,
         sample_size=IMAGE_SIZE,
         scaling_factor=scaling_factor,
+        **family_options,
     )
 
 

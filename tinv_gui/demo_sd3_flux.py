@@ -35,6 +35,7 @@ from .demo_model import (
     _build_clip,
     _cached,
     _text_config,
+    _tiny_vae,
     load_clip_tokenizer,
 )
 
@@ -133,23 +134,7 @@ def _tiny_t5(tokenizer, width: int, seed: int):
 def _flow_vae(scaling_factor: float, shift_factor: float):
     """SD3's and Flux's VAE: 16 latent channels, no quantization convolutions, a shift and scale
     of the latents (the real values of each family)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=LATENT_CHANNELS,
-        layers_per_block=1,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return _tiny_vae(scaling_factor, LATENT_CHANNELS, shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _with_projection(clip):

@@ -8,11 +8,10 @@ for training come with issue 14's training (`trainable` is False until then, and
 
 from __future__ import annotations
 
-from .base import Family, has_tensor
-from .sd3 import refuse_beyond_a_plain_prompt
+from .sd3 import TransformerFamily, refuse_beyond_a_plain_prompt
 
 
-class Flux(Family):
+class Flux(TransformerFamily):
     name = "flux"
     title = "Flux.1"
     pipeline_class = "FluxPipeline"
@@ -25,13 +24,6 @@ class Flux(Family):
     embedding_keys = ("clip_l", "t5")  # OneTrainer's layout for Flux.1
     default_clips = {768: "openai/clip-vit-large-patch14"}
     demo_model = "demo-flux"
-    trainable = False
-
-    def matches_checkpoint(self, keys):
-        return has_tensor(keys, self.checkpoint_tensor)
-
-    def denoiser(self, pipe):
-        return pipe.transformer
 
     def native_resolution(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)  # the pipeline's default, 1024 px

@@ -18,7 +18,24 @@ def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_embeddin
         raise ValueError(f"{title} samples with its own flow-matching scheduler: choose the sampler 'Model default'")
 
 
-class StableDiffusion3(Family):
+class TransformerFamily(Family):
+    """What SD 3.x and Flux.1 share until their training comes: a transformer as the denoiser,
+    told in a single file by one tensor of its first block, drawing from plain prompts only."""
+
+    checkpoint_tensor = ""
+    trainable = False
+
+    def matches_checkpoint(self, keys):
+        return has_tensor(keys, self.checkpoint_tensor)
+
+    def denoiser(self, pipe):
+        return pipe.transformer
+
+    def check_generation(self, negative, custom_sampler, with_embeddings):
+        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_embeddings)
+
+
+class StableDiffusion3(TransformerFamily):
     name = "sd3"
     title = "Stable Diffusion 3"  # 3 and 3.5
     pipeline_class = "StableDiffusion3Pipeline"
@@ -34,16 +51,6 @@ class StableDiffusion3(Family):
         1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
     }
     demo_model = "demo-sd3"
-    trainable = False
-
-    def matches_checkpoint(self, keys):
-        return has_tensor(keys, self.checkpoint_tensor)
-
-    def denoiser(self, pipe):
-        return pipe.transformer
 
     def native_resolution(self, pipe) -> int:
         return int(pipe.transformer.config.sample_size) * int(pipe.vae_scale_factor)
-
-    def check_generation(self, negative, custom_sampler, with_embeddings):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_embeddings)
