@@ -24,6 +24,7 @@ MethodName = Literal[METHOD_NAMES]
 Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Style = Literal["object", "style"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # device.PRECISIONS
+TrainEncoders = Literal["all", "clip", "t5"]  # Family.trained_encoders
 SCHEDULES = get_args(Schedule)
 STYLES = get_args(Style)
 METHOD_DEFAULTS: dict[str, dict] = {name: m.defaults for name, m in METHODS.items()}  # published defaults per method
@@ -125,6 +126,12 @@ class TrainSettings:
     )
     flip: bool = setting(
         True, label="Mirror pictures", help="Also train on left-right mirrored pictures. Turn off for text or asymmetric things.", methods=DIFFUSION_METHODS
+    )
+    train_encoders: TrainEncoders = setting(
+        "all", label="Text encoders that learn",
+        help="SD 3.x and Flux.1: which text encoders' vectors of the word train. clip: T5's stay at the starting word and T5 runs once "
+        "(much faster and lighter, T5 can leave the GPU); t5: the CLIP parts stay. Other models: all.",
+        methods=DIFFUSION_METHODS,
     )
     gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", help="Uses much less memory, about a third slower.", methods=DIFFUSION_METHODS)
     quick_steps: int | None = setting(
