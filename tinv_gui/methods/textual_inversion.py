@@ -34,8 +34,9 @@ from PIL import ImageOps
 from ..data import (
     TEMPLATES,
     TrainImage,
+    describe_sizes,
     fill_template,
-    sample_indices,
+    picture_batches,
     training_prompts,
 )
 from ..device import Placement, release_freed_memory
@@ -69,28 +70,34 @@ if TYPE_CHECKING:  # settings import the method registry, which imports the meth
 @dataclass
 class LatentCache:
     """The VAE's latent distribution (mean and log-variance) of every picture, then of every
-    mirrored picture, computed once; `sample` draws scaled latents from it."""
+    mirrored picture, computed once; `sample` draws scaled latents from it. Pictures of different
+    buckets have latents of different shapes; a batch draws from one shape."""
 
-    moments: torch.Tensor  # [pictures * (2 if mirrored else 1), 2 * latent channels, h, w], float32
+    moments: list[torch.Tensor]  # per picture (then per mirror): [2 * latent channels, h, w], float32
     pictures: int
     scaling_factor: float
     shift_factor: float
 
     @property
     def mirrored(self) -> bool:
-        return self.moments.shape[0] > self.pictures
+        return len(self.moments) > self.pictures
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each picture's latent shape (its bucket)."""
+        return [tuple(m.shape) for m in self.moments[: self.pictures]]
 
     def sample(self, picked: list[int], mirror: list[bool], generator: torch.Generator) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        rows = [i + self.pictures if m else i for i, m in zip(picked, mirror)]
-        latents = DiagonalGaussianDistribution(self.moments[rows]).sample(generator)
+        rows = [self.moments[i + self.pictures if m else i] for i, m in zip(picked, mirror)]
+        latents = DiagonalGaussianDistribution(torch.stack(rows)).sample(generator)
         return (latents - self.shift_factor) * self.scaling_factor
 
 
 @torch.no_grad()
 def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror: bool) -> LatentCache:
-    """Run the VAE encoder once per picture (and per mirrored picture)."""
+    """Run the VAE encoder once per picture (and per mirrored picture), each at its own size."""
     pictures = [i.image for i in images]
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
@@ -103,12 +110,12 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
         for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
             pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
             with contextlib.nullcontext() if upcast else placement.autocast():
-                moments.append(vae.encode(pixels).latent_dist.parameters.float())
+                moments.append(vae.encode(pixels).latent_dist.parameters.float()[0])
     finally:
         if upcast:
             vae.to(torch.float16)
     return LatentCache(
-        torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        moments, len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
     )
 
 
@@ -153,7 +160,8 @@ class DiffusionLoss:
     preview's). The outputs of a text encoder whose part does not train (`trains`) are computed
     once here, so it no longer runs (T5-XXL: most of a step). Create it where the token's
     vectors are in the text encoders (extended_vocabularies). `size_ids` is the family's
-    per-picture size conditioning (SDXL's), if any.
+    per-picture size conditioning (SDXL's), if any; `repeats` how many times each picture is
+    drawn per epoch (default once). A batch holds pictures of one bucket (data.picture_batches).
     """
 
     def __init__(
@@ -167,6 +175,7 @@ class DiffusionLoss:
         mirror: bool,
         seed: int,
         size_ids: torch.Tensor | None = None,
+        repeats: list[int] | None = None,
         trains: tuple[bool, ...] | None = None,
         prompt_count: int | None = None,
     ):
@@ -189,6 +198,7 @@ class DiffusionLoss:
         self.mirror = mirror and latents.mirrored
         self.rng = random.Random(seed)
         self.generator = torch.Generator(placement.device).manual_seed(seed)
+        self.batches = picture_batches(latents.shapes, repeats or [1] * latents.pictures, batch_size, self.rng)
 
     @torch.no_grad()
     def _encode_once(self, index: int, chunk: int = 8) -> tuple[torch.Tensor, ...]:
@@ -207,7 +217,7 @@ class DiffusionLoss:
 
     def __call__(self, _micro: int = 0) -> torch.Tensor:
         device = self.placement.device
-        picked = sample_indices(self.latents.pictures, self.batch_size, self.rng)
+        picked = next(self.batches)
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
@@ -336,7 +346,7 @@ def train_diffusion(
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
-    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
+    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
@@ -373,7 +383,8 @@ def train_diffusion(
         activation_recomputation(denoiser, family.recomputed_layers(denoiser), settings.gradient_checkpointing),
     ):
         compute_loss = DiffusionLoss(
-            pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids, trains, len(prompts)
+            pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids,
+            [i.repeats for i in images], trains, len(prompts),
         )
         reporter.log(f"Training objective from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
         with off_the_accelerator([te for te, t in zip(text_encoders(pipe), trains) if not t], placement) as parked:
