@@ -308,3 +308,24 @@ def test_textual_inversion_moves_only_the_new_vectors_and_each_encoder_choice_it
         saved, losses = train(store, picture_dir, tmp_path / choice, model, train_encoders=choice, steps=1)
         for key in family.embedding_keys:
             assert torch.equal(saved[key], start[key]) == ((key == "t5") != (choice == "t5")), (choice, key)
+
+
+def test_quick_learns_the_clip_parts_and_keeps_t5_at_the_starting_word(store, picture_dir, tmp_path):
+    from tinv_gui.families import family_of
+
+    pipe = store.pipeline("demo-sd3")
+    start = dict(zip(family_of(pipe).embedding_keys, start_parts(pipe)))
+    saved, losses = train(store, picture_dir, tmp_path, "demo-sd3", method="quick", steps=2, batch_size=2, lr=0.1, crops=1)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert torch.equal(saved["t5"], start["t5"])  # T5 has no image tower: its part is the word's T5 pieces
+    assert not torch.equal(saved["clip_l"], start["clip_l"]) and not torch.equal(saved["clip_g"], start["clip_g"])
+
+
+def test_t5s_token_table_is_read_alone_from_the_weights(flux):
+    # A store with no warm pipeline reads the table from the component's file, without loading T5.
+    assert torch.equal(ModelStore().word_table("demo-flux", 1), flux.text_encoder_2.get_input_embeddings().weight.float())
+
+
+def test_evaluating_and_prompt_search_are_refused_on_these_families_with_a_message(picture_dir, tmp_path, capsys):
+    code = cli.main(["optimize-prompt", "--model", "demo-flux", "--image", str(next(picture_dir.iterdir())), "--output", str(tmp_path)])
+    assert code != 0 and "not supported yet" in capsys.readouterr().err

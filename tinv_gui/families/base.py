@@ -20,6 +20,7 @@ class Family:
     demo_model: str = ""  # the offline demo model of this family
     t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
     trainable: bool = True  # whether tinv-gui's methods handle it
+    evaluates: bool = True  # whether evaluation and prompt-from-image handle it (not yet SD 3.x and Flux.1)
     size_multiple: int = 8  # training pictures' sides are multiples of it (the VAE's scale, times a transformer's patch)
 
     # ------------------------------------------------------------------------- recognising it

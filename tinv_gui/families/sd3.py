@@ -28,6 +28,7 @@ class TransformerFamily(Family):
     prompts only."""
 
     checkpoint_tensor = ""
+    evaluates = False  # evaluation draws with embeddings, and prompt search knows CLIP-only conditioning: later
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
 
     def matches_checkpoint(self, keys):

@@ -430,9 +430,10 @@ def train_textual_inversion(pipe, placement, images, settings, reporter, writer)
     return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti", resumed)
 
 
-def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
+def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer, word_parts=None) -> torch.Tensor:
     """QuickEmbedding in CLIP space, then textual inversion from where it ended: one job, one
-    progress scale (phases "quick" then "ti")."""
+    progress scale (phases "quick" then "ti"). `word_parts`: the start of T5's part (SD 3.x,
+    Flux.1), which QuickEmbedding keeps and textual inversion then trains."""
     import dataclasses
 
     from . import QUICK
@@ -449,7 +450,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
             settings, method=QUICK, steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
             lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
         ).resolved()
-        vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick").vectors
+        vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick", word_parts=word_parts).vectors
         if reporter.should_stop():
             return vectors
         reporter.log("QuickEmbedding done; textual inversion continues from its vectors")
