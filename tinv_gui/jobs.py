@@ -118,7 +118,7 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
     from .vector_norms import PROMPT_TOKENS, tokens_used_text
 
     metadata = read_metadata(outputs["embedding"])
-    vectors = int(metadata.get("vectors", 0))
+    vectors = len(next(iter(norms.history[-1].norms.values()))) if norms.history else 0  # the learned vectors, one prompt token each
     reporter.log(f"The embedding has {vectors} vector{'s' if vectors != 1 else ''}: {tokens_used_text(vectors)}")
     reporter.metrics["prompt_tokens"] = float(vectors)
     record = {
