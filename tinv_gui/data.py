@@ -115,11 +115,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_square(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` and cut the centered square."""
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
 def bucket_step(resolution: int) -> int:
     """The grid bucket sides snap to: 64 pixels as in kohya and OneTrainer (latents a multiple of 8,
     what SD's UNet divides them by); below 512 px an eighth of the resolution (the demo model's
@@ -283,6 +278,12 @@ def describe_sizes(images: list[TrainImage]) -> str:
 def fill_template(template: str, placeholder: str) -> str:
     """Put the placeholder into a template ('a photo of a {}')."""
     return template.replace("{}", placeholder)
+
+
+def validation_prompts(prompts: list[str] | None, style: str) -> list[str]:
+    """The prompts previews draw and checkpoints are scored with ({} for the word): the user's,
+    else the first training template of the style."""
+    return [p for p in (prompts or []) if p.strip()] or [TEMPLATES[style][0]]
 
 
 def caption_prompt(caption: str, placeholder: str, style: str) -> str:

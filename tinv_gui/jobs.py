@@ -75,8 +75,66 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
         loaded.word_parts = _word_parts(settings, store)
+    norms = _watch_norms(loaded, family, reporter, store, settings.model)
+    scorer = None
+    if settings.score_checkpoints != "off" and process.is_main:
+        from .checkpoint_scores import CheckpointScorer
+
+        scorer = CheckpointScorer(settings, store, placement, reporter)
+        writer.on_saved = scorer.saved
     method.run(loaded, settings, reporter, writer)
-    return dict(writer.outputs)
+    outputs = dict(writer.outputs)
+    if scorer is not None and outputs.get("embedding"):
+        scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
+        if scorer.recommended is not None:
+            outputs["recommended"] = scorer.recommended.path
+            reporter.metrics["recommended_step"] = float(scorer.recommended.step)
+    if outputs.get("embedding"):  # saved (by the main process)
+        outputs["result"] = _write_run_result(settings, outputs, norms, scorer, reporter)
+    return outputs
+
+
+def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, model: str):
+    """A NormWatch on the run's vectors, against the token tables of the text encoders the
+    method trains through (the pipeline's, else the CLIP models' text towers: the same words,
+    and T5's own table for its part)."""
+    from .models import text_encoders
+    from .vector_norms import NormWatch, encoder_names
+
+    if loaded.pipe is not None:
+        tables = [encoder.get_input_embeddings().weight for encoder in text_encoders(loaded.pipe)]
+    else:
+        clip_tables = iter(clip.model.text_model.get_input_embeddings().weight for clip in loaded.clips)
+        tables = [store.word_table(model, i) if i in (loaded.word_parts or {}) else next(clip_tables) for i in range(family.text_encoder_count)]
+    watch = NormWatch(tables, encoder_names(len(tables), family.embedding_keys), reporter)
+    reporter.vector_watchers.append(watch)
+    return watch
+
+
+def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, scorer, reporter: Reporter) -> str:
+    """result.json beside the embedding: what the run made and what was measured of it (the
+    prompt tokens the word takes, its vectors' norms against the model's words, the scores of
+    its checkpoints when they were scored)."""
+    import json
+
+    from .embeddings import read_metadata
+    from .vector_norms import PROMPT_TOKENS, tokens_used_text
+
+    metadata = read_metadata(outputs["embedding"])
+    vectors = len(next(iter(norms.history[-1].norms.values()))) if norms.history else 0  # the learned vectors, one prompt token each
+    reporter.log(f"The embedding has {vectors} vector{'s' if vectors != 1 else ''}: {tokens_used_text(vectors)}")
+    reporter.metrics["prompt_tokens"] = float(vectors)
+    record = {
+        "token": settings.token.strip(),
+        "method": settings.method,
+        "model": settings.model,
+        "steps": int(metadata.get("steps", 0)),
+        "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
+        "vector_norms": norms.summary(),
+        "checkpoint_scores": scorer.summary() if scorer is not None else None,
+        "outputs": outputs,
+    }
+    return str(atomic_write_text(Path(settings.output_dir) / "result.json", json.dumps(record, indent=2)))
 
 
 # The other tools' files written beside a run's embedding, in the order the page lists them.
@@ -110,8 +168,8 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     from .formats import export_all, read_embedding
 
     written = export_all(embedding)
-    if read_embedding(embedding).is_sdxl:
-        del written["diffusers-bin"]
+    if read_embedding(embedding).keys:
+        written.pop("diffusers-bin", None)
     onetrainer = Path(written["onetrainer"])
     written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}

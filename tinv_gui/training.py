@@ -129,6 +129,7 @@ def optimize(
     *,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     optimizer: tuple | None = None,
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
     """Run optimizer steps `start_step + 1` to `settings.steps` on `vectors` (a float32 leaf tensor).
 
@@ -142,6 +143,9 @@ def optimize(
 
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
+
+    `whole(vectors)` is the whole token when `vectors` holds only some text encoders' parts
+    (what the reporter's vector watchers are shown).
     """
     from .distributed import (
         ProcessInfo,
@@ -203,6 +207,7 @@ def optimize(
         last_good_state = copy.deepcopy(optimizer.state_dict())
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
+        reporter.vectors_updated(whole(vectors) if whole else vectors)
         if on_step is not None:
             on_step(step, optimizer)
     return LoopResult(step, False, last_loss), optimizer
@@ -230,6 +235,8 @@ class EmbeddingWriter:
         self.widths = widths
         self.keys = keys
         self.outputs: dict[str, str] = {}
+        self.checkpoints: list[tuple[int, str]] = []  # (step, path) of each numbered copy
+        self.on_saved: Callable[[str, int], None] | None = None  # called with each numbered copy's path and step
         if self._writes:  # what a run killed mid-save left behind
             for leftover in self.output_dir.glob(".learned_embeds*.tmp"):
                 leftover.unlink(missing_ok=True)
@@ -250,6 +257,9 @@ class EmbeddingWriter:
             numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
             self.save(vectors, step, optimizer)
             self.reporter.log(f"saved {numbered.name}")
+            self.checkpoints.append((step, str(numbered)))
+            if self.on_saved is not None:
+                self.on_saved(str(numbered), step)
 
     @property
     def _writes(self) -> bool:

@@ -106,7 +106,7 @@ def train_quick(
     on_step = (lambda step, _optimizer: writer.checkpoint(whole_token(), reporter.steps_done)) if writer else None
     with extended_vocabularies(text_models, vectors):
         try:
-            result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step)
+            result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step, whole=lambda _: whole_token())
         finally:
             if writer is not None:  # keep the last good vectors, whatever happened
                 writer.save(whole_token(), reporter.steps_done)

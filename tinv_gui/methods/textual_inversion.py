@@ -32,12 +32,12 @@ import torch.utils.checkpoint
 from PIL import ImageOps
 
 from ..data import (
-    TEMPLATES,
     TrainImage,
     describe_sizes,
     fill_template,
     picture_batches,
     training_prompts,
+    validation_prompts,
 )
 from ..device import Placement, release_freed_memory
 from ..embeddings import (
@@ -306,8 +306,7 @@ def read_resume(path: str, pipe) -> Resumed:
         steps = int(read_metadata(path).get("steps", 0))
     except (OSError, ValueError) as error:
         raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui for this model ({error})") from None
-    vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
-    return Resumed(vectors, steps, optimizer_state_path(path))
+    return Resumed(embedding.joined(), steps, optimizer_state_path(path))
 
 
 def train_diffusion(
@@ -349,14 +348,14 @@ def train_diffusion(
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
-    # After the training prompts: the preview's, and the empty prompt (its negative).
-    preview_row, negative_row = len(prompts), len(prompts) + 1
+    previews = validation_prompts(settings.preview_prompts, settings.style)  # one column each, with a seed of its own
+    # After the training prompts: the previews', then the empty prompt (their negative).
+    preview_rows, negative_row = [len(prompts) + column for column in range(len(previews))], len(prompts) + len(previews)
+    texts = [*prompts, *(fill_template(p, token) for p in previews), ""]
     encoded = []  # once per tokenizer: each has its own ids, markers, padding and length
     for tokenizer, text_encoder, length in zip(tokenizers(pipe), text_encoders(pipe), family.prompt_lengths(pipe)):
         vocab_size = text_encoder.get_input_embeddings().num_embeddings
         placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
-        texts = [*prompts, fill_template(preview_prompt, token), ""]
         encoded.append([encode_with_placeholder(tokenizer, text, token, placeholder_ids, length) for text in texts])
     size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
@@ -370,10 +369,12 @@ def train_diffusion(
         release_freed_memory()
         done = reporter.steps_done
         writer.checkpoint(parts.full(), done, optimizer)
-        if settings.preview_every and done % settings.preview_every == 0:
-            path = writer.output_dir / f"preview-step{done:05d}.png"
-            render_preview(pipe, placement, compute_loss, preview_row, negative_row if parked else None, size, settings.preview_steps, settings.seed, path)
-            reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
+        if settings.preview_every and done % settings.preview_every == 0:  # a row of the validation grid
+            for column, (prompt, row) in enumerate(zip(previews, preview_rows)):
+                path = writer.output_dir / f"preview-step{done:05d}-{column + 1}.png"
+                negative = negative_row if parked else None
+                render_preview(pipe, placement, compute_loss, row, negative, size, settings.preview_steps, settings.seed + column, path)
+                reporter.emit(Preview(done, str(path), fill_template(prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
     optimizer = make_optimizer(parts.trained, loop, optimizer_state, start_step)
@@ -389,7 +390,7 @@ def train_diffusion(
         reporter.log(f"Training objective from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
         with off_the_accelerator([te for te, t in zip(text_encoders(pipe), trains) if not t], placement) as parked:
             try:
-                optimize(parts.trained, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer)
+                optimize(parts.trained, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer, whole=lambda _: parts.full())
             finally:  # keep the last good vectors and their optimizer state, whatever happened
                 writer.save(parts.full(), reporter.steps_done, optimizer[0])
     return parts.full().float().cpu()
