@@ -274,40 +274,47 @@ def start_parts(pipe, init="cat"):
 
 
 def train(store, picture_dir, out, model, **overrides):
+    """A training job in this process on the warm demo model; returns the saved parts (read back
+    with formats.read_embedding) and the losses of its steps."""
     from tinv_gui.events import Reporter
+    from tinv_gui.formats import read_embedding
     from tinv_gui.jobs import run_training
     from tinv_gui.settings import TrainSettings
 
     losses = []
     settings = TrainSettings(**{
         "images": str(picture_dir), "token": TOKEN, "model": model, "output_dir": str(out), "method": "textual-inversion",
-        "init": "cat", "steps": 2, "batch_size": 1, "grad_accum": 1, "lr": 0.05, "resolution": 64, "device": "cpu", "precision": "fp32",
-        **overrides,
+        "init": "cat", "steps": 1, "batch_size": 1, "grad_accum": 1, "lr": 0.05, "resolution": 64, "flip": False,
+        "device": "cpu", "precision": "fp32", **overrides,
     }).resolved()
     run_training(settings, store, Reporter(lambda e: losses.append(e.loss) if e.kind == "progress" else None, total_steps=settings.total_steps))
-    from safetensors.torch import load_file
-
-    return load_file(out / "learned_embeds.safetensors"), losses
+    return read_embedding(out / "learned_embeds.safetensors").parts, losses
 
 
 @pytest.mark.parametrize("model", ["demo-sd3", "demo-flux"])
-def test_textual_inversion_moves_only_the_new_vectors_and_each_encoder_choice_its_own_parts(model, store, picture_dir, tmp_path):
+def test_textual_inversion_moves_only_the_new_vectors_each_encoder_choice_its_own_parts_and_resumes(model, store, picture_dir, tmp_path):
+    from tinv_gui.embeddings import read_metadata
     from tinv_gui.families import family_of
 
     pipe = store.pipeline(model)
     family = family_of(pipe)
     before = frozen_weights(pipe)
     start = dict(zip(family.embedding_keys, start_parts(pipe)))
-    saved, losses = train(store, picture_dir, tmp_path / "all", model)
-    assert set(saved) == set(family.embedding_keys) and len(losses) == 2 and all(np.isfinite(losses))
-    assert all(not torch.equal(saved[key], start[key]) for key in family.embedding_keys)  # every encoder's part learned
+    first, losses = train(store, picture_dir, tmp_path, model)
+    assert tuple(first) == family.embedding_keys and len(losses) == 1 and np.isfinite(losses[0])
+    assert all(first[key].shape == start[key].shape and not torch.equal(first[key], start[key]) for key in start)  # every part learned
+    # Resume: the run continues from the saved vectors and optimizer state to step 2.
+    saved = tmp_path / "learned_embeds.safetensors"
+    resumed, losses = train(store, picture_dir, tmp_path / "resumed", model, steps=2, resume=str(saved))
+    assert len(losses) == 1 and read_metadata(tmp_path / "resumed" / "learned_embeds.safetensors")["steps"] == "2"
+    assert all(not torch.equal(resumed[key], first[key]) for key in start)
     after = frozen_weights(pipe)
     assert all(torch.equal(before[k], after[k]) for k in before)  # the model and its vocabularies, bit for bit
     # CLIP only: T5's part stays at the starting word's T5 pieces; T5 only: the CLIP parts stay.
     for choice in ("clip", "t5"):
-        saved, losses = train(store, picture_dir, tmp_path / choice, model, train_encoders=choice, steps=1)
+        parts, losses = train(store, picture_dir, tmp_path / choice, model, train_encoders=choice)
         for key in family.embedding_keys:
-            assert torch.equal(saved[key], start[key]) == ((key == "t5") != (choice == "t5")), (choice, key)
+            assert torch.equal(parts[key], start[key]) == ((key == "t5") != (choice == "t5")), (choice, key)
 
 
 def test_quick_learns_the_clip_parts_and_keeps_t5_at_the_starting_word(store, picture_dir, tmp_path):
@@ -315,7 +322,7 @@ def test_quick_learns_the_clip_parts_and_keeps_t5_at_the_starting_word(store, pi
 
     pipe = store.pipeline("demo-sd3")
     start = dict(zip(family_of(pipe).embedding_keys, start_parts(pipe)))
-    saved, losses = train(store, picture_dir, tmp_path, "demo-sd3", method="quick", steps=2, batch_size=2, lr=0.1, crops=1)
+    saved, losses = train(store, picture_dir, tmp_path, "demo-sd3", method="quick", steps=2, batch_size=2, lr=0.1, crops=1, resolution=None, flip=True)
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert torch.equal(saved["t5"], start["t5"])  # T5 has no image tower: its part is the word's T5 pieces
     assert not torch.equal(saved["clip_l"], start["clip_l"]) and not torch.equal(saved["clip_g"], start["clip_g"])
