@@ -77,7 +77,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Training: step").wait_for()  # the page follows the run as it goes
     page.get_by_text("Done: step 1500 / 1500").wait_for()
-    plot = page.locator(".vega-embed")
+    plot = page.locator("#loss-plot .vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
     lines = plot.locator("g.mark-line path")

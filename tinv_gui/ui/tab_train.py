@@ -216,6 +216,7 @@ class TrainTab:
                     y_title="loss",
                     height=320,
                     scale=2,
+                    elem_id="loss-plot",
                 )
                 c["previews"] = gr.Gallery(
                     label="Previews: a row per preview step, a column per prompt (each with its own fixed seed)", columns=3, height=320, scale=1, visible=False
