@@ -1,4 +1,5 @@
-"""Training pictures: reading them safely, making them RGB and square, captions, prompt templates."""
+"""Training pictures: reading them safely, making them RGB and square, their masks and captions,
+prompt templates."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: white where the subject is
 # Refuse before decoding anything claiming more pixels than this: a "decompression bomb" is a
 # small file that would expand to gigabytes in memory.
 MAX_PIXELS = 40_000_000
@@ -87,6 +89,9 @@ class TrainImage:
     # before scaling, and the (top, left) corner of the square cut from the scaled picture.
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
+    # Where the subject is ("L", the image's size and crop; 255 the subject, 0 the rest), from the
+    # picture's transparency or its mask file; None: the whole picture counts.
+    mask: Image.Image | None = None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -116,20 +121,16 @@ def center_square_corner(width: int, height: int, size: int) -> tuple[int, int]:
     return round((height * scale - size) / 2), round((width * scale - size) / 2)
 
 
-def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
-    """Open a picture safely: header checked before decoding, EXIF orientation applied, RGB.
-
-    Raises ImageError naming the file for anything that is not a usable picture.
-    """
-    path = Path(path)
+def _decode(path: Path) -> Image.Image:
+    """Decode a picture file safely (header checked before decoding, EXIF orientation applied),
+    in its own mode. Raises ImageError naming the file for anything that is not a usable picture."""
     try:
         with Image.open(path) as probe:
             width, height = probe.size
             if width * height > MAX_PIXELS:
                 raise ImageError(path, f"claims {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} megapixels allowed; scale it down first")
             probe.load()
-            image = ImageOps.exif_transpose(probe)
-            image = to_rgb(image)
+            return ImageOps.exif_transpose(probe)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -140,15 +141,58 @@ def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
         raise ImageError(path, "too many pixels (a possible decompression bomb); scale it down first") from None
     except Exception as error:  # noqa: BLE001 - any failure decoding untrusted bytes means a damaged file
         raise ImageError(path, f"damaged or truncated picture ({type(error).__name__}: {error})") from None
+
+
+def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Open a picture safely: header checked before decoding, EXIF orientation applied, RGB.
+
+    Raises ImageError naming the file for anything that is not a usable picture.
+    """
+    path = Path(path)
+    image = _decode(path)
+    try:
+        image = to_rgb(image)
+    except Exception as error:  # noqa: BLE001 - a mode Pillow cannot convert means a damaged file
+        raise ImageError(path, f"damaged or truncated picture ({type(error).__name__}: {error})") from None
     if min(image.size) < min_side:
         raise ImageError(path, f"is {image.size[0]}x{image.size[1]}; pictures need at least {min_side} pixels on the shorter side")
     return image
 
 
+def mask_path(path: str | Path) -> Path:
+    """Where a picture's mask file lives: photo.mask.png beside photo.jpg."""
+    path = Path(path)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
+def open_mask(path: str | Path) -> Image.Image | None:
+    """The picture's mask ("L", the picture's size, 255 where the subject is): its mask file
+    (photo.mask.png; its brightness), else its transparency (alpha channel); None when it has
+    neither, or a mask that keeps everything. Raises ImageError for a mask that does not fit."""
+    path = Path(path)
+    sidecar = mask_path(path)
+    if sidecar.is_file():
+        mask = _decode(sidecar).convert("L")
+        size = _decode(path).size
+        if mask.size != size:
+            raise ImageError(sidecar, f"is {mask.size[0]}x{mask.size[1]} but {path.name} is {size[0]}x{size[1]}; a mask must be the size of its picture")
+    else:
+        image = _decode(path)
+        if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+            return None
+        mask = image.convert("RGBA").getchannel("A")
+    return None if mask.getextrema() == (255, 255) else mask
+
+
+def is_picture_name(name: str) -> bool:
+    """A picture's file name (a mask file, photo.mask.png, is not a picture of its own)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
+
+
 def find_images(source: str | Path | list) -> list[Path]:
     """Picture files from a folder (sorted, not recursive) or an explicit list of files."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        files = sorted(p for p in Path(source).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in Path(source).iterdir() if is_picture_name(p.name) and p.is_file())
         if not files:
             raise ValueError(f"no pictures in {source} (looked for {', '.join(IMAGE_SUFFIXES)})")
         return files
@@ -172,7 +216,8 @@ def read_caption(path: Path) -> str | None:
 
 
 def load_dataset(source, size: int, min_side: int | None = None) -> list[TrainImage]:
-    """Load every picture of `source` as a square RGB image of `size` pixels, with its caption.
+    """Load every picture of `source` as a square RGB image of `size` pixels, with its caption
+    and its mask (cut the same way).
 
     `min_side` defaults to half the working size: a smaller picture would be blown up into blur.
     Raises ImageError for the first picture that cannot be used.
@@ -182,7 +227,9 @@ def load_dataset(source, size: int, min_side: int | None = None) -> list[TrainIm
     for path in find_images(source):
         picture = open_image(path, min_side)
         corner = center_square_corner(picture.width, picture.height, size)
-        images.append(TrainImage(str(path), center_square(picture, size), read_caption(path), (picture.height, picture.width), corner))
+        mask = open_mask(path)
+        square_mask = None if mask is None else center_square(mask, size)
+        images.append(TrainImage(str(path), center_square(picture, size), read_caption(path), (picture.height, picture.width), corner, square_mask))
     return images
 
 
