@@ -10,7 +10,7 @@ from PIL import Image
 
 from tinv_gui.data import ImageError, find_images, load_dataset, open_mask
 from tinv_gui.device import choose_placement
-from tinv_gui.events import Reporter
+from tinv_gui.events import Log, Progress, Reporter
 from tinv_gui.settings import SettingsError, TrainSettings
 
 TOKEN = "<ctl-thing>"
@@ -211,3 +211,88 @@ def test_control_settings_are_checked():
     for name, bad in (("unmasked_weight", 1.5), ("noise_offset", -0.1), ("min_snr_gamma", -1.0), ("ema_decay", 1.0), ("log_with", "mlflow")):
         with pytest.raises(SettingsError, match=name):
             TrainSettings(**base, **{name: bad}).resolved()
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA of the vectors, and logging to TensorBoard: one short QuickEmbedding run keeps both
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(store, tmp_path_factory):
+    """A 4-step QuickEmbedding run saving every step, with EMA decay 0.2, logged to TensorBoard:
+    (output folder, outputs, events)."""
+    from conftest import make_picture as picture
+
+    from tinv_gui.jobs import run_training
+
+    pictures, output = tmp_path_factory.mktemp("pictures"), tmp_path_factory.mktemp("quick-run")
+    for i in range(2):
+        picture(i).save(pictures / f"p{i}.png")
+    settings = TrainSettings(
+        images=str(pictures), token=TOKEN, method="quick", steps=4, batch_size=4, save_every=1, ema_decay=0.2,
+        output_dir=str(output), log_with="tensorboard",
+    ).resolved()
+    events = []
+    outputs = run_training(settings, store, Reporter(events.append, total_steps=4))
+    return output, outputs, events
+
+
+def test_ema_vectors_follow_the_raw_ones_as_the_decay_says(quick_run):
+    from tinv_gui.formats import read_embedding
+    from tinv_gui.training import ema_path
+
+    output, outputs, _ = quick_run
+    raw = [read_embedding(output / f"learned_embeds-step{n:05d}.safetensors").vectors for n in range(1, 5)]
+    # Recomputed from the raw history: the decay at step n is min(0.2, n / (n + 9)), none at step 1.
+    average = raw[0]
+    for n, vectors in enumerate(raw[1:], start=2):
+        decay = min(0.2, n / (n + 9))
+        average = decay * average + (1 - decay) * vectors
+        saved = read_embedding(ema_path(output / f"learned_embeds-step{n:05d}.safetensors")).vectors
+        torch.testing.assert_close(saved, average)
+    assert outputs["ema"] == str(ema_path(outputs["embedding"]))
+    final = read_embedding(outputs["ema"])
+    torch.testing.assert_close(final.vectors, average)
+    assert final.token == TOKEN and not torch.allclose(final.vectors, raw[-1])
+
+
+def test_previews_are_drawn_with_the_moving_average(tmp_path):
+    from tinv_gui.training import EmbeddingWriter
+
+    writer = EmbeddingWriter(tmp_path, TOKEN, 0, {}, Reporter(), ema_decay=0.5)
+    vectors = torch.zeros(1, 4, requires_grad=True)
+    writer.checkpoint(vectors, 1)
+    with torch.no_grad():
+        vectors.fill_(1.0)
+    writer.checkpoint(vectors, 2)  # the average: 2/11 of the first vectors, 9/11 of these
+    with writer.averaged(vectors):
+        torch.testing.assert_close(vectors.detach(), torch.full((1, 4), 9 / 11))
+    assert torch.equal(vectors.detach(), torch.ones(1, 4))
+
+
+def test_a_tensorboard_event_file_holds_the_loss_and_learning_rate(quick_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output, _, events = quick_run
+    (run,) = (output / "logs").iterdir()
+    assert run.name.startswith("quick-")
+    log = EventAccumulator(str(run))
+    log.Reload()
+    progress = [e for e in events if isinstance(e, Progress)]
+    for tag, field in (("loss", "loss"), ("lr", "lr")):
+        scalars = log.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3, 4]
+        assert [s.value for s in scalars] == pytest.approx([getattr(e, field) for e in progress], rel=1e-6)
+    assert any(isinstance(e, Log) and "logging to tensorboard" in e.message for e in events)
+
+
+def test_logging_to_a_tracker_that_is_not_installed_is_given_up_not_the_run(monkeypatch, tmp_path):
+    from accelerate import tracking as accelerate_tracking
+
+    from tinv_gui.tracking import RunTrackers
+
+    monkeypatch.setattr(accelerate_tracking, "is_wandb_available", lambda: False)
+    events = []
+    trackers = RunTrackers.start("wandb", tmp_path, "quick", {}, Reporter(events.append))
+    assert trackers.trackers == []
+    assert "not logging to wandb" in events[0].message and "pip install wandb" in events[0].message
+    trackers.on_event(Progress(1, 1, 0.5, 0.1, 0.0, None, "quick"))  # nothing to log to: no error

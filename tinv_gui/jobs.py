@@ -15,6 +15,7 @@ from .files import atomic_write_text
 from .methods import Loaded, method_named
 from .models import ModelLoadError, ModelStore
 from .settings import TrainSettings
+from .tracking import RunTrackers
 from .training import EmbeddingWriter
 
 
@@ -59,7 +60,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     family = store.family(settings.model)
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
-        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,
+        settings.ema_decay,
     )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
@@ -73,8 +75,18 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-    method.run(loaded, settings, reporter, writer)
+    trackers = RunTrackers.start(settings.log_with, settings.output_dir, settings.method, tracked_settings(settings), reporter)
+    reporter.listen(trackers.on_event)
+    try:
+        method.run(loaded, settings, reporter, writer)
+    finally:
+        trackers.finish()
     return dict(writer.outputs)
+
+
+def tracked_settings(settings: TrainSettings) -> dict:
+    """The settings a tracker records with the run (W&B's config): the plain values."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if isinstance(v, (str, int, float, bool))}
 
 
 # The other tools' files written beside a run's embedding, in the order the page lists them.

@@ -336,7 +336,8 @@ def train_diffusion(
         writer.checkpoint(vectors, done, optimizer)
         if settings.preview_every and done % settings.preview_every == 0:
             path = writer.output_dir / f"preview-step{done:05d}.png"
-            render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
+            with writer.averaged(vectors):  # the moving average, when the run keeps one
+                render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
             reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
