@@ -35,8 +35,9 @@ from PIL import ImageOps
 from ..data import (
     TEMPLATES,
     TrainImage,
+    describe_sizes,
     fill_template,
-    sample_indices,
+    picture_batches,
     training_prompts,
 )
 from ..device import Placement, release_freed_memory
@@ -70,19 +71,25 @@ if TYPE_CHECKING:  # settings import the method registry, which imports the meth
 @dataclass
 class LatentCache:
     """The VAE's latent distribution (mean and log-variance) of every picture, then of every
-    mirrored picture, computed once; `sample` draws scaled latents from it. `masks` holds, in the
+    mirrored picture, computed once; `sample` draws scaled latents from it. Pictures of different
+    buckets have latents of different shapes; a batch draws from one shape. `masks` holds, in the
     same rows, how much of each latent pixel the picture's mask covers (0 to 1), or None when no
     picture has a mask."""
 
-    moments: torch.Tensor  # [pictures * (2 if mirrored else 1), 2 * latent channels, h, w], float32
+    moments: list[torch.Tensor]  # per picture (then per mirror): [2 * latent channels, h, w], float32
     pictures: int
     scaling_factor: float
     shift_factor: float
-    masks: torch.Tensor | None = None  # [rows, 1, h, w], float32
+    masks: list[torch.Tensor] | None = None  # per row of moments: [1, h, w], float32
 
     @property
     def mirrored(self) -> bool:
-        return self.moments.shape[0] > self.pictures
+        return len(self.moments) > self.pictures
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each picture's latent shape (its bucket)."""
+        return [tuple(m.shape) for m in self.moments[: self.pictures]]
 
     def rows(self, picked: list[int], mirror: list[bool]) -> list[int]:
         return [i + self.pictures if m else i for i, m in zip(picked, mirror)]
@@ -90,7 +97,7 @@ class LatentCache:
     def sample(self, picked: list[int], mirror: list[bool], generator: torch.Generator) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        latents = DiagonalGaussianDistribution(self.moments[self.rows(picked, mirror)]).sample(generator)
+        latents = DiagonalGaussianDistribution(torch.stack([self.moments[row] for row in self.rows(picked, mirror)])).sample(generator)
         return (latents - self.shift_factor) * self.scaling_factor
 
     def pixel_weights(self, picked: list[int], mirror: list[bool], unmasked_weight: float) -> torch.Tensor | None:
@@ -98,27 +105,27 @@ class LatentCache:
         it (in between where the mask is); None when every pixel weighs 1."""
         if self.masks is None or unmasked_weight == 1:
             return None
-        return unmasked_weight + (1 - unmasked_weight) * self.masks[self.rows(picked, mirror)]
+        return unmasked_weight + (1 - unmasked_weight) * torch.stack([self.masks[row] for row in self.rows(picked, mirror)])
 
 
-def latent_masks(images: list[TrainImage], latent_size: tuple[int, int], mirror: bool) -> torch.Tensor | None:
-    """Each picture's mask (then each mirrored one's) at the latents' size: the share of each
-    latent pixel's area the mask covers; a picture without a mask is covered whole."""
+def latent_masks(images: list[TrainImage], latent_sizes: list[tuple[int, int]], mirror: bool) -> list[torch.Tensor] | None:
+    """Each picture's mask (then each mirrored one's) at its latents' (height, width): the share
+    of each latent pixel's area the mask covers ([1, h, w]); a picture without a mask is covered
+    whole. None when no picture has a mask."""
     if all(i.mask is None for i in images):
         return None
     masks = []
-    for image in images:
+    for image, size in zip(images, latent_sizes):
         pixels = torch.ones(1, 1, image.image.height, image.image.width)
         if image.mask is not None:
             pixels = torch.frombuffer(bytearray(image.mask.tobytes()), dtype=torch.uint8).view(1, 1, image.mask.height, image.mask.width) / 255.0
-        masks.append(F.interpolate(pixels, size=latent_size, mode="area"))
-    masks = torch.cat(masks)
-    return torch.cat([masks, masks.flip(-1)]) if mirror else masks
+        masks.append(F.interpolate(pixels, size=size, mode="area")[0])
+    return masks + [m.flip(-1) for m in masks] if mirror else masks
 
 
 @torch.no_grad()
 def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror: bool) -> LatentCache:
-    """Run the VAE encoder once per picture (and per mirrored picture)."""
+    """Run the VAE encoder once per picture (and per mirrored picture), each at its own size."""
     pictures = [i.image for i in images]
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
@@ -131,15 +138,14 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
         for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
             pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
             with contextlib.nullcontext() if upcast else placement.autocast():
-                moments.append(vae.encode(pixels).latent_dist.parameters.float())
+                moments.append(vae.encode(pixels).latent_dist.parameters.float()[0])
     finally:
         if upcast:
             vae.to(torch.float16)
-    moments = torch.cat(moments)
-    masks = latent_masks(images, tuple(moments.shape[-2:]), mirror)
+    masks = latent_masks(images, [tuple(m.shape[-2:]) for m in moments], mirror)
     return LatentCache(
         moments, len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0),
-        None if masks is None else masks.to(moments.device),
+        None if masks is None else [m.to(placement.device) for m in masks],
     )
 
 
@@ -148,7 +154,9 @@ class DiffusionLoss:
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
     each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
-    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's), if any.
+    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's),
+    if any; `repeats` how many times each picture is drawn per epoch (default once). A batch
+    holds pictures of one bucket (data.picture_batches).
     """
 
     def __init__(
@@ -162,6 +170,7 @@ class DiffusionLoss:
         mirror: bool,
         seed: int,
         size_ids: torch.Tensor | None = None,
+        repeats: list[int] | None = None,
         *,
         unmasked_weight: float = 1.0,
         noise_offset: float = 0.0,
@@ -186,10 +195,11 @@ class DiffusionLoss:
         self.mirror = mirror and latents.mirrored
         self.rng = random.Random(seed)
         self.generator = torch.Generator(placement.device).manual_seed(seed)
+        self.batches = picture_batches(latents.shapes, repeats or [1] * latents.pictures, batch_size, self.rng)
 
     def __call__(self, _micro: int = 0) -> torch.Tensor:
         device = self.placement.device
-        picked = sample_indices(self.latents.pictures, self.batch_size, self.rng)
+        picked = next(self.batches)
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
         noise = self.schedule.sample_noise(latents, self.generator, self.noise_offset)
@@ -311,7 +321,7 @@ def train_diffusion(
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
-    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
+    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
@@ -325,7 +335,7 @@ def train_diffusion(
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
     compute_loss = DiffusionLoss(
-        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids,
+        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids, [i.repeats for i in images],
         unmasked_weight=settings.unmasked_weight, noise_offset=settings.noise_offset, min_snr_gamma=settings.min_snr_gamma,
     )
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
