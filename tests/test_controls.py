@@ -176,7 +176,7 @@ def test_masked_out_latent_pixels_do_not_change_the_diffusion_loss(store, tmp_pa
     from tinv_gui.methods.textual_inversion import latent_masks
 
     latent_width = 32 // store.pipeline("demo", choose_placement("cpu", "fp32")).vae_scale_factor
-    coverage = latent_masks(images, (latent_width, latent_width), mirror=False)  # what the mask covers of each latent pixel
+    coverage = torch.stack(latent_masks(images, [(latent_width, latent_width)] * 2, mirror=False))  # what the mask covers of each latent pixel
     assert coverage[..., : latent_width // 2 - 1].max() == 0 and coverage[..., latent_width // 2 + 1 :].min() == 1
     outside = 3.0 * (coverage == 0).float().expand(2, 4, -1, -1)  # large changes where the mask covers nothing
     inside = outside.flip(-1)
