@@ -119,11 +119,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def center_square(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` and cut the centered square."""
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-
-
 def bucket_step(resolution: int) -> int:
     """The grid bucket sides snap to: 64 pixels as in kohya and OneTrainer (latents a multiple of 8,
     what SD's UNet divides them by); below 512 px an eighth of the resolution (the demo model's

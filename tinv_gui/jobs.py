@@ -121,8 +121,8 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     from .formats import export_all, read_embedding
 
     written = export_all(embedding)
-    if read_embedding(embedding).is_sdxl:
-        del written["diffusers-bin"]
+    if read_embedding(embedding).keys:
+        written.pop("diffusers-bin", None)
     onetrainer = Path(written["onetrainer"])
     written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}

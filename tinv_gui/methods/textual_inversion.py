@@ -285,8 +285,7 @@ def read_resume(path: str, pipe) -> Resumed:
         steps = int(read_metadata(path).get("steps", 0))
     except (OSError, ValueError) as error:
         raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui for this model ({error})") from None
-    vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
-    return Resumed(vectors, steps, optimizer_state_path(path))
+    return Resumed(embedding.joined(), steps, optimizer_state_path(path))
 
 
 def train_diffusion(

@@ -1,5 +1,6 @@
 """The Dataset tab's work: taking uploads into a visitor's folder, checking every picture, and
-showing each one as the model will see it, with its problem next to it when it has one."""
+showing each one as the model will see it (whole, with the part training crops away dimmed),
+with its problem next to it when it has one."""
 
 from __future__ import annotations
 
@@ -10,9 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from ..data import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    crop_box,
+    open_image,
+    read_caption,
+    training_size,
+)
 from ..files import atomic_write_text
 from .workspace import Workspace, sanitize_filename, unique_path
 
@@ -30,6 +38,10 @@ MAX_UNPACKED_BYTES = int(os.environ.get("TINV_GUI_MAX_UNPACKED_MB", "500")) * 10
 MAX_SIDE = int(os.environ.get("TINV_GUI_PICTURE_SIDE", "1024"))
 MAX_REFUSED = 50  # refused uploads listed (their names and reasons; their bytes are not kept)
 PROBLEMS_FILE = "problems.json"
+# The resolution the crops are shown at when the model's own is not known yet: SD 1.x's. Bucket
+# shapes are the same at every resolution from 64 to 512 px that is a multiple of 64.
+CROP_RESOLUTION = 512
+FRAME = (79, 70, 229)  # the kept part's outline: the page's indigo
 DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
 
 
@@ -195,24 +207,41 @@ def list_pictures(ws: Workspace) -> list[Picture]:
     return usable + refused
 
 
-def as_seen(picture: Picture, size: int = 256) -> Image.Image | None:
-    """The picture as training sees it: orientation fixed, RGB, center square. None if unreadable."""
+def crop_preview(image: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """`image` whole, at most `size` pixels a side, with what lies outside `box` (in its own
+    pixels) faded towards white and the box framed."""
+    scale = min(1.0, size / max(image.size))
+    shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    left, top, right, bottom = (round(v * scale) for v in box)
+    faded = Image.blend(shown, Image.new("RGB", shown.size, (255, 255, 255)), 0.65)
+    faded.paste(shown.crop((left, top, right, bottom)), (left, top))
+    ImageDraw.Draw(faded).rectangle((left, top, right - 1, bottom - 1), outline=FRAME, width=max(1, size // 128))
+    return faded
+
+
+def as_seen(picture: Picture, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION):
+    """(preview, (width, height) it trains at): the picture as training sees it, orientation fixed,
+    RGB, shown whole with the part cut away to fill its square or bucket faded. None if unreadable."""
     try:
-        return center_square(open_image(picture.path), size)
+        image = open_image(picture.path)
     except ImageError:
         return None
+    target = training_size(image.width, image.height, resolution, buckets)
+    return crop_preview(image, crop_box(image.width, image.height, target), size), target
 
 
-def gallery_items(ws: Workspace, size: int = 256) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs for the Dataset gallery; a refused picture is labelled with its problem."""
+def gallery_items(ws: Workspace, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs for the Dataset gallery: each picture with the crop it trains at
+    (`buckets` and `resolution` as the training options say); a refused one labelled with its problem."""
     items = []
     for picture in list_pictures(ws):
-        if picture.problem:  # its bytes were not kept
-            label = f"✗ {picture.name}: {picture.problem}"
+        seen = None if picture.problem else as_seen(picture, size, buckets, resolution)
+        if seen is None:  # its bytes were not kept, or it became unreadable
+            label = f"✗ {picture.name}: {picture.problem or 'cannot be read'}"
             image = Image.new("RGB", (size, size), (235, 220, 220))
         else:
-            image = as_seen(picture, size)
-            label = f"{picture.name}" + (f" ⚠ {picture.note}" if picture.note else "")
+            image, (width, height) = seen
+            label = f"{picture.name} → {width}x{height}" + (f" ⚠ {picture.note}" if picture.note else "")
         items.append((image, label))
     return items
 

@@ -142,8 +142,8 @@ class TrainTab:
             "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
             "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
         }
-        if run.is_sdxl:
-            files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{token}`")]
+        if run.keys:
+            files = [(embedding, f"this app, diffusers ({' and '.join(run.keys)}, one load_textual_inversion call each): type `{token}`")]
         else:
             files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
         return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
