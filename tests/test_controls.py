@@ -10,7 +10,7 @@ from PIL import Image
 
 from tinv_gui.data import ImageError, find_images, load_dataset, open_mask
 from tinv_gui.device import choose_placement
-from tinv_gui.events import Log, Progress, Reporter
+from tinv_gui.events import Log, Progress, Reporter, VectorNorms
 from tinv_gui.settings import SettingsError, TrainSettings
 
 TOKEN = "<ctl-thing>"
@@ -283,6 +283,9 @@ def test_a_tensorboard_event_file_holds_the_loss_and_learning_rate(quick_run):
         assert [s.step for s in scalars] == [1, 2, 3, 4]
         assert [s.value for s in scalars] == pytest.approx([getattr(e, field) for e in progress], rel=1e-6)
     assert any(isinstance(e, Log) and "logging to tensorboard" in e.message for e in events)
+    norms = [e for e in events if isinstance(e, VectorNorms)]  # the learned vector's length, as the app plots it
+    (tag,) = [t for t in log.Tags()["scalars"] if t.startswith("norm/")]
+    assert [s.value for s in log.Scalars(tag)] == pytest.approx([next(iter(e.norms.values()))[0] for e in norms], rel=1e-6)
 
 
 def test_logging_to_a_tracker_that_is_not_installed_is_given_up_not_the_run(monkeypatch, tmp_path):

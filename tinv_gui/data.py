@@ -328,6 +328,12 @@ def fill_template(template: str, placeholder: str) -> str:
     return template.replace("{}", placeholder)
 
 
+def validation_prompts(prompts: list[str] | None, style: str) -> list[str]:
+    """The prompts previews draw and checkpoints are scored with ({} for the word): the user's,
+    else the first training template of the style."""
+    return [p for p in (prompts or []) if p.strip()] or [TEMPLATES[style][0]]
+
+
 def caption_prompt(caption: str, placeholder: str, style: str) -> str:
     """A caption with the placeholder put in: where it says '{}' or the placeholder already, as is;
     otherwise the placeholder is named at the front (objects) or as the style (styles)."""

@@ -51,12 +51,24 @@ class Preview(Event):
 
 
 @dataclass
-class Figures(Event):
-    """Figures a method measured at a step, beyond the loss (logged to TensorBoard / W&B as they are)."""
+class VectorNorms(Event):
+    """How long each learned vector is, beside the lengths of the model's own words (vector_norms)."""
 
-    kind = "figures"
+    kind = "norms"
     step: int
-    values: dict[str, float]
+    norms: dict[str, list[float]]  # per text encoder (its name): each vector's norm
+    ordinary: dict[str, list[float]]  # per text encoder: [low, high], the range of its vocabulary's row norms
+
+
+@dataclass
+class CheckpointScore(Event):
+    """A saved checkpoint's scores (checkpoint_scores): likeness and editability."""
+
+    kind = "checkpoint_score"
+    step: int
+    path: str  # the checkpoint's embedding file
+    image_similarity: float  # likeness: CLIP cosine of its pictures to the training pictures
+    text_similarity: float  # editability: CLIP cosine of its pictures to the prompts without the word
 
 
 @dataclass
@@ -102,6 +114,7 @@ class Reporter:
         self._steps_before_start = 0  # a resumed run's earlier steps, left out of the time estimate
         self.time_limit_s: float | None = None
         self.deadline: float | None = None  # time.monotonic() past which the job stops (limit_time)
+        self.vector_watchers: list[Callable] = []  # called with the learned vectors after each step (vector_norms.NormWatch)
 
     def emit(self, event: Event) -> None:
         self._emit(event)
@@ -133,6 +146,11 @@ class Reporter:
     def step_started(self) -> None:
         if self._start is None:
             self._start = time.perf_counter()
+
+    def vectors_updated(self, vectors) -> None:
+        """After a step: show the learned vectors to whoever watches them (e.g. their norms)."""
+        for watch in self.vector_watchers:
+            watch(vectors)
 
     def step_finished(self, loss: float, lr: float, phase: str) -> Progress:
         """Count one finished step and send its progress event."""

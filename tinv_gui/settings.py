@@ -26,6 +26,7 @@ Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosi
 Style = Literal["object", "style"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # device.PRECISIONS
 Tracker = Literal["tensorboard", "wandb", "both", "none"]  # tracking.TRACKERS
+ScoreWhen = Literal["off", "after", "during", "during-2", "during-5", "during-10"]  # checkpoint_scores.scored_saves
 SCHEDULES = get_args(Schedule)
 STYLES = get_args(Style)
 METHOD_DEFAULTS: dict[str, dict] = {name: m.defaults for name, m in METHODS.items()}  # published defaults per method
@@ -168,10 +169,19 @@ class TrainSettings:
         0, label="Preview every N steps", help="Draw a picture with the word every N steps to watch it form. 0: no previews.", ge=0, le=MAX_STEPS,
         methods=DIFFUSION_METHODS,
     )
-    preview_prompt: str | None = setting(
-        None, label="Preview prompt", help="What the previews draw; {} stands for your word. Empty: 'a photo of {}'.", methods=DIFFUSION_METHODS
+    preview_prompts: list[str] = setting(
+        label="Preview prompts", flag="--preview-prompt", repeat="append", default_factory=list, methods=DIFFUSION_METHODS,
+        help="What the previews draw, one prompt per line (on the command line, repeat the flag); {} stands for your word. "
+        "Each is drawn with a fixed seed, one row per preview. They are also the prompts checkpoints are scored with. "
+        "Empty: 'a photo of {}' (object) or 'a painting in the style of {}' (style).",
     )
     preview_steps: int = setting(20, label="Preview quality", help="Denoising steps of each preview picture.", ge=1, le=1000, methods=DIFFUSION_METHODS)
+    score_checkpoints: ScoreWhen = setting(
+        "off", label="Score checkpoints",
+        help="Rate the saved checkpoints (Save every N steps, and the final one) by likeness to your pictures and editability, "
+        "from pictures drawn with the preview prompts, and recommend one. after: all of them once training ends; during: "
+        "each as it is saved; during-N: every Nth save (the final one is rated at the end).",
+    )
     scale_lr: bool | None = setting(
         None, label="Scale learning rate", help="Multiply the learning rate by batch size x accumulation, as diffusers' --scale_lr."
     )

@@ -1,7 +1,7 @@
 """Logging a training run to TensorBoard and Weights & Biases, through accelerate's trackers.
 
 The trackers follow the job's events, as the app and the command line do: each step's loss and
-learning rate, the previews, and any other figures a method reports (a `Figures` event). A
+learning rate, the learned vectors' norms, the previews and the checkpoints' scores. A
 tracker that cannot start or write (not installed, not logged in, a full disk) is given up with
 one line in the log; it never stops the run.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .events import Event, Figures, Preview, Progress, Reporter
+from .events import CheckpointScore, Event, Preview, Progress, Reporter, VectorNorms
 
 TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "both": ("tensorboard", "wandb"), "none": ()}
 LOG_FOLDER = "logs"  # TensorBoard's files, in the output folder: tensorboard --logdir OUTPUT/logs
@@ -49,15 +49,19 @@ class RunTrackers:
     def on_event(self, event: Event) -> None:
         if isinstance(event, Progress):
             self._each("log", {"loss": event.loss, "lr": event.lr}, event.step)
-        elif isinstance(event, Figures):
-            self._each("log", event.values, event.step)
+        elif isinstance(event, VectorNorms):
+            norms = {f"norm/{encoder}/{i}": value for encoder, values in event.norms.items() for i, value in enumerate(values)}
+            self._each("log", norms, event.step)
+        elif isinstance(event, CheckpointScore):
+            scores = {"checkpoint/image_similarity": event.image_similarity, "checkpoint/text_similarity": event.text_similarity}
+            self._each("log", scores, event.step)
         elif isinstance(event, Preview):
             import numpy as np
             from PIL import Image
 
             with Image.open(event.path) as picture:
                 pixels = np.asarray(picture.convert("RGB"))[None]
-            self._each("log_images", {"preview": pixels}, event.step)
+            self._each("log_images", {f"preview/{event.prompt}": pixels}, event.step)
 
     def _each(self, method: str, values: dict, step: int) -> None:
         for tracker in list(self.trackers):

@@ -204,6 +204,7 @@ def optimize(
         last_good_state = copy.deepcopy(optimizer.state_dict())
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
+        reporter.vectors_updated(vectors)
         if on_step is not None:
             on_step(step, optimizer)
     return LoopResult(step, False, last_loss), optimizer
@@ -247,6 +248,8 @@ class EmbeddingWriter:
         self.ema_decay = ema_decay
         self.ema = None  # the EMAModel, from the first step on
         self.outputs: dict[str, str] = {}
+        self.checkpoints: list[tuple[int, str]] = []  # (step, path) of each numbered copy
+        self.on_saved: Callable[[str, int], None] | None = None  # called with each numbered copy's path and step
         if self._writes:  # what a run killed mid-save left behind
             for leftover in self.output_dir.glob(".learned_embeds*.tmp"):
                 leftover.unlink(missing_ok=True)
@@ -275,6 +278,9 @@ class EmbeddingWriter:
             numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
             self.save(vectors, step, optimizer)
             self.reporter.log(f"saved {numbered.name}")
+            self.checkpoints.append((step, str(numbered)))
+            if self.on_saved is not None:
+                self.on_saved(str(numbered), step)
 
     @contextlib.contextmanager
     def averaged(self, vectors: torch.Tensor):

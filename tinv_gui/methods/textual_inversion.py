@@ -33,12 +33,12 @@ import torch.utils.checkpoint
 from PIL import ImageOps
 
 from ..data import (
-    TEMPLATES,
     TrainImage,
     describe_sizes,
     fill_template,
     picture_batches,
     training_prompts,
+    validation_prompts,
 )
 from ..device import Placement, release_freed_memory
 from ..embeddings import (
@@ -323,13 +323,13 @@ def train_diffusion(
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
+    previews = validation_prompts(settings.preview_prompts, settings.style)  # one column each, with a seed of its own
     encoded, preview_ids = [], []  # once per tokenizer: SDXL's two pad differently
     for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
         vocab_size = text_encoder.get_input_embeddings().num_embeddings
         placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
         encoded.append([encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts])
-        preview_ids.append(encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids))
+        preview_ids.append([encode_with_placeholder(tokenizer, fill_template(p, token), token, placeholder_ids) for p in previews])
     size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
@@ -343,11 +343,13 @@ def train_diffusion(
         release_freed_memory()
         done = reporter.steps_done
         writer.checkpoint(vectors, done, optimizer)
-        if settings.preview_every and done % settings.preview_every == 0:
-            path = writer.output_dir / f"preview-step{done:05d}.png"
-            with writer.averaged(vectors):  # the moving average, when the run keeps one
-                render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
-            reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
+        if settings.preview_every and done % settings.preview_every == 0:  # a row of the validation grid
+            for column, prompt in enumerate(previews):
+                path = writer.output_dir / f"preview-step{done:05d}-{column + 1}.png"
+                ids = [per_tokenizer[column] for per_tokenizer in preview_ids]
+                with writer.averaged(vectors):  # the moving average, when the run keeps one
+                    render_preview(pipe, placement, ids, size, settings.preview_steps, settings.seed + column, path)
+                reporter.emit(Preview(done, str(path), fill_template(prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
     optimizer = make_optimizer(vectors, loop, optimizer_state, start_step)
