@@ -76,7 +76,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Training: step").wait_for()  # the page follows the run as it goes
-    page.get_by_text("Done: step 1500 / 1500").wait_for()
+    page.get_by_text("Done: step 1500 / 1500").wait_for(timeout=600_000)  # then three checkpoints draw and are scored
     plot = page.locator("#loss-plot .vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
