@@ -241,7 +241,7 @@ class TrainTab:
                     y="score",
                     color="curve",
                     color_map=SCORE_COLOURS,
-                    title="Checkpoints: likeness against editability (0: the worst checkpoint, 1: the best)",
+                    title="Checkpoints: likeness and editability (scaled: 0 the worst, 1 the best)",
                     x_title="step",
                     y_title="scaled score",
                     height=260,
