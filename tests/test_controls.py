@@ -121,6 +121,15 @@ def test_diffusion_loss_weighs_each_sample_by_min_snr(store, square_pictures):
     assert weighted == pytest.approx(float((per_sample * expected).mean()), rel=1e-4)
 
 
+def test_min_snr_is_refused_for_an_objective_it_does_not_apply_to(store, square_pictures, monkeypatch):
+    from tinv_gui.objectives import NoiseSchedule
+
+    monkeypatch.setattr(NoiseSchedule, "takes_min_snr", False)  # as flow matching (SD 3, Flux) says
+    with pytest.raises(SettingsError, match="min_snr_gamma: min-SNR weighting is for noise- and v-predicting models .* leave it at 0"):
+        demo_diffusion_loss(store, square_pictures, min_snr_gamma=5.0)
+    demo_diffusion_loss(store, square_pictures, min_snr_gamma=0.0)  # off: nothing to refuse
+
+
 def test_noise_offset_reaches_the_targets(store, square_pictures):
     def channel_means(**options):
         _, _, _, target, _ = run_recorded(store, square_pictures, **options)
