@@ -121,6 +121,15 @@ def test_diffusion_loss_weighs_each_sample_by_min_snr(store, square_pictures):
     assert weighted == pytest.approx(float((per_sample * expected).mean()), rel=1e-4)
 
 
+def test_min_snr_is_refused_for_an_objective_it_does_not_apply_to(store, square_pictures, monkeypatch):
+    from tinv_gui.objectives import NoiseSchedule
+
+    monkeypatch.setattr(NoiseSchedule, "takes_min_snr", False)  # as flow matching (SD 3, Flux) says
+    with pytest.raises(SettingsError, match="min_snr_gamma: min-SNR weighting is for noise- and v-predicting models .* leave it at 0"):
+        demo_diffusion_loss(store, square_pictures, min_snr_gamma=5.0)
+    demo_diffusion_loss(store, square_pictures, min_snr_gamma=0.0)  # off: nothing to refuse
+
+
 def test_noise_offset_reaches_the_targets(store, square_pictures):
     def channel_means(**options):
         _, _, _, target, _ = run_recorded(store, square_pictures, **options)
@@ -299,3 +308,30 @@ def test_logging_to_a_tracker_that_is_not_installed_is_given_up_not_the_run(monk
     assert trackers.trackers == []
     assert "not logging to wandb" in events[0].message and "pip install wandb" in events[0].message
     trackers.on_event(Progress(1, 1, 0.5, 0.1, 0.0, None, "quick"))  # nothing to log to: no error
+
+
+def test_the_dataset_tab_keeps_uploaded_masks_beside_their_pictures_and_shows_them(tmp_path, monkeypatch):
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.workspace import Workspaces
+
+    monkeypatch.setattr(dataset, "MAX_SIDE", 100)  # the picture is downscaled on arrival: its mask must follow
+    ws = Workspaces(tmp_path / "visitors").get("visitor-m")
+    up = tmp_path / "uploads"
+    up.mkdir()
+    make_picture(3, (300, 200)).save(up / "photo.png")
+    mask = np.zeros((200, 300), np.uint8)
+    mask[:, 150:] = 255
+    Image.fromarray(mask).save(up / "photo.mask.png")
+    Image.fromarray(mask).save(up / "lonely.mask.png")
+    added = dataset.add_files(ws, [str(p) for p in sorted(up.iterdir())])
+    assert {p.name: p.problem for p in added if p.problem} == {"lonely.mask.png": "a mask without its picture: upload lonely.png (or .jpg...) with it"}
+    assert [p.name for p in dataset.list_pictures(ws) if not p.problem] == ["photo.png"]  # the mask is no picture of its own
+    kept = open_mask(ws.pictures / "photo.png")
+    assert kept.size == (150, 100) and kept.getpixel((10, 50)) == 0 and kept.getpixel((140, 50)) == 255
+    (image, label), (_, refused) = dataset.gallery_items(ws, size=150, buckets=True, resolution=64)
+    assert label.startswith("photo.png") and "masked" in label and refused.startswith("✗ lonely.mask.png")
+    plain = dataset.open_image(ws.pictures / "photo.png")
+    outside, inside = np.asarray(image.getpixel((60, 50))), np.asarray(image.getpixel((90, 50)))
+    darkened = 0.3 * np.asarray(plain.getpixel((60, 50))) + 0.7 * np.asarray(dataset.MASKED_OUT)
+    assert np.abs(outside - darkened).max() <= 2  # darkened where the mask leaves out
+    assert np.abs(inside - np.asarray(plain.getpixel((90, 50)))).max() <= 2  # as it is on the subject

@@ -182,9 +182,9 @@ class DiffusionLoss:
         self.placement = placement
         self.latents = latents
         self.schedule = self.family.objective(pipe.scheduler.config, placement.device)
-        if min_snr_gamma and not hasattr(self.schedule, "loss_weights"):
-            raise SettingsError("min_snr_gamma", f"min-SNR weighting is for noise- and v-predicting models; {self.family.title} trains by "
-                                "flow matching, where it does not apply: leave it at 0")
+        if min_snr_gamma and not self.schedule.takes_min_snr:
+            raise SettingsError("min_snr_gamma", f"min-SNR weighting is for noise- and v-predicting models (SD 1.x, 2.x, SDXL); {self.family.title} "
+                                f"predicts {self.schedule.prediction_type}, where it does not apply: leave it at 0")
         self.unmasked_weight = unmasked_weight
         self.noise_offset = noise_offset
         self.min_snr_gamma = min_snr_gamma
