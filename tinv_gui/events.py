@@ -103,6 +103,7 @@ class Reporter:
 
     def __init__(self, emit: Callable[[Event], None] | None = None, stop: threading.Event | None = None, total_steps: int = 0):
         self._emit = emit or (lambda event: None)
+        self._listeners: list[Callable[[Event], None]] = []
         self.stop_event = stop or threading.Event()
         self.total_steps = total_steps
         self.steps_done = 0
@@ -117,9 +118,15 @@ class Reporter:
 
     def emit(self, event: Event) -> None:
         self._emit(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Also hand every event from now on to `listener` (the run's trackers)."""
+        self._listeners.append(listener)
 
     def log(self, message: str) -> None:
-        self._emit(Log(message))
+        self.emit(Log(message))
 
     def should_stop(self) -> bool:
         if self.deadline is not None and not self.stop_event.is_set() and time.monotonic() > self.deadline:
@@ -153,5 +160,5 @@ class Reporter:
         timed = self.steps_done - self._steps_before_start
         eta = elapsed / timed * remaining if timed else None
         event = Progress(self.steps_done, self.total_steps, float(loss), float(lr), elapsed, eta, phase)
-        self._emit(event)
+        self.emit(event)
         return event

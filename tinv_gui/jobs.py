@@ -15,6 +15,7 @@ from .files import atomic_write_text
 from .methods import Loaded, method_named
 from .models import ModelLoadError, ModelStore
 from .settings import TrainSettings
+from .tracking import RunTrackers
 from .training import EmbeddingWriter
 
 
@@ -59,7 +60,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     family = store.family(settings.model)
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
-        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,
+        settings.ema_decay,
     )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
@@ -75,23 +77,33 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
         loaded.word_parts = _word_parts(settings, store)
-    norms = _watch_norms(loaded, family, reporter, store, settings.model)
+    norms = _watch_norms(loaded, family, reporter, store, settings.model) if process.is_main else None  # the vectors are the same in every process
     scorer = None
     if settings.score_checkpoints != "off" and process.is_main:
         from .checkpoint_scores import CheckpointScorer
 
         scorer = CheckpointScorer(settings, store, placement, reporter)
         writer.on_saved = scorer.saved
-    method.run(loaded, settings, reporter, writer)
-    outputs = dict(writer.outputs)
-    if scorer is not None and outputs.get("embedding"):
-        scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
-        if scorer.recommended is not None:
-            outputs["recommended"] = scorer.recommended.path
-            reporter.metrics["recommended_step"] = float(scorer.recommended.step)
+    trackers = RunTrackers.start(settings.log_with, settings.output_dir, settings.method, tracked_settings(settings), reporter)
+    reporter.listen(trackers.on_event)
+    try:
+        method.run(loaded, settings, reporter, writer)
+        outputs = dict(writer.outputs)
+        if scorer is not None and outputs.get("embedding"):
+            scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
+            if scorer.recommended is not None:
+                outputs["recommended"] = scorer.recommended.path
+                reporter.metrics["recommended_step"] = float(scorer.recommended.step)
+    finally:
+        trackers.finish()
     if outputs.get("embedding"):  # saved (by the main process)
         outputs["result"] = _write_run_result(settings, outputs, norms, scorer, reporter)
     return outputs
+
+
+def tracked_settings(settings: TrainSettings) -> dict:
+    """The settings a tracker records with the run (W&B's config): the plain values."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if isinstance(v, (str, int, float, bool))}
 
 
 def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, model: str):

@@ -26,6 +26,7 @@ Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosi
 Style = Literal["object", "style"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # device.PRECISIONS
 TrainEncoders = Literal["all", "clip", "t5"]  # Family.trained_encoders
+Tracker = Literal["tensorboard", "wandb", "both", "none"]  # tracking.TRACKERS
 ScoreWhen = Literal["off", "after", "during", "during-2", "during-5", "during-10"]  # checkpoint_scores.scored_saves
 SCHEDULES = get_args(Schedule)
 STYLES = get_args(Style)
@@ -146,6 +147,27 @@ class TrainSettings:
         "are concepts whose pictures count N times each, to weigh a small set against a larger one.",
     )
     gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", help="Uses much less memory, about a third slower.", methods=DIFFUSION_METHODS)
+    unmasked_weight: float = setting(
+        0.0, label="Weight outside the mask",
+        help="How much the parts of a picture outside its mask still count (a mask: the picture's transparency, or photo.mask.png "
+        "beside photo.png; white is the subject). 0: only the subject; 1: masks are ignored. QuickEmbedding blanks the rest to white as much.",
+        ge=0, le=1,
+    )
+    noise_offset: float = setting(
+        0.0, label="Noise offset", methods=DIFFUSION_METHODS, ge=0, le=1,
+        help="Adds a random brightness shift to the training noise (kohya's --noise_offset), so very dark or bright looks can be learned. "
+        "0.05 to 0.1 is usual; 0 turns it off.",
+    )
+    min_snr_gamma: float = setting(
+        0.0, label="Min-SNR gamma", methods=DIFFUSION_METHODS, ge=0, le=1000,
+        help="Min-SNR loss weighting: the many easy, nearly noise-free steps count less (kohya's --min_snr_gamma; 5 is usual). "
+        "0 turns it off. For noise- and v-predicting models (SD 1.x, 2.x, SDXL); SD 3 and Flux train by flow matching, where it does not apply.",
+    )
+    ema_decay: float = setting(
+        0.0, label="EMA decay", ge=0, lt=1,
+        help="Also keep an exponential moving average of the vectors (OneTrainer's EMA; 0.99 to 0.999 is usual), saved beside them "
+        "as learned_embeds.ema.safetensors and used for the previews. 0 turns it off.",
+    )
     quick_steps: int | None = setting(
         None, label="QuickEmbedding steps first", help="CLIP-space steps before the diffusion steps.", ge=1, le=MAX_STEPS,
         methods=("quick-then-ti",),
@@ -184,6 +206,11 @@ class TrainSettings:
     )
     clip_model_g: str | None = _clip_model_g(
         "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14.", methods=CLIP_METHODS
+    )
+    log_with: Tracker = setting(
+        "tensorboard", label="Log to",
+        help="Where the run's loss and learning rate (and previews) are logged besides the app: TensorBoard files in the output "
+        "folder's logs/ (tensorboard --logdir OUTPUT/logs), Weights & Biases (when installed and logged in), both, or none.",
     )
     device: str = _device()
     precision: Precision = _precision()
