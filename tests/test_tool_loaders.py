@@ -302,6 +302,8 @@ def test_comfyui_gives_each_sd3_and_flux_encoder_its_own_part_of_our_file(tmp_pa
     # OneTrainer's own file has no 't5xxl': ComfyUI's T5 takes the first tensor, CLIP-L's, and drops it for its width.
     save_file({"clip_l": FLUX.parts["clip_l"], "t5": FLUX.parts["t5"]}, tmp_path / "ot.safetensors")
     assert comfyui_load_embed(tmp_path, "ot", "t5xxl").shape[-1] == 768
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5xxl": FLUX.parts["t5"]}, tmp_path / "comfy.safetensors")  # T5's part under ComfyUI's key alone
+    assert torch.equal(read_embedding(tmp_path / "comfy.safetensors").parts["t5"], FLUX.parts["t5"])
 
 
 # ---- kohya sd-scripts ----------------------------------------------------------------------

@@ -391,6 +391,9 @@ def _interpret(data, metadata: dict[str, str], path: Path) -> EmbeddingFile:
     if bundled:
         return _interpret_bundle(data, bundled, path)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    for key, alias in COMFYUI_KEYS.items():  # a file made for ComfyUI alone may hold T5's part only as t5xxl
+        if alias in tensors:
+            tensors.setdefault(key, tensors.pop(alias))
     # A part per text encoder (OneTrainer's clip_l_out, t5_out, ... are output embeddings: not used).
     keys = tuple(key for key in ENCODER_KEYS if key in tensors)
     if keys in FAMILY_OF_KEYS:
