@@ -18,6 +18,7 @@ import gradio as gr
 from ..demo_model import ASSETS_DIR
 from ..engine import Engine, Job
 from ..models import DEFAULT_MODEL
+from .limits import VisitorLimits
 from .progress import RunView
 from .tab_dataset import DatasetTab
 from .tab_method import MethodTab
@@ -81,6 +82,8 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
         if self.shared:  # one visitor's job cannot hold the queue for ever
             self.engine.time_limit_s = float(os.environ.get("TINV_GUI_MAX_JOB_MINUTES", "60")) * 60
+        # ... nor with many generations, measurements or prompt searches (limits.py).
+        self.visitor_limits = VisitorLimits.from_env() if self.shared else None
         self.followers: dict[str, int] = {}  # job id -> pages following it now
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
         # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
@@ -92,6 +95,12 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         ws = self.workspaces.get(self.returning.get(session, session))
         ws.touch()
         return ws
+
+    def limited(self, handler):
+        """`handler` counted against its visitor's limits on a shared server; as is otherwise."""
+        if self.visitor_limits is None:
+            return handler
+        return self.visitor_limits.wrap(handler, lambda request: self.workspace(request).key)
 
     def welcome(self, stored_key: str | None, request: gr.Request) -> dict:
         """On page load: give the browser a lasting key (or take back the one it kept), and show

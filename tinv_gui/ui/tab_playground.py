@@ -16,6 +16,7 @@ from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset
 from .gpu import on_gpu
+from .limits import QUEUE
 from .options import whole_number
 from .progress import POLL_S, RunView
 from .workspace import Workspace, sanitize_filename, unique_path
@@ -263,22 +264,20 @@ class PlaygroundTab:
         )
         c["embedding"].focus(self.refresh_embeddings, c["embedding"], c["embedding"], api_name="embeddings")
         c["generate"].click(
-            on_gpu(self.generate),
+            self.limited(on_gpu(self.generate)),
             [c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")],
             [c["with"], c["without"], c["generate_status"]],
             api_name="generate",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 
         c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
-            on_gpu(self.measure),
+            self.limited(on_gpu(self.measure)),
             [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],
             c["scores"],
             api_name="measure",
             show_progress="hidden",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 
