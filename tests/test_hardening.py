@@ -528,7 +528,10 @@ def test_one_visitor_cannot_hold_the_queue_with_many_generations(shared_server):
         while sum(call.done() for call in burst) < 3:  # the calls past her limit are refused at once, not queued
             assert time.monotonic() < deadline, "a visitor's burst of calls waits in the queue instead of being refused"
             time.sleep(0.1)
-        bobs = bob.submit(**drawing)  # waits behind her one call only
+        bobs = bob.submit(**drawing)  # waits behind her one call only, and sees so
+        while not any("2 job(s) ahead of yours" in (shown[2] or "") for shown in bobs.outputs()):
+            assert time.monotonic() < deadline and not bobs.done(), bobs.outputs()
+            time.sleep(0.1)
     finally:
         release.set()
     assert bobs.result()[0]

@@ -170,8 +170,23 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         return page
 
 
+def resolve_library_names() -> None:
+    """Import the model libraries' classes that the page's threads and the engine's import on
+    first use, once, before visitors come. transformers resolves its names lazily, and not
+    safely across threads: two visitors starting a training at the same moment on a fresh server
+    got "cannot import name 'CLIPTokenizer' from 'transformers'" (benchmarks/load_test.py)."""
+    import diffusers
+    import transformers
+
+    for name in ("CLIPTokenizer", "T5TokenizerFast", "CLIPTextConfig", "T5Config", "CLIPModel", "CLIPTextModel",
+                 "CLIPTextModelWithProjection", "T5EncoderModel"):
+        getattr(transformers, name)
+    diffusers.DiffusionPipeline  # noqa: B018 - resolves diffusers' lazy name and the pipelines' imports
+
+
 def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
     """The page and the object behind it (kwargs go to TinvApp: engine, workspaces, hub)."""
+    resolve_library_names()
     app = TinvApp(**kwargs)
     page = app.build()
     page.queue(default_concurrency_limit=4)

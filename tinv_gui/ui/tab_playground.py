@@ -146,16 +146,29 @@ class PlaygroundTab:
             count=int(count), compare=bool(compare),
         )
         try:
-            final = self.engine.generate(settings).wait()
+            job = self.engine.generate(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None
+        try:  # behind others' jobs, the visitor sees their place in the queue, as training's do
+            shown = ""
+            while not job.done:
+                ahead = self.engine.position(job)
+                waiting = RunView.from_events([], ahead, self.engine.expected_wait(job)).summary() if ahead else ""
+                if waiting != shown:
+                    shown = waiting
+                    yield gr.skip(), gr.skip(), waiting
+                time.sleep(POLL_S)
+        finally:
+            if not job.done:  # the visitor left while waiting: their pictures are not drawn
+                job.cancel()
+        final = job.wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
 
         def pictures(name: str) -> list[Path] | None:
             return [ws.served(p) for k, p in final.outputs.items() if k.split("-")[0] == name] or None
 
-        return pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
+        yield pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
