@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .data import load_dataset
+from .data import describe_sizes, load_dataset
 from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
@@ -69,8 +69,9 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"Loading {settings.model}")
         loaded.pipe = store.pipeline(settings.model, placement)
         size = settings.resolution or family.native_resolution(loaded.pipe)
-        loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
-        reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
+        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats)
+        loaded.images = _own_share(pictures, process, settings, reporter)
+        reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
     method.run(loaded, settings, reporter, writer)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from .data import MAX_REPEATS
 from .methods import DIFFUSION_METHODS, METHOD_NAMES, METHODS, method_named
 from .schema import SettingsError, check_fields, setting
 
@@ -125,6 +126,16 @@ class TrainSettings:
     )
     flip: bool = setting(
         True, label="Mirror pictures", help="Also train on left-right mirrored pictures. Turn off for text or asymmetric things.", methods=DIFFUSION_METHODS
+    )
+    aspect_buckets: bool = setting(
+        True, label="Aspect-ratio buckets", flag="--buckets", methods=DIFFUSION_METHODS,
+        help="Train each picture at its own shape: scaled to fill the nearest of buckets of about resolution² pixels "
+        "(sides multiples of 64) and center-cropped by the rest. Off: every picture is cropped to its centered square.",
+    )
+    repeats: int = setting(
+        1, label="Repeats", ge=1, le=MAX_REPEATS, methods=DIFFUSION_METHODS,
+        help="How many times each picture of the folder counts per epoch. Subfolders named N_name (10_closeups) "
+        "are concepts whose pictures count N times each, to weigh a small set against a larger one.",
     )
     gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", help="Uses much less memory, about a third slower.", methods=DIFFUSION_METHODS)
     quick_steps: int | None = setting(

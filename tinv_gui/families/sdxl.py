@@ -46,8 +46,10 @@ class StableDiffusionXL(Family):
 
     def size_conditioning(self, images, size: int) -> torch.Tensor:
         """[pictures, 6] as its training computes them: the original (height, width), the crop's
-        (top, left) corner, the target (height, width)."""
-        return torch.tensor([[*(i.original_size or (size, size)), *i.crop_top_left, size, size] for i in images], dtype=torch.float32)
+        (top, left) corner, the target (height, width): the picture's square or bucket."""
+        return torch.tensor(
+            [[*(i.original_size or (size, size)), *i.crop_top_left, i.image.height, i.image.width] for i in images], dtype=torch.float32
+        )
 
     def predict(self, denoiser, noisy, timesteps, hidden, pooled, size_ids):
         dtype = denoiser.dtype

@@ -35,8 +35,9 @@ from PIL import ImageOps
 from ..data import (
     TEMPLATES,
     TrainImage,
+    describe_sizes,
     fill_template,
-    sample_indices,
+    picture_batches,
     training_prompts,
 )
 from ..device import Placement, release_freed_memory
@@ -69,28 +70,34 @@ if TYPE_CHECKING:  # settings import the method registry, which imports the meth
 @dataclass
 class LatentCache:
     """The VAE's latent distribution (mean and log-variance) of every picture, then of every
-    mirrored picture, computed once; `sample` draws scaled latents from it."""
+    mirrored picture, computed once; `sample` draws scaled latents from it. Pictures of different
+    buckets have latents of different shapes; a batch draws from one shape."""
 
-    moments: torch.Tensor  # [pictures * (2 if mirrored else 1), 2 * latent channels, h, w], float32
+    moments: list[torch.Tensor]  # per picture (then per mirror): [2 * latent channels, h, w], float32
     pictures: int
     scaling_factor: float
     shift_factor: float
 
     @property
     def mirrored(self) -> bool:
-        return self.moments.shape[0] > self.pictures
+        return len(self.moments) > self.pictures
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each picture's latent shape (its bucket)."""
+        return [tuple(m.shape) for m in self.moments[: self.pictures]]
 
     def sample(self, picked: list[int], mirror: list[bool], generator: torch.Generator) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        rows = [i + self.pictures if m else i for i, m in zip(picked, mirror)]
-        latents = DiagonalGaussianDistribution(self.moments[rows]).sample(generator)
+        rows = [self.moments[i + self.pictures if m else i] for i, m in zip(picked, mirror)]
+        latents = DiagonalGaussianDistribution(torch.stack(rows)).sample(generator)
         return (latents - self.shift_factor) * self.scaling_factor
 
 
 @torch.no_grad()
 def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror: bool) -> LatentCache:
-    """Run the VAE encoder once per picture (and per mirrored picture)."""
+    """Run the VAE encoder once per picture (and per mirrored picture), each at its own size."""
     pictures = [i.image for i in images]
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
@@ -103,12 +110,12 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
         for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
             pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
             with contextlib.nullcontext() if upcast else placement.autocast():
-                moments.append(vae.encode(pixels).latent_dist.parameters.float())
+                moments.append(vae.encode(pixels).latent_dist.parameters.float()[0])
     finally:
         if upcast:
             vae.to(torch.float16)
     return LatentCache(
-        torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        moments, len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
     )
 
 
@@ -117,7 +124,9 @@ class DiffusionLoss:
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
     each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
-    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's), if any.
+    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's),
+    if any; `repeats` how many times each picture is drawn per epoch (default once). A batch
+    holds pictures of one bucket (data.picture_batches).
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class DiffusionLoss:
         mirror: bool,
         seed: int,
         size_ids: torch.Tensor | None = None,
+        repeats: list[int] | None = None,
     ):
         self.family = family_of(pipe)
         self.denoiser = self.family.denoiser(pipe)
@@ -145,10 +155,11 @@ class DiffusionLoss:
         self.mirror = mirror and latents.mirrored
         self.rng = random.Random(seed)
         self.generator = torch.Generator(placement.device).manual_seed(seed)
+        self.batches = picture_batches(latents.shapes, repeats or [1] * latents.pictures, batch_size, self.rng)
 
     def __call__(self, _micro: int = 0) -> torch.Tensor:
         device = self.placement.device
-        picked = sample_indices(self.latents.pictures, self.batch_size, self.rng)
+        picked = next(self.batches)
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
         noise = torch.randn(latents.shape, generator=self.generator, device=device)
@@ -269,7 +280,7 @@ def train_diffusion(
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
-    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
+    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
@@ -282,7 +293,9 @@ def train_diffusion(
     size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
-    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids)
+    compute_loss = DiffusionLoss(
+        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids, [i.repeats for i in images]
+    )
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
 
     def on_step(_step: int, optimizer) -> None:
