@@ -186,7 +186,6 @@ def resolve_library_names() -> None:
 
 def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
     """The page and the object behind it (kwargs go to TinvApp: engine, workspaces, hub)."""
-    resolve_library_names()
     app = TinvApp(**kwargs)
     page = app.build()
     page.queue(default_concurrency_limit=4)
@@ -196,6 +195,7 @@ def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
 def launch(**launch_kwargs):
     """Build and serve the page; GRADIO_SERVER_PORT and GRADIO_SERVER_NAME are honoured."""
     page, _app = build_app()
+    resolve_library_names()
     return page.launch(
         theme=gr.themes.Soft(primary_hue="indigo"),
         css=CSS,
