@@ -4,6 +4,7 @@
 import random
 from collections import Counter
 
+import numpy as np
 import pytest
 from conftest import make_picture
 
@@ -105,3 +106,36 @@ def bucketed_run(store, tmp_path_factory):
 def test_a_two_to_one_picture_trains_at_two_to_one_and_repeats_weigh_it(bucketed_run):
     # The demo VAE halves each side: the 2:1 picture's bucket is 112x56 px, its latents 56 wide, 28 high.
     assert Counter(bucketed_run) == {(1, 4, 28, 56): 2, (1, 4, 40, 40): 1}  # one epoch: 2 draws of the 2_ folder's, 1 of the square
+
+
+def test_the_crop_the_dataset_tab_shows_is_the_crop_trained(tmp_path):
+    from PIL import Image
+
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.workspace import Workspaces
+
+    ws = Workspaces(tmp_path / "visitors").get("visitor")
+    make_picture(3, (240, 80)).save(tmp_path / "banner.png")  # 3:1: its nearest bucket at 80 px is 128x48 (8:3), narrower
+    dataset.add_files(ws, [str(tmp_path / "banner.png")])
+    ((preview, label),) = dataset.gallery_items(ws, size=240, buckets=True, resolution=80)
+    (trained,) = load_dataset(ws.pictures, 80, buckets=True)
+    assert label.startswith("banner.png → 128x48 ") and trained.image.size == (128, 48)
+
+    def framed(picture):
+        """(left, right, top, bottom) of the frame drawn in a preview: where training's crop lies."""
+        frame = np.all(np.asarray(picture) == dataset.FRAME, axis=2)
+        down, across = frame.sum(axis=0), frame.sum(axis=1)  # the frame's sides are its longest runs
+        columns, rows = np.flatnonzero(down >= 0.9 * down.max()), np.flatnonzero(across >= 0.9 * across.max())
+        return columns[0], columns[-1] + 1, rows[0], rows[-1] + 1
+
+    shown = np.asarray(preview).astype(int)
+    left, right, top, bottom = framed(preview)
+    assert (left, right, top, bottom) == (13, 227, 0, 80)  # 240x80 scaled by 0.6 is 144x48: 8 px of it cut each side
+    original = Image.open(ws.pictures / "banner.png").convert("RGB")
+    inside, outside = shown[2:-2, left + 2 : right - 2], shown[:, : left - 1]
+    assert np.abs(inside - np.asarray(original)[2:-2, left + 2 : right - 2]).max() <= 1  # kept: as it is
+    assert np.abs(outside - np.asarray(original)[:, : left - 1]).mean() > 20  # cut: faded
+    cropped = np.asarray(original.resize((128, 48), Image.Resampling.BICUBIC, box=(left, top, right, bottom)), dtype=float)
+    assert np.abs(cropped - np.asarray(trained.image, dtype=float)).mean() < 3
+    ((square, square_label),) = dataset.gallery_items(ws, size=240, buckets=False, resolution=80)
+    assert square_label.startswith("banner.png → 80x80 ") and framed(square) == (80, 160, 0, 80)

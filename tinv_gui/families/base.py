@@ -46,6 +46,8 @@ class Family:
     def tokenizers(self, pipe) -> list:
         return [getattr(pipe, name) for name in self.tokenizer_attributes]
 
+    usual_resolution: int = 512  # its models' usual native resolution, before one is loaded to tell (the Dataset tab's crops)
+
     def native_resolution(self, pipe) -> int:
         """The picture size the model was trained at."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

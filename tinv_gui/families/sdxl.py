@@ -23,6 +23,7 @@ class StableDiffusionXL(Family):
         1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
     }
     demo_model = "demo-sdxl"
+    usual_resolution = 1024
 
     def pipeline_kwargs(self, dtype: torch.dtype) -> dict:
         return dict(dtype=dtype, add_watermarker=False)  # it has no safety checker; a watermark is the user's choice

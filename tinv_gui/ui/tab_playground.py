@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from ..data import open_image
-from ..embeddings import mentions, save_embedding
-from ..formats import SDXL_KEYS, read_embedding, read_embeddings, write_embedding
+from ..embeddings import mentions
+from ..formats import read_embedding, read_embeddings, write_embedding
 from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset
@@ -82,13 +81,12 @@ class PlaygroundTab:
         lines, target = [], None
         for embedding in embeddings:
             target = unique_path(ws.embeddings, sanitize_filename(embedding.token, "embedding") + ".safetensors")
-            vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
             origin = " + ".join(Path(f).name for f in files) if embedding.layout == "diffusers-sdxl" else embedding.path.name
-            meta = {**embedding.metadata, "loaded_from": origin}
-            save_embedding(target, embedding.token, vectors, meta, embedding.widths, SDXL_KEYS if embedding.is_sdxl else ())
-            widths = " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
+            embedding.metadata["loaded_from"] = origin
+            write_embedding(embedding, target, "diffusers", one_file=True)
+            widths = " + ".join(str(w) for w in embedding.widths)  # one per text encoder
             lines.append(
-                f"Loaded `{embedding.token}` from {origin} ({embedding.vectors.shape[0]} vector(s) of width{'s' if embedding.is_sdxl else ''} "
+                f"Loaded `{embedding.token}` from {origin} ({embedding.count} vector(s) of width{'s' if embedding.keys else ''} "
                 f"{widths}). Type `{embedding.token}` in your prompt."
             )
         choices = self.embedding_choices(ws)
