@@ -1,6 +1,6 @@
 """Training pictures: reading them safely, making them RGB, cropping them to a square or to
-their aspect-ratio bucket, captions, concept folders with their repeats, prompt templates, and
-the order a run draws them in."""
+their aspect-ratio bucket, their masks and captions, concept folders with their repeats, prompt
+templates, and the order a run draws them in."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: white where the subject is
 # Refuse before decoding anything claiming more pixels than this: a "decompression bomb" is a
 # small file that would expand to gigabytes in memory.
 MAX_PIXELS = 40_000_000
@@ -97,6 +98,9 @@ class TrainImage:
     original_size: tuple[int, int] | None = None
     crop_top_left: tuple[int, int] = (0, 0)
     repeats: int = 1
+    # Where the subject is ("L", the image's size and crop; 255 the subject, 0 the rest), from the
+    # picture's transparency or its mask file; None: the whole picture counts.
+    mask: Image.Image | None = None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -166,20 +170,16 @@ def fit_to(image: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, tu
     return image.resize(target, Image.Resampling.BICUBIC, box=box), (round(box[1] * scale), round(box[0] * scale))
 
 
-def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
-    """Open a picture safely: header checked before decoding, EXIF orientation applied, RGB.
-
-    Raises ImageError naming the file for anything that is not a usable picture.
-    """
-    path = Path(path)
+def _decode(path: Path) -> Image.Image:
+    """Decode a picture file safely (header checked before decoding, EXIF orientation applied),
+    in its own mode. Raises ImageError naming the file for anything that is not a usable picture."""
     try:
         with Image.open(path) as probe:
             width, height = probe.size
             if width * height > MAX_PIXELS:
                 raise ImageError(path, f"claims {width}x{height} pixels, more than the {MAX_PIXELS // 1_000_000} megapixels allowed; scale it down first")
             probe.load()
-            image = ImageOps.exif_transpose(probe)
-            image = to_rgb(image)
+            return ImageOps.exif_transpose(probe)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -190,9 +190,52 @@ def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
         raise ImageError(path, "too many pixels (a possible decompression bomb); scale it down first") from None
     except Exception as error:  # noqa: BLE001 - any failure decoding untrusted bytes means a damaged file
         raise ImageError(path, f"damaged or truncated picture ({type(error).__name__}: {error})") from None
+
+
+def open_image(path: str | Path, min_side: int = 0) -> Image.Image:
+    """Open a picture safely: header checked before decoding, EXIF orientation applied, RGB.
+
+    Raises ImageError naming the file for anything that is not a usable picture.
+    """
+    path = Path(path)
+    image = _decode(path)
+    try:
+        image = to_rgb(image)
+    except Exception as error:  # noqa: BLE001 - a mode Pillow cannot convert means a damaged file
+        raise ImageError(path, f"damaged or truncated picture ({type(error).__name__}: {error})") from None
     if min(image.size) < min_side:
         raise ImageError(path, f"is {image.size[0]}x{image.size[1]}; pictures need at least {min_side} pixels on the shorter side")
     return image
+
+
+def mask_path(path: str | Path) -> Path:
+    """Where a picture's mask file lives: photo.mask.png beside photo.jpg."""
+    path = Path(path)
+    return path.with_name(path.stem + MASK_SUFFIX)
+
+
+def open_mask(path: str | Path) -> Image.Image | None:
+    """The picture's mask ("L", the picture's size, 255 where the subject is): its mask file
+    (photo.mask.png; its brightness), else its transparency (alpha channel); None when it has
+    neither, or a mask that keeps everything. Raises ImageError for a mask that does not fit."""
+    path = Path(path)
+    sidecar = mask_path(path)
+    if sidecar.is_file():
+        mask = _decode(sidecar).convert("L")
+        size = _decode(path).size
+        if mask.size != size:
+            raise ImageError(sidecar, f"is {mask.size[0]}x{mask.size[1]} but {path.name} is {size[0]}x{size[1]}; a mask must be the size of its picture")
+    else:
+        image = _decode(path)
+        if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+            return None
+        mask = image.convert("RGBA").getchannel("A")
+    return None if mask.getextrema() == (255, 255) else mask
+
+
+def is_picture_name(name: str) -> bool:
+    """A picture's file name (a mask file, photo.mask.png, is not a picture of its own)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
 
 
 def concept_repeats(folder: Path) -> int | None:
@@ -207,7 +250,7 @@ def concept_repeats(folder: Path) -> int | None:
 
 
 def _pictures_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.iterdir() if is_picture_name(p.name) and p.is_file())
 
 
 def find_pictures(source: str | Path | list, repeats: int = 1) -> list[tuple[Path, int]]:
@@ -253,7 +296,8 @@ def read_caption(path: Path) -> str | None:
 def load_dataset(source, size: int, min_side: int | None = None, buckets: bool = False, repeats: int = 1) -> list[TrainImage]:
     """Load every picture of `source` (find_pictures) as an RGB image, with its caption and repeats:
     the centered square of `size` pixels, or with `buckets` the picture scaled to fill its nearest
-    aspect-ratio bucket (about size² pixels) and center-cropped by the remainder.
+    aspect-ratio bucket (about size² pixels) and center-cropped by the remainder; its mask (if
+    any) cut the same way.
 
     `min_side` defaults to half the working size: a smaller picture would be blown up into blur.
     Raises ImageError for the first picture that cannot be used.
@@ -262,8 +306,12 @@ def load_dataset(source, size: int, min_side: int | None = None, buckets: bool =
     images = []
     for path, times in find_pictures(source, repeats):
         picture = open_image(path, min_side)
-        cropped, corner = fit_to(picture, training_size(picture.width, picture.height, size, buckets))
-        images.append(TrainImage(str(path), cropped, read_caption(path), (picture.height, picture.width), corner, times))
+        target = training_size(picture.width, picture.height, size, buckets)
+        cropped, corner = fit_to(picture, target)
+        mask = open_mask(path)
+        images.append(TrainImage(
+            str(path), cropped, read_caption(path), (picture.height, picture.width), corner, times, None if mask is None else fit_to(mask, target)[0]
+        ))
     return images
 
 
@@ -278,6 +326,12 @@ def describe_sizes(images: list[TrainImage]) -> str:
 def fill_template(template: str, placeholder: str) -> str:
     """Put the placeholder into a template ('a photo of a {}')."""
     return template.replace("{}", placeholder)
+
+
+def validation_prompts(prompts: list[str] | None, style: str) -> list[str]:
+    """The prompts previews draw and checkpoints are scored with ({} for the word): the user's,
+    else the first training template of the style."""
+    return [p for p in (prompts or []) if p.strip()] or [TEMPLATES[style][0]]
 
 
 def caption_prompt(caption: str, placeholder: str, style: str) -> str:

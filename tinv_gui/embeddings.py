@@ -136,6 +136,21 @@ def extended_vocabularies(text_encoders: list, extra: torch.Tensor):
         yield sizes
 
 
+@contextlib.contextmanager
+def plain_vocabularies(text_encoders: list):
+    """Within the block, text encoders a running training has extended (extended_vocabulary) use
+    their own token table again, so that diffusers can load an embedding file into them (it
+    resizes the table); the extension is put back afterwards."""
+    extended = [(te, te.get_input_embeddings()) for te in text_encoders if isinstance(te.get_input_embeddings(), ExtendedTokenEmbedding)]
+    for text_encoder, extension in extended:
+        text_encoder.set_input_embeddings(extension.base)
+    try:
+        yield
+    finally:
+        for text_encoder, extension in extended:
+            text_encoder.set_input_embeddings(extension)
+
+
 def encode_with_placeholder(tokenizer, prompt: str, placeholder: str, placeholder_ids: list[int], max_length: int = 77) -> list[int]:
     """Token ids of `prompt` with every `placeholder` replaced by `placeholder_ids`, framed by the
     start and end markers and cut to `max_length` (keeping the end marker)."""
