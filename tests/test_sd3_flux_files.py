@@ -116,3 +116,18 @@ def test_a_file_for_one_family_is_refused_by_the_other(tmp_path, store):
     flux_file = write_embedding(formats.EmbeddingFile("<f>", {"clip_l": torch.zeros(1, 32), "t5": torch.zeros(1, 128)}), tmp_path / "f.safetensors", "onetrainer")
     with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 128 \(Flux.1\); the chosen model has text widths 32 \+ 64 \+ 128 \(Stable Diffusion 3\)"):
         generate(store.pipeline("demo-sd3"), prompt="f", embeddings=[flux_file], steps=1, size=(64, 64))
+
+
+def test_cli_generates_with_and_without_a_flux_embedding_as_the_playground_does(tmp_path, store):
+    """The CLI's generate and the Playground run the same generation job (jobs.run_generation)."""
+    from PIL import Image
+
+    from tinv_gui import cli
+
+    family, widths = FAMILIES["demo-flux"]
+    file = write_embedding(formats.EmbeddingFile.from_joined("x", joined_vectors(widths) * 3, widths, family.embedding_keys), tmp_path / "my-cat.safetensors", "onetrainer")
+    out = tmp_path / "cat.png"
+    assert cli.main(["generate", "--model", "demo-flux", "--embedding", str(file), "--prompt", "a photo of my-cat", "--compare",
+                     "--strength", "0.7", "--steps", "1", "--size", "64x64", "--guidance", "3.5", "--output", str(out)]) == 0
+    with_word, without = (np.asarray(Image.open(path)) for path in (out, tmp_path / "cat-without.png"))
+    assert with_word.shape == (64, 64, 3) and not np.array_equal(with_word, without)
