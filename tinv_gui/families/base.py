@@ -65,9 +65,9 @@ class Family:
             raise SettingsError("train_encoders", f"{self.title} has no T5 text encoder, only CLIP ones: choose 'all'")
         return tuple(choice == "all" or (t5 if choice == "t5" else not t5) for t5 in is_t5)
 
-    def check_generation(self, negative: str | None, custom_sampler: bool, with_embeddings: bool) -> None:
+    def check_generation(self, negative: str | None, custom_sampler: bool, with_prompt_file: bool) -> None:
         """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
-        other than the model's own, embeddings or prompt files)."""
+        other than the model's own, a prompt_embeds file instead of a prompt)."""
 
     def vae_needs_upcast(self, vae) -> bool:
         """Whether its VAE must run in float32 where its weights are float16."""
