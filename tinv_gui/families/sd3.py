@@ -25,11 +25,11 @@ def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_prompt_f
 
 class TransformerFamily(Family):
     """What SD 3.x and Flux.1 share: a transformer as the denoiser, told in a single file by one
-    tensor of its first block, CLIP text encoders beside a T5, flow matching, drawing from plain
-    prompts only."""
+    tensor of its first block, CLIP text encoders beside a T5, flow matching, drawing with the
+    model's own scheduler from a prompt."""
 
     checkpoint_tensor = ""
-    evaluates = False  # evaluation draws with embeddings, and prompt search knows CLIP-only conditioning: later
+    evaluates = False  # evaluation and prompt search do not handle T5's part yet
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
 
     def matches_checkpoint(self, keys):
