@@ -96,6 +96,7 @@ def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_cha
     assert {p.name for p in out.iterdir()} == {
         "learned_embeds.safetensors", "learned_embeds.optimizer.safetensors",
         "learned_embeds-step00002.safetensors", "learned_embeds-step00002.optimizer.safetensors", "result.json",
+        "logs",  # TensorBoard's files (--log-with tensorboard, the default)
     }
     assert read_metadata(out / "learned_embeds.safetensors")["steps"] == "3"
     assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
