@@ -76,7 +76,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-    norms = _watch_norms(loaded, family, reporter)
+    norms = _watch_norms(loaded, family, reporter) if process.is_main else None  # the vectors are the same in every process
     scorer = None
     if settings.score_checkpoints != "off" and process.is_main:
         from .checkpoint_scores import CheckpointScorer

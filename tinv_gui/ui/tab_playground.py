@@ -15,6 +15,7 @@ from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset
 from .gpu import on_gpu
+from .limits import QUEUE
 from .options import whole_number
 from .progress import POLL_S, RunView
 from .workspace import Workspace, sanitize_filename, unique_path
@@ -143,16 +144,29 @@ class PlaygroundTab:
             count=int(count), compare=bool(compare),
         )
         try:
-            final = self.engine.generate(settings).wait()
+            job = self.engine.generate(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None
+        try:  # behind others' jobs, the visitor sees their place in the queue, as training's do
+            shown = ""
+            while not job.done:
+                ahead = self.engine.position(job)
+                waiting = RunView.from_events([], ahead, self.engine.expected_wait(job)).summary() if ahead else ""
+                if waiting != shown:
+                    shown = waiting
+                    yield gr.skip(), gr.skip(), waiting
+                time.sleep(POLL_S)
+        finally:
+            if not job.done:  # the visitor left while waiting: their pictures are not drawn
+                job.cancel()
+        final = job.wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
 
         def pictures(name: str) -> list[Path] | None:
             return [ws.served(p) for k, p in final.outputs.items() if k.split("-")[0] == name] or None
 
-        return pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
+        yield pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
@@ -261,22 +275,20 @@ class PlaygroundTab:
         )
         c["embedding"].focus(self.refresh_embeddings, c["embedding"], c["embedding"], api_name="embeddings")
         c["generate"].click(
-            on_gpu(self.generate),
+            self.limited(on_gpu(self.generate)),
             [c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")],
             [c["with"], c["without"], c["generate_status"]],
             api_name="generate",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 
         c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
-            on_gpu(self.measure),
+            self.limited(on_gpu(self.measure)),
             [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],
             c["scores"],
             api_name="measure",
             show_progress="hidden",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 

@@ -20,6 +20,7 @@ from ..jobs import EXPORTS
 from ..methods import method_with_label
 from ..models import ModelLoadError
 from ..settings import SettingsError, TrainSettings
+from ..vector_norms import tokens_used_text
 from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .options import settings_from_form
@@ -165,6 +166,8 @@ class TrainTab:
         embedding = view.outputs.get("embedding")
         files = self.download_files(ws, view.outputs) if view.done and embedding else []
         legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
+        if files and view.metrics.get("prompt_tokens"):
+            legend += f"\n\nIn a prompt, {tokens_used_text(int(view.metrics['prompt_tokens']))}."
         return {
             c["progress"]: view.progress_html(),
             c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
@@ -181,7 +184,7 @@ class TrainTab:
             c["score_plot"]: gr.update(value=view.score_frame(), visible=bool(view.scores)),
             c["score_text"]: score_text(view.scores),
             c["try_it"]: gr.update(interactive=bool(files)),
-            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(ws.inside(embedding).relative_to(ws.root))) if files else gr.update(),
         }
 
     def stop_training(self, request: gr.Request) -> str:
@@ -213,6 +216,7 @@ class TrainTab:
                     y_title="loss",
                     height=320,
                     scale=2,
+                    elem_id="loss-plot",
                 )
                 c["previews"] = gr.Gallery(
                     label="Previews: a row per preview step, a column per prompt (each with its own fixed seed)", columns=3, height=320, scale=1, visible=False
@@ -237,7 +241,7 @@ class TrainTab:
                     y="score",
                     color="curve",
                     color_map=SCORE_COLOURS,
-                    title="Checkpoints: likeness against editability (0: the worst checkpoint, 1: the best)",
+                    title="Checkpoints: likeness and editability (scaled: 0 the worst, 1 the best)",
                     x_title="step",
                     y_title="scaled score",
                     height=260,
