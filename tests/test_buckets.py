@@ -91,7 +91,7 @@ def bucketed_run(store, tmp_path_factory):
     make_picture(1, (96, 96)).save(folder / "square.png")
     settings = TrainSettings(
         images=str(folder), token="<bkt>", method="textual-inversion", output_dir=str(tmp_path_factory.mktemp("out")),
-        steps=3, batch_size=1, grad_accum=1, resolution=80,
+        steps=3, batch_size=1, grad_accum=1, resolution=80, log_with="none",
     ).resolved()
     pipe = store.pipeline("demo", choose_placement("auto", "auto"))  # the pipeline run_training uses
     seen = []

@@ -107,3 +107,22 @@ def test_the_norm_curve_and_the_prompt_room_are_in_the_result(scored_run, store)
     frame = view.norm_frame()
     assert set(frame["curve"]) == {"vector 1", "ordinary words (low)", "ordinary words (high)"}
     assert len(view.score_frame()) == 2 * 3  # likeness and editability at each scored step
+
+
+def test_scoring_that_fails_is_given_up_with_a_warning_not_the_run(tmp_path):
+    from tinv_gui.checkpoint_scores import CheckpointScorer
+    from tinv_gui.models import ModelLoadError
+
+    class Offline:
+        def pipeline(self, *args):
+            raise ModelLoadError("openai/clip-vit-large-patch14 is not in the cache and the Hub cannot be reached")
+
+    events = []
+    settings = TrainSettings(images=str(tmp_path), token=TOKEN, save_every=1, score_checkpoints="during")
+    scorer = CheckpointScorer(settings, Offline(), None, Reporter(events.append, total_steps=2))
+    scorer.saved(str(tmp_path / "learned_embeds-step00001.safetensors"), 1)
+    scorer.saved(str(tmp_path / "learned_embeds-step00002.safetensors"), 2)
+    scorer.finish([(1, "a"), (2, "b")], str(tmp_path / "learned_embeds.safetensors"), 2)
+    warnings = [e.message for e in events if isinstance(e, Log) and e.message.startswith("warning")]
+    assert len(warnings) == 1 and "cannot be scored: openai/clip-vit-large-patch14 is not in the cache" in warnings[0]
+    assert scorer.recommended is None and scorer.summary()["recommended"] is None

@@ -36,6 +36,9 @@ SD1 = EmbeddingFile("<my-cat>", torch.randn(3, 768, generator=torch.Generator().
 SDXL = EmbeddingFile("<my-cat>", {
     "clip_l": torch.randn(2, 768, generator=torch.Generator().manual_seed(1)), "clip_g": torch.randn(2, 1280, generator=torch.Generator().manual_seed(2)),
 })
+SD3 = EmbeddingFile("<my-cat>", {key: torch.randn(2, width, generator=torch.Generator().manual_seed(3 + i))
+                                 for i, (key, width) in enumerate((("clip_l", 768), ("clip_g", 1280), ("t5", 4096)))})
+FLUX = EmbeddingFile("<my-cat>", {"clip_l": SD3.parts["clip_l"], "t5": SD3.parts["t5"]})
 # Every file the app offers: (format, file name).
 OFFERED = [
     ("diffusers", "learned_embeds.safetensors"),
@@ -280,6 +283,29 @@ def test_comfyui_key_lookup_finds_our_vectors_under_the_name_we_show(tmp_path, f
             assert torch.equal(comfyui_load_embed(path.parent, typed, "clip_g"), embedding.parts["clip_g"])
 
 
+# ComfyUI's text encoders for SD 3.x and Flux.1 (comfy/text_encoders/sd3_clip.py, flux.py): an
+# SDTokenizer per encoder, each calling load_embed with its embedding_key and width: clip_l 768,
+# clip_g 1280, and T5-XXL's 't5xxl' 4096; a tensor of another width is dropped with a warning
+# (sd1_clip.py set_up_textual_embeddings: "shape mismatch ... embedding will be ignored").
+COMFYUI_ENCODERS = (("clip_l", "clip_l", 768), ("clip_g", "clip_g", 1280), ("t5", "t5xxl", 4096))
+
+
+def test_comfyui_gives_each_sd3_and_flux_encoder_its_own_part_of_our_file(tmp_path):
+    for embedding in (SD3, FLUX):
+        path = write(tmp_path / "-".join(embedding.keys), embedding, "onetrainer", "my-cat.safetensors")
+        typed = read_embedding(path).token
+        assert typed == "my-cat"  # `embedding:my-cat`
+        for key, comfy_key, width in COMFYUI_ENCODERS:
+            if key in embedding.parts:
+                found = comfyui_load_embed(path.parent, typed, comfy_key)
+                assert found.shape[-1] == width and torch.equal(found, embedding.parts[key]), key
+    # OneTrainer's own file has no 't5xxl': ComfyUI's T5 takes the first tensor, CLIP-L's, and drops it for its width.
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5": FLUX.parts["t5"]}, tmp_path / "ot.safetensors")
+    assert comfyui_load_embed(tmp_path, "ot", "t5xxl").shape[-1] == 768
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5xxl": FLUX.parts["t5"]}, tmp_path / "comfy.safetensors")  # T5's part under ComfyUI's key alone
+    assert torch.equal(read_embedding(tmp_path / "comfy.safetensors").parts["t5"], FLUX.parts["t5"])
+
+
 # ---- kohya sd-scripts ----------------------------------------------------------------------
 
 
@@ -376,6 +402,37 @@ def test_onetrainer_reads_emp_params_and_clip_l_clip_g_from_our_file(tmp_path):
     assert torch.equal(state.get("emp_params_out", state["emp_params"]), SD1.vectors)
     state = load_file(str(write(tmp_path / "xl", SDXL, "onetrainer", "my-cat.safetensors")))
     assert set(state) == {"clip_l", "clip_g"} and torch.equal(state["clip_g"], SDXL.parts["clip_g"])
+
+
+def test_onetrainer_reads_each_encoders_part_of_our_sd3_and_flux_files(tmp_path):
+    """BaseStableDiffusion3Setup / BaseFluxSetup: per encoder, state.get(key + "_out", state.get(key))."""
+    for embedding in (SD3, FLUX):
+        state = load_file(str(write(tmp_path / "-".join(embedding.keys), embedding, "onetrainer", "my-cat.safetensors")))
+        assert set(embedding.keys) <= set(state) and not any(key.endswith("_out") for key in state)
+        for key in embedding.keys:
+            assert torch.equal(state.get(key + "_out", state.get(key)), embedding.parts[key]), key
+    # Files OneTrainer wrote, with output embeddings beside the input vectors: the input vectors are read.
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5": FLUX.parts["t5"], "clip_l_out": torch.randn(2, 768), "t5_out": torch.randn(2, 4096)},
+              tmp_path / "otflux.safetensors")
+    back = read_embedding(tmp_path / "otflux.safetensors")
+    assert (back.token, back.keys, back.layout) == ("otflux", ("clip_l", "t5"), "flux")
+    assert torch.equal(back.parts["t5"], FLUX.parts["t5"])
+    save_file(dict(SD3.parts), tmp_path / "otsd3.safetensors")
+    assert read_embedding(tmp_path / "otsd3.safetensors").widths == (768, 1280, 4096)
+    save_file({"clip_g": SD3.parts["clip_g"], "t5": SD3.parts["t5"]}, tmp_path / "not-all.safetensors")
+    with pytest.raises(EmbeddingFormatError, match="holds clip_g and t5 without clip_l: an embedding for Stable Diffusion 3 holds clip_l, clip_g, t5"):
+        read_embedding(tmp_path / "not-all.safetensors")
+
+
+def test_tools_without_sd3_and_flux_embeddings_are_not_offered_them(tmp_path):
+    """A1111/Forge, kohya sd-scripts and InvokeAI load no embedding with a T5 part."""
+    for fmt, name in OFFERED:
+        if fmt in ("diffusers", "onetrainer"):
+            assert read_embedding(write(tmp_path, FLUX, fmt, name)).keys == ("clip_l", "t5")
+        else:
+            with pytest.raises(EmbeddingFormatError, match=r"have no Flux.1 embeddings.*Write it as diffusers or onetrainer"):
+                write(tmp_path, FLUX, fmt, name)
+            assert not (tmp_path / fmt / name).exists()
 
 
 def test_onetrainer_files_in_the_wild(tmp_path):

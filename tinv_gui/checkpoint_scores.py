@@ -66,6 +66,7 @@ class CheckpointScorer:
         self.prompts = [fill_template(p, self.token) for p in validation_prompts(settings.preview_prompts, settings.style)]
         self.scores: list[CheckpointScore] = []
         self._saves = 0
+        self.failed = False  # scoring was given up (score says why)
         self._loaded = None
 
     def saved(self, path: str, step: int) -> None:
@@ -86,12 +87,26 @@ class CheckpointScorer:
         for step, path in sorted(wanted.items()):
             if step not in scored and not self.reporter.should_stop():
                 self.score(path, step)
-        for line in self.table().splitlines():
-            self.reporter.log(line)
+        if self.scores:
+            for line in self.table().splitlines():
+                self.reporter.log(line)
 
-    def score(self, path: str, step: int) -> CheckpointScore:
+    def score(self, path: str, step: int) -> CheckpointScore | None:
         """Draw the validation prompts with the checkpoint `path`, score the pictures, and send
-        the scores as an event."""
+        the scores as an event. Scoring that fails (a CLIP model that cannot be loaded, say) is
+        given up with a warning, never the run: None."""
+        if self.failed:
+            return None
+        try:
+            return self._score(path, step)
+        except Exception as error:  # noqa: BLE001 - the scores are a help; the embedding is what the run is for
+            from .engine import explain_failure
+
+            self.failed = True
+            self.reporter.log(f"warning: the checkpoints cannot be scored: {explain_failure(error).rstrip('.')}. Training goes on without scores.")
+            return None
+
+    def _score(self, path: str, step: int) -> CheckpointScore:
         pipe, clip, reference = self._load()
         likeness, editability = [], []
         size = self.settings.resolution or self.store.family(self.settings.model).native_resolution(pipe)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from pathlib import Path
 
 import torch
@@ -211,7 +212,8 @@ def load_into_pipeline(pipe, token: str, vectors: torch.Tensor | dict[str, torch
     encoders = text_encoders(pipe)
     for part, tokenizer, text_encoder in zip(embedding.parts.values(), tokenizers(pipe), encoders):
         try:
-            pipe.load_textual_inversion(
+            _keep_rows_past_the_tokenizer(text_encoder, tokenizer)
+            _loader(pipe).load_textual_inversion(
                 (part.float() * scale).to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
             )
         except BaseException:
@@ -230,10 +232,55 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
     for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
         if names[0] not in tokenizer.get_vocab():
             continue
-        pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _loader(pipe).unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _restore_rows_past_the_tokenizer(text_encoder, tokenizer)
         table = text_encoder.get_input_embeddings()
         table.requires_grad_(False)
         text_encoder.config.vocab_size = table.num_embeddings
+
+
+def _loader(pipe):
+    """The pipeline itself when it has diffusers' load/unload_textual_inversion; else (SD 3.x's
+    StableDiffusion3Pipeline does not mix TextualInversionLoaderMixin in, though its CLIP and T5
+    tokenizers and encoders are the kind the loader handles) the mixin on its own, given what of
+    the pipeline it reads: the components and device map (for offload hooks), and the offloads."""
+    if hasattr(type(pipe), "load_textual_inversion"):
+        return pipe
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    loader = TextualInversionLoaderMixin()
+    loader.components, loader.hf_device_map = pipe.components, getattr(pipe, "hf_device_map", None)
+    loader.enable_model_cpu_offload, loader.enable_sequential_cpu_offload = pipe.enable_model_cpu_offload, pipe.enable_sequential_cpu_offload
+    return loader
+
+
+def expands_names_itself(pipe) -> bool:
+    """Whether the pipeline spells a multi-vector token out (token token_1 ...) in its prompts
+    (diffusers' maybe_convert_prompt, which SD 3.x's pipeline does not call)."""
+    return hasattr(type(pipe), "maybe_convert_prompt")
+
+
+# T5's token table has rows past its tokenizer's last token (T5-XXL: 32128 rows for 32100 tokens),
+# which diffusers' loader drops when it sizes the table to the tokenizer's length plus the new
+# tokens; they are kept here and put back when the tokens are unloaded, so a cached pipeline ends
+# as it was. No token reaches them; CLIP's tables have none.
+_ROWS_PAST_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _keep_rows_past_the_tokenizer(text_encoder, tokenizer) -> None:
+    table = text_encoder.get_input_embeddings().weight
+    if table.shape[0] > len(tokenizer) and text_encoder not in _ROWS_PAST_TOKENIZER:
+        _ROWS_PAST_TOKENIZER[text_encoder] = (len(tokenizer), table[len(tokenizer):].detach().clone())
+
+
+def _restore_rows_past_the_tokenizer(text_encoder, tokenizer) -> None:
+    size, rows = _ROWS_PAST_TOKENIZER.get(text_encoder, (None, None))
+    if size is None or len(tokenizer) != size or text_encoder.get_input_embeddings().num_embeddings != size:
+        return  # other tokens are still loaded: the rows come back when they go
+    text_encoder.resize_token_embeddings(size + rows.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[size:] = rows.to(text_encoder.get_input_embeddings().weight)
+    del _ROWS_PAST_TOKENIZER[text_encoder]
 
 
 def _name_regex(name: str) -> str:
@@ -273,8 +320,10 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
         for i, embedding in enumerate(embeddings):
             where = embedding.path.name if embedding.path is not None else repr(embedding.token)
             check_fits(embedding, pipeline_text_widths(pipe), where, family_of(pipe).embedding_keys)
-            internal[embedding.token] = f"<tinv-embedding-{i}>"
-            added += load_into_pipeline(pipe, internal[embedding.token], embedding.parts, scale)
+            token = f"<tinv-embedding-{i}>"
+            loaded = load_into_pipeline(pipe, token, embedding.parts, scale)
+            added += loaded
+            internal[embedding.token] = token if expands_names_itself(pipe) else " ".join(loaded)
 
         # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
         # name is found inside another's replacement.

@@ -66,6 +66,14 @@ ONE_ENCODER = "*"
 # diffusers' textual inversion example writes SDXL's parts as a file per text encoder (see
 # write_embedding); every other family's parts go into one file, as its advanced scripts write them.
 DIFFUSERS_FILE_PER_ENCODER = (("clip_l", "clip_g"),)
+# The formats whose tools load embeddings with a T5 part (SD 3.x, Flux.1): OneTrainer reads its
+# {clip_l, (clip_g), t5} files, diffusers takes a part per text encoder; AUTOMATIC1111/Forge, kohya
+# sd-scripts and InvokeAI have no textual inversion for these families.
+FORMATS_WITH_T5 = ("diffusers", "onetrainer")
+# ComfyUI's T5 tokenizers (SD 3.x, Flux.1) look an embedding's T5 part up under "t5xxl", where
+# OneTrainer writes "t5"; without it they take the file's first tensor (clip_l, of the wrong width)
+# and ignore it. Files with a T5 part hold it under both keys, so ComfyUI applies it too.
+COMFYUI_KEYS = {"t5": "t5xxl"}
 # Layouts whose tools call the embedding by its file's name.
 NAMED_BY_FILE = ("a1111-pt", "a1111-safetensors", "kohya", "onetrainer", "clip_l", "tensor", *(f.name for f in FAMILY_OF_KEYS.values()))
 # Which models a text width belongs to, for messages.
@@ -383,6 +391,9 @@ def _interpret(data, metadata: dict[str, str], path: Path) -> EmbeddingFile:
     if bundled:
         return _interpret_bundle(data, bundled, path)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    for key, alias in COMFYUI_KEYS.items():  # a file made for ComfyUI alone may hold T5's part only as t5xxl
+        if alias in tensors:
+            tensors.setdefault(key, tensors.pop(alias))
     # A part per text encoder (OneTrainer's clip_l_out, t5_out, ... are output embeddings: not used).
     keys = tuple(key for key in ENCODER_KEYS if key in tensors)
     if keys in FAMILY_OF_KEYS:
@@ -498,6 +509,11 @@ def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, pictur
         raise EmbeddingFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if path.suffix.lower() not in SUFFIXES[fmt]:
         raise EmbeddingFormatError(f"{fmt} files end in {' or '.join(SUFFIXES[fmt])}, not {path.name!r}")
+    if not format_takes(fmt, embedding):
+        raise EmbeddingFormatError(
+            f"{fmt} files ({FORMATS[fmt]}) have no {embedding.family_title} embeddings: those tools do not load a T5 part. "
+            f"Write it as {' or '.join(FORMATS_WITH_T5)} (ComfyUI reads the onetrainer file too)"
+        )
     name = embedding.token if fmt == "diffusers" else path.stem
     if fmt == "a1111-png":
         from .cards import card_bytes, plain_picture
@@ -510,12 +526,18 @@ def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, pictur
         return _write_tensors({name: first}, path, _header(embedding, fmt, name))
     if embedding.keys:
         tensors = dict(embedding.parts)
+        tensors.update({alias: embedding.parts[key].clone() for key, alias in COMFYUI_KEYS.items() if key in embedding.parts})
     elif fmt == "a1111-pt":
         return atomic_torch_save(_a1111_dict(embedding, name), path)
     else:
         key = {"kohya": KOHYA_KEY, "onetrainer": ONETRAINER_KEY}.get(fmt, name)
         tensors = {key: embedding.vectors}
     return _write_tensors(tensors, path, _header(embedding, fmt, name))
+
+
+def format_takes(fmt: str, embedding: EmbeddingFile) -> bool:
+    """Whether the tools of format `fmt` load `embedding`'s family (see FORMATS_WITH_T5)."""
+    return "t5" not in embedding.parts or fmt in FORMATS_WITH_T5
 
 
 def _write_tensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
@@ -562,7 +584,8 @@ def convert(source: str | Path, fmt: str, output: str | Path, token: str | None 
 
 
 def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, picture=None) -> dict[str, str]:
-    """Write a finished run's embedding in every format, one folder per format (A1111 would
+    """Write a finished run's embedding in every format whose tools load its family (SD 3.x and
+    Flux.1: diffusers and onetrainer), one folder per format (A1111 would
     load a .pt and a .safetensors of the same name twice), under `out_dir`
     (default: an `export` folder beside the embedding). Returns {format: path}; "diffusers-bin"
     is diffusers' older learned_embeds.bin; for SDXL, "diffusers-2" (and "diffusers-bin-2")
@@ -570,7 +593,9 @@ def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, pi
     embedding = read_embedding(embedding_path)
     out_dir = Path(out_dir) if out_dir else Path(embedding_path).parent / "export"
     written = {
-        fmt: str(write_embedding(embedding, out_dir / fmt / default_filename(embedding.token, fmt), fmt, picture)) for fmt in FORMATS
+        fmt: str(write_embedding(embedding, out_dir / fmt / default_filename(embedding.token, fmt), fmt, picture))
+        for fmt in FORMATS
+        if format_takes(fmt, embedding)
     }
     written["diffusers-bin"] = str(write_embedding(embedding, out_dir / "diffusers" / "learned_embeds.bin", "diffusers"))
     if embedding.keys in DIFFUSERS_FILE_PER_ENCODER:

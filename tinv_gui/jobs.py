@@ -173,14 +173,17 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     embedding): {format: path} for the formats of EXPORTS. Each keeps the name its tools call
     it by; A1111's one-tensor .safetensors is left out (the kohya file serves A1111 as well),
     diffusers' .bin too for SDXL (its two-file copies stay in export/diffusers), and
-    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own."""
-    from .formats import export_all, read_embedding
+    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own (SD 3.x and
+    Flux.1 get only diffusers' file and OneTrainer's, which ComfyUI reads by its name)."""
+    from .formats import a1111_name, export_all, read_embedding
 
     written = export_all(embedding)
-    if read_embedding(embedding).keys:
+    run = read_embedding(embedding)
+    if run.keys:
         written.pop("diffusers-bin", None)
     onetrainer = Path(written["onetrainer"])
-    written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
+    if "kohya" in written:  # beside it; SD 3.x and Flux.1 have no kohya file, and ComfyUI calls theirs by this name
+        written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{a1111_name(run.token)}-onetrainer{onetrainer.suffix}")))
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
 
 

@@ -151,6 +151,8 @@ class TrainTab:
             "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
             "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
         }
+        if "kohya" not in outputs:  # SD 3.x, Flux.1: OneTrainer's file is the one ComfyUI reads too
+            tools["onetrainer"] += f"; ComfyUI: type `embedding:{Path(outputs['onetrainer']).stem}`"
         if run.keys:
             files = [(embedding, f"this app, diffusers ({' and '.join(run.keys)}, one load_textual_inversion call each): type `{token}`")]
         else:
