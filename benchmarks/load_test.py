@@ -124,7 +124,10 @@ def visitor(name: str, url: str, until: float, tally: Tally) -> None:
         embedding = None
         if final is not None:
             check("train", "Done: step 30 / 30" in final[0], final[0][-200:])
-            embedding = (final[-1] or {}).get("value") if isinstance(final[-1], dict) else None
+            # The Playground's choice, now pointing at the new embedding (an update among the outputs).
+            chosen = [o["value"] for o in final if isinstance(o, dict) and str(o.get("value", "")).endswith("learned_embeds.safetensors")]
+            embedding = chosen[0] if chosen else None
+            check("train", embedding is not None, "no embedding offered to the Playground")
         if embedding and time.monotonic() < until:
             drawn = call("generate", client.predict, model="demo", embedding=embedding, prompt=f"a photo of {token}", steps=2,
                          compare=True, api_name="/generate")

@@ -264,6 +264,22 @@ def test_ema_vectors_follow_the_raw_ones_as_the_decay_says(quick_run):
     assert final.token == TOKEN and not torch.allclose(final.vectors, raw[-1])
 
 
+def test_the_train_tab_offers_the_moving_average_for_download(quick_run, tmp_path):
+    import shutil
+
+    from tinv_gui.jobs import export_for_other_tools
+    from tinv_gui.ui.tab_train import TrainTab
+    from tinv_gui.ui.workspace import Workspaces
+
+    _, outputs, _ = quick_run
+    ws = Workspaces(tmp_path / "visitors").get("visitor-e")
+    copied = {key: str(shutil.copy(outputs[key], ws.root)) for key in ("embedding", "ema")}
+    copied.update(export_for_other_tools(copied["embedding"]))
+    (embedding, _), (ema, what), *_ = TrainTab.download_files(ws, copied)
+    assert embedding.name == "learned_embeds.safetensors" and ema.name == "learned_embeds.ema.safetensors"
+    assert "moving average" in what and TOKEN in what
+
+
 def test_previews_are_drawn_with_the_moving_average(tmp_path):
     from tinv_gui.training import EmbeddingWriter
 

@@ -226,11 +226,18 @@ def open_mask(path: str | Path) -> Image.Image | None:
         if mask.size != size:
             raise ImageError(sidecar, f"is {mask.size[0]}x{mask.size[1]} but {path.name} is {size[0]}x{size[1]}; a mask must be the size of its picture")
     else:
-        image = _decode(path)
-        if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        if not _has_alpha(path):  # read from the header: most pictures are not decoded twice
             return None
-        mask = image.convert("RGBA").getchannel("A")
+        mask = _decode(path).convert("RGBA").getchannel("A")
     return None if mask.getextrema() == (255, 255) else mask
+
+
+def _has_alpha(path: Path) -> bool:
+    try:
+        with Image.open(path) as probe:
+            return probe.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in probe.info
+    except Exception:  # noqa: BLE001 - open_image names what is wrong with the file
+        return False
 
 
 def is_picture_name(name: str) -> bool:

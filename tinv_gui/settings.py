@@ -209,8 +209,8 @@ class TrainSettings:
     )
     log_with: Tracker = setting(
         "tensorboard", label="Log to",
-        help="Where the run's loss and learning rate (and previews) are logged besides the app: TensorBoard files in the output "
-        "folder's logs/ (tensorboard --logdir OUTPUT/logs), Weights & Biases (when installed and logged in), both, or none.",
+        help="Where the run's loss, learning rate, vector norms, previews and checkpoint scores are logged besides the app: TensorBoard "
+        "files in the output folder's logs/ (tensorboard --logdir OUTPUT/logs), Weights & Biases (when installed and logged in), both, or none.",
     )
     device: str = _device()
     precision: Precision = _precision()

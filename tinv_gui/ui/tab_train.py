@@ -139,7 +139,8 @@ class TrainTab:
     @staticmethod
     def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
         """A finished run's files to download, each with the tools it is for and the name to type
-        there: the embedding, then the files the job exported for other tools (jobs.EXPORTS)."""
+        there: the embedding (and its moving average), then the files the job exported for other
+        tools (jobs.EXPORTS)."""
         embedding = ws.inside(outputs["embedding"])
         run = read_embedding(embedding)
         token, name = run.token, Path(outputs.get("kohya", embedding)).stem
@@ -157,6 +158,8 @@ class TrainTab:
             files = [(embedding, f"this app, diffusers ({' and '.join(run.keys)}, one load_textual_inversion call each): type `{token}`")]
         else:
             files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
+        if outputs.get("ema"):  # the moving average of the vectors (--ema-decay), the same layout
+            files.append((ws.inside(outputs["ema"]), f"the vectors' moving average (EMA), as the embedding: type `{token}`"))
         recommended = ws.inside(outputs["recommended"]) if outputs.get("recommended") else None
         if recommended is not None and recommended != embedding:  # the scores' pick comes first
             step = read_embedding(recommended).metadata.get("steps", "?")
