@@ -15,7 +15,8 @@ block. The whole 24-block models (8 B parameters, 32 GB in fp32) do not fit this
 beside the others' work, so each configuration is run with 1 and with 2 blocks of each, and the
 24-block figures are extrapolated: time(24) = time(1) + 23 x (time(2) - time(1)), and the same
 for peak memory. Each configuration runs in its own process under the big-memory lock; the
-figures are the median of the timed steps after one warm-up step.
+figures are the CPU seconds (wall seconds swing with the other work of a shared machine) and the
+peak resident memory of the timed steps after one warm-up step.
 
 Choices (setting train_encoders): all (CLIP-L, bigG and T5 run forward and backward every step),
 clip (T5's states computed once, before the steps), t5 (the CLIPs' states computed once).
@@ -144,14 +145,14 @@ def main() -> None:
             continue
         grow = FULL_BLOCKS - 1
         rows[choice] = {
-            "s_1": one["s_per_step"], "s_2": two["s_per_step"],
-            "s_full": one["s_per_step"] + grow * (two["s_per_step"] - one["s_per_step"]),
+            "s_1": one["cpu_s_per_step"], "s_2": two["cpu_s_per_step"],
+            "s_full": one["cpu_s_per_step"] + grow * (two["cpu_s_per_step"] - one["cpu_s_per_step"]),
             "gb_1": one["steps_peak_rss_gb"], "gb_2": two["steps_peak_rss_gb"],
             "gb_full": one["steps_peak_rss_gb"] + grow * (two["steps_peak_rss_gb"] - one["steps_peak_rss_gb"]),
         }
     print(f"SD 3.5 Medium shapes, {args.resolution} px, batch 1, fp32, CPU; 24-block figures extrapolated from 1 and 2 blocks")
-    print_table(rows, [("s_1", "s/step 1 block", "{:.1f}"), ("s_2", "s/step 2 blocks", "{:.1f}"), ("s_full", "s/step 24 (extrap.)", "{:.0f}"),
-                       ("gb_1", "peak GB 1 block", "{:.1f}"), ("gb_2", "peak GB 2 blocks", "{:.1f}"), ("gb_full", "peak GB 24 (extrap.)", "{:.1f}")])
+    print_table(rows, [("s_1", "CPU s/step 1 block", "{:.1f}"), ("s_2", "2 blocks", "{:.1f}"), ("s_full", "24 (extrap.)", "{:.0f}"),
+                       ("gb_1", "peak GB 1 block", "{:.1f}"), ("gb_2", "2 blocks", "{:.1f}"), ("gb_full", "24 (extrap.)", "{:.1f}")])
 
 
 if __name__ == "__main__":
