@@ -175,6 +175,10 @@ def test_fp32_on_the_cpu_stores_the_text_encoders_linear_weights_in_bf16_and_com
     linear = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and {m.weight.dtype for m in linear} == {torch.bfloat16}
     assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    # Nothing reads from the mapped checkpoint any more, which would keep the fp32 weights' pages resident.
+    checkpoint = str(demo_model_dir() / "sd" / "text_encoder")
+    with open("/proc/self/maps") as maps:
+        assert not any(checkpoint in line for line in maps)
     exact = CLIPTextModel.from_pretrained(demo_model_dir() / "sd", subfolder="text_encoder").eval()
     rounded = CLIPTextModel.from_pretrained(demo_model_dir() / "sd", subfolder="text_encoder").eval()
     with torch.no_grad():

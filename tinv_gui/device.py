@@ -166,6 +166,7 @@ def store_in_bf16_between_calls(module: torch.nn.Module) -> None:
 
     def store(child, _args, _kwargs, _output):
         child.to(torch.bfloat16)
+        release_freed_memory()  # the fp32 copy's pages, not kept by glibc for later
 
     for child in module.children():
         child.to(torch.bfloat16)
@@ -186,6 +187,11 @@ def store_linear_weights_in_bf16(module: torch.nn.Module) -> None:
         if isinstance(layer, torch.nn.Linear):
             layer.weight.data = layer.weight.data.to(torch.bfloat16)
             layer.forward = functools.partial(_linear_from_bf16, layer)
+    # The rest moves to memory of its own: diffusers maps the checkpoint file and its tensors read
+    # from that mapping, which would keep the converted weights' fp32 pages resident too.
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.dtype != torch.bfloat16:
+            tensor.data = tensor.data.clone()
 
 
 def _linear_from_bf16(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
