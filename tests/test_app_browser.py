@@ -1,5 +1,5 @@
-"""A real browser clicks through the page: upload, train, watch the loss plot, download, and a
-Playground picture. Debian's chromium, driven by Playwright (Playwright's own browser download
+"""A real browser clicks through the page: upload, train, watch the loss plot and the vectors'
+lengths, see the checkpoints scored, download the recommended one, and a Playground picture. Debian's chromium, driven by Playwright (Playwright's own browser download
 does not work offline). Screenshots go to TINV_GUI_SCREENSHOTS, or a temporary folder."""
 
 import os
@@ -65,13 +65,19 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.locator("#option-steps input").fill("1500")  # long enough (seconds) that the page is seen following it
     page.locator("#option-batch_size input").fill("4")
     page.locator("#option-batch_size input").press("Tab")
+    assert page.locator("#token-room").get_by_text("the word takes 1 of a prompt's 75 tokens").is_visible()
+    page.locator("#option-save_every input").fill("500")  # three checkpoints, scored when the run ends
+    page.locator("#option-preview_steps input").fill("1")
+    page.locator("#option-preview_steps input").press("Tab")
+    page.locator("#option-score_checkpoints input").click()
+    page.get_by_role("option", name="after", exact=True).click()
     page.screenshot(path=shots / "2-method.png", full_page=True)
 
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Training: step").wait_for()  # the page follows the run as it goes
-    page.get_by_text("Done: step 1500 / 1500").wait_for()
-    plot = page.locator(".vega-embed")
+    page.get_by_text("Done: step 1500 / 1500").wait_for(timeout=600_000)  # then three checkpoints draw and are scored
+    plot = page.locator("#loss-plot .vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
     lines = plot.locator("g.mark-line path")
@@ -80,11 +86,20 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     numbers = [t for t in labels if t.replace(".", "", 1).isdigit()]
     assert len(numbers) >= 5 and len(labels) < 80, labels[:20]  # numeric axes, not one category per step
 
+    # Is it overcooked: each vector's length beside the band of the model's own words (three lines).
+    assert page.locator("#norm-plot g.mark-line path").count() == 3
+    # Which step to keep: likeness and editability over the checkpoints, the recommended one named
+    # and offered first in the downloads.
+    page.locator("#score-text").get_by_text("Recommended checkpoint: step").wait_for()
+    assert page.locator("#score-plot g.mark-line path").count() == 2
+    recommended = re.search(r"Recommended checkpoint: step (\d+)", page.locator("#score-text").inner_text()).group(1)
+    page.locator("#score-plot").scroll_into_view_if_needed()
+    page.screenshot(path=shots / "3b-scores.png", full_page=True)
     with page.expect_download() as download:
         page.locator("#downloads a[data-testid=download-link]").first.click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
-    assert saved.name == "learned_embeds.safetensors" and read_embedding(saved).token == "<toy-robot>"
+    assert saved.name == f"learned_embeds-step{int(recommended):05d}.safetensors" and read_embedding(saved).token == "<toy-robot>"
 
     page.get_by_role("button", name="Try it in the Playground").click()
     assert page.locator("#playground-prompt").get_by_role("textbox").input_value() == "a photo of <toy-robot>"
@@ -100,5 +115,6 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_text("4 picture(s) ready").wait_for()
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_text("Done: step 1500 / 1500").wait_for()
-    assert page.locator("#downloads a[data-testid=download-link]").count() == 6  # the embedding, diffusers .bin, A1111 .pt, kohya, A1111 card, OneTrainer
+    # the recommended checkpoint, the embedding, diffusers .bin, A1111 .pt, kohya, A1111 card, OneTrainer
+    assert page.locator("#downloads a[data-testid=download-link]").count() == 7
     print(f"screenshots in {shots}")

@@ -184,7 +184,7 @@ def test_playground_loads_embedding_files_of_other_tools(app_server, tmp_path):
     assert "Type `fresh` in your prompt" in message
     _, _, note = client.predict(model="demo", embedding=choice["value"], prompt="a Fresh apple", steps=1, compare=False, api_name="/generate")
     assert "does not contain" not in note
-    xl = write_embedding(EmbeddingFile("<xl>", torch.randn(2, 32), torch.randn(2, 64)), tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
+    xl = write_embedding(EmbeddingFile("<xl>", {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)}), tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
     _, message = client.predict([handle_file(str(xl)), handle_file(str(xl.with_name("learned_embeds_2.safetensors")))], api_name="/load_embedding")
     assert "Loaded `<xl>` from learned_embeds.safetensors + learned_embeds_2.safetensors (2 vector(s) of widths 32 + 64)" in message
 

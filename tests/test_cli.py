@@ -20,8 +20,17 @@ def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path
     out = tmp_path / "out"
     log = tmp_path / "log.jsonl"
     done = run_cli("train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<cli-toy>",
-                   "--init", "toy", "--steps", "12", "--batch-size", "8", "--output", str(out), "--log-jsonl", str(log))
+                   "--init", "toy", "--steps", "12", "--batch-size", "8", "--output", str(out), "--log-jsonl", str(log),
+                   "--save-every", "6", "--score-checkpoints", "after", "--preview-steps", "1")
     assert done.returncode == 0, done.stderr
+    # The checkpoints' scores: a table on the terminal, the same figures in the run's JSON.
+    result = json.loads((out / "result.json").read_text())
+    scored = result["checkpoint_scores"]["checkpoints"]
+    assert [c["step"] for c in scored] == [6, 12] and f"result: {out / 'result.json'}" in done.stdout
+    for c in scored:
+        assert f"{c['step']:>8}  {c['likeness']:>9.4f}  {c['editability']:>11.4f}  {Path(c['path']).name}" in done.stderr
+    assert f"recommended: {result['checkpoint_scores']['recommended']['path']}" in done.stdout
+    assert len(result["vector_norms"]["curve"]) == 12 and result["prompt_tokens"]["used"] == 1
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert {"step", "loss", "lr", "elapsed_s", "phase"} <= rows[0].keys()

@@ -64,20 +64,20 @@ def test_conversion_between_every_pair_of_layouts_keeps_vectors_and_names_as_the
 
 
 def test_sdxl_layout_keeps_both_encoders_in_every_container(tmp_path):
-    original = EmbeddingFile("<x>", odd_vectors(2, 768), odd_vectors(2, 1280, seed=1))
+    original = EmbeddingFile("<x>", {"clip_l": odd_vectors(2, 768), "clip_g": odd_vectors(2, 1280, seed=1)})
     for fmt, name in LAYOUTS[2:] + [("onetrainer", "x.safetensors"), ("a1111-png", "x.png")]:
         back = read_embedding(write_embedding(original, tmp_path / fmt / name, fmt))
-        assert back.is_sdxl and back.token == Path(name).stem
-        assert torch.equal(back.vectors, original.vectors) and torch.equal(back.vectors_g, original.vectors_g)
+        assert back.keys == ("clip_l", "clip_g") and back.token == Path(name).stem
+        assert all(torch.equal(back.parts[key], original.parts[key]) for key in back.keys)
     for name in ("learned_embeds.safetensors", "learned_embeds.bin"):  # diffusers' SDXL example: two files
         first = write_embedding(original, tmp_path / "diffusers" / name, "diffusers")
         second = first.with_name(first.stem + "_2" + first.suffix)
         assert [t.shape[1] for t in (read_embedding(first).vectors, read_embedding(second).vectors)] == [768, 1280]
         for pair in ([first, second], [second, first]):  # either order
             (back,) = formats.read_embeddings(pair)
-            assert back.is_sdxl and back.token == "<x>"
-            assert torch.equal(back.vectors, original.vectors) and torch.equal(back.vectors_g, original.vectors_g)
-        assert torch.equal(read_embedding(first, second).vectors_g, original.vectors_g)
+            assert back.keys == ("clip_l", "clip_g") and back.token == "<x>"
+            assert all(torch.equal(back.parts[key], original.parts[key]) for key in back.keys)
+        assert torch.equal(read_embedding(first, second).parts["clip_g"], original.parts["clip_g"])
 
 
 def test_files_from_other_tools_are_recognised(tmp_path):
@@ -136,14 +136,14 @@ def test_diffusers_loads_our_sdxl_two_files_into_each_text_encoder(tmp_path, sto
     from tinv_gui.demo_model import SDXL_TEXT_WIDTHS
 
     pipe = store.pipeline("demo-sdxl")
-    original = EmbeddingFile("<xl>", torch.randn(2, SDXL_TEXT_WIDTHS[0]), torch.randn(2, SDXL_TEXT_WIDTHS[1]))
+    original = EmbeddingFile("<xl>", {"clip_l": torch.randn(2, SDXL_TEXT_WIDTHS[0]), "clip_g": torch.randn(2, SDXL_TEXT_WIDTHS[1])})
     first = write_embedding(original, tmp_path / "learned_embeds.safetensors", "diffusers")
     second = tmp_path / "learned_embeds_2.safetensors"
     names = ["<xl>", "<xl>_1"]
     try:  # as diffusers documents for SDXL: each file into its own text encoder
         pipe.load_textual_inversion(str(first), tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
         pipe.load_textual_inversion(str(second), tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2)
-        for tokenizer, encoder, vectors in ((pipe.tokenizer, pipe.text_encoder, original.vectors), (pipe.tokenizer_2, pipe.text_encoder_2, original.vectors_g)):
+        for tokenizer, encoder, vectors in ((pipe.tokenizer, pipe.text_encoder, original.parts["clip_l"]), (pipe.tokenizer_2, pipe.text_encoder_2, original.parts["clip_g"])):
             assert torch.equal(encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(names)], vectors)
     finally:
         unload_from_pipeline(pipe, names)
@@ -156,8 +156,8 @@ def test_wrong_width_is_explained(tmp_path, store):
     assert "made for a model with text width 1024 (SD 2.x); the chosen model has 768 (SD 1.x)" in str(error.value)
     assert "sd2.safetensors" in str(error.value)
 
-    sdxl = write_embedding(EmbeddingFile("<x>", torch.randn(1, 768), torch.randn(1, 1280)), tmp_path / "xl.safetensors", "kohya")
-    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(SDXL\); the chosen model has 768 \(SD 1.x\)"):
+    sdxl = write_embedding(EmbeddingFile("<x>", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}), tmp_path / "xl.safetensors", "kohya")
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(Stable Diffusion XL\); the chosen model has 768 \(SD 1.x\)"):
         check_fits(read_embedding(sdxl), 768, sdxl.name)
 
     pipe = store.pipeline("demo")
@@ -256,11 +256,11 @@ def test_convert_command(tmp_path):
     # diffusers' SDXL output: both files in, one card out, with the picture given.
     from conftest import make_picture
 
-    xl = EmbeddingFile("<xl>", odd_vectors(2, 768), odd_vectors(2, 1280, seed=1))
+    xl = EmbeddingFile("<xl>", {"clip_l": odd_vectors(2, 768), "clip_g": odd_vectors(2, 1280, seed=1)})
     first = write_embedding(xl, tmp_path / "xl" / "learned_embeds.safetensors", "diffusers")
     make_picture(0).save(tmp_path / "preview.png")
     assert main(["convert", str(first), str(first.with_name("learned_embeds_2.safetensors")), "--format", "a1111-png",
                  "--picture", str(tmp_path / "preview.png"), "--output", str(tmp_path / "card.png")]) == 0
     card = read_embedding(tmp_path / "card.png")
-    assert card.token == "card" and torch.equal(card.vectors_g, xl.vectors_g)
+    assert card.token == "card" and torch.equal(card.parts["clip_g"], xl.parts["clip_g"])
     assert main(["convert", str(first), "--format", "a1111-pt", "--output", str(tmp_path / "half.pt")]) == 0  # SD 1.x-wide: a valid file of its own

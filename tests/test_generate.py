@@ -110,7 +110,7 @@ def test_cli_generate_takes_diffusers_sdxl_two_files_as_two_embeddings(tmp_path,
     from tinv_gui.demo_model import SDXL_TEXT_WIDTHS
     from tinv_gui.formats import EmbeddingFile, write_embedding
 
-    both = EmbeddingFile("<two>", torch.randn(2, SDXL_TEXT_WIDTHS[0]), torch.randn(2, SDXL_TEXT_WIDTHS[1]))
+    both = EmbeddingFile("<two>", {"clip_l": torch.randn(2, SDXL_TEXT_WIDTHS[0]), "clip_g": torch.randn(2, SDXL_TEXT_WIDTHS[1])})
     first = write_embedding(both, tmp_path / "learned_embeds.safetensors", "diffusers")
     output = tmp_path / "picture.png"
     from tinv_gui import cli

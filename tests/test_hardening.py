@@ -4,6 +4,7 @@ unwritable output, signals. Each test reproduces a case that once went wrong."""
 import errno
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -489,3 +490,85 @@ def test_a_waiting_visitor_sees_their_place_and_the_expected_wait(tmp_path, monk
     release.set()
     following.close()
     assert "1 job(s) ahead of yours" in progress and "Expected wait: about" in progress, progress
+
+
+# ----------------------------------------------------------------------------- 1: many generations from one visitor
+@pytest.fixture
+def shared_server(tmp_path, monkeypatch, store):
+    """The app in shared mode, served in this process, with a visitor's limits set low: one call
+    at once, two per ten minutes. Yields (url, app)."""
+    from tinv_gui.ui.app import build_app
+    from tinv_gui.ui.workspace import Workspaces
+
+    for name, value in (("TINV_GUI_SHARED", "1"), ("TINV_GUI_VISITOR_AT_ONCE", "1"), ("TINV_GUI_VISITOR_CALLS", "2"),
+                        ("TINV_GUI_VISITOR_WINDOW_MINUTES", "10")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(store, "hub_only", store.hub_only)  # the shared app sets it on the session's store
+    page, app = build_app(engine=Engine(store), workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    page.launch(prevent_thread_lock=True, quiet=True)
+    try:
+        yield page.local_url, app
+    finally:
+        page.close()
+        app.engine.close()
+
+
+def test_one_visitor_cannot_hold_the_queue_with_many_generations(shared_server):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, app = shared_server
+    release = threading.Event()
+    app.engine.submit("someone else's run", lambda reporter: release.wait(60) and {})  # every call waits behind it
+    alice, bob = Client(url, verbose=False), Client(url, verbose=False)
+    drawing = dict(model="demo", prompt="a red cube", steps=1, compare=False, api_name="/generate")
+    try:
+        burst = [alice.submit(**drawing) for _ in range(4)]
+        deadline = time.monotonic() + 30
+        while sum(call.done() for call in burst) < 3:  # the calls past her limit are refused at once, not queued
+            assert time.monotonic() < deadline, "a visitor's burst of calls waits in the queue instead of being refused"
+            time.sleep(0.1)
+        bobs = bob.submit(**drawing)  # waits behind her one call only, and sees so
+        while not any("2 job(s) ahead of yours" in (shown[2] or "") for shown in bobs.outputs()):
+            assert time.monotonic() < deadline and not bobs.done(), bobs.outputs()
+            time.sleep(0.1)
+    finally:
+        release.set()
+    assert bobs.result()[0]
+    answers = []
+    for call in burst:
+        try:
+            answers.append(call.result()[0] and "drawn")
+        except AppError as refused:
+            answers.append(str(refused))
+    assert answers.count("drawn") == 1, answers
+    assert all("at most 1 at once from each visitor" in a and "Try again when one ends" in a for a in answers if a != "drawn")
+
+    assert alice.predict(**drawing)[0]  # her calls one after another: two in ten minutes are fine...
+    for endpoint, call in (("/generate", drawing), ("/measure", dict(model="demo", embedding="none", prompt="x", steps=1, seed=0))):
+        with pytest.raises(AppError) as refused:  # ...a third is not, measuring included
+            alice.predict(**{**call, "api_name": endpoint})
+        assert "at most 2 generations, measurements and prompt searches from each visitor every 10 min" in str(refused.value)
+        assert re.search(r"Try again in (9 min \d+ s|10 min)\.", str(refused.value)), str(refused.value)
+
+
+def test_a_visitor_is_admitted_again_when_the_window_moves_and_idle_visitors_are_forgotten():
+    import gradio as gr
+
+    from tinv_gui.ui.limits import VisitorLimits
+
+    now = [1000.0]
+    limits = VisitorLimits(at_once=2, per_window=2, window_s=60, clock=lambda: now[0])
+    limits.take("a")
+    now[0] += 15
+    limits.take("a")
+    limits.release("a")
+    limits.release("a")
+    with pytest.raises(gr.Error, match=r"every 1 min\. Try again in 45 s\."):
+        limits.take("a")
+    now[0] += 45
+    limits.take("a")  # the first call left the window
+    limits.release("a")
+    now[0] += 61
+    limits.take("b")
+    assert set(limits._started) == {"b"}  # "a" has nothing in flight and no call in the window

@@ -90,9 +90,9 @@ def test_saved_layout_and_widths(tmp_path):
     assert set(tensors) == {"clip_l", "clip_g"}
     assert tensors["clip_l"].shape == (3, WIDTH_L) and tensors["clip_g"].shape == (3, WIDTH_G)
     embedding = read_embedding(path)
-    assert embedding.is_sdxl and embedding.token == "<xl>"
+    assert embedding.keys == StableDiffusionXL.embedding_keys and embedding.token == "<xl>"
     check_fits(embedding, SDXL_TEXT_WIDTHS)
-    with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 64 \(SDXL\)"):
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 64 \(Stable Diffusion XL\)"):
         check_fits(embedding, (WIDTH_G, WIDTH_L))  # the two parts swapped
     with pytest.raises(EmbeddingFormatError, match="the chosen model has 64"):
         check_fits(embedding, 64)  # an SD 1.x-shaped model
@@ -154,7 +154,7 @@ def test_quick_on_sdxl_trains_both_parts_against_their_own_clip(store, picture_d
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:3]) / 3
     saved = read_embedding(writer.outputs["embedding"])
     # Both parts moved away from the initializer word's embedding in their own encoder.
-    for clip, part in zip(clips, (saved.vectors, saved.vectors_g)):
+    for clip, part in zip(clips, saved.parts.values()):
         ball = clip.model.text_model.get_input_embeddings().weight[clip.tokenizer("ball", add_special_tokens=False).input_ids[0]]
         assert (part - ball).norm(dim=1).min() > 1e-3
     for clip, state in zip(clips, before):  # the CLIP models are untouched
@@ -245,7 +245,7 @@ def test_textual_inversion_and_caption_init_on_sdxl_through_the_cli(store, pipe,
     trained = read_embedding(out / "learned_embeds.safetensors")
     assert trained.widths == SDXL_TEXT_WIDTHS and trained.metadata["steps"] == "3"
     start_l, start_g = starting_vectors(pipe, "ball", 2, 0).split(SDXL_TEXT_WIDTHS, dim=1)
-    assert not torch.allclose(trained.vectors, start_l) and not torch.allclose(trained.vectors_g, start_g)
+    assert not torch.allclose(trained.parts["clip_l"], start_l) and not torch.allclose(trained.parts["clip_g"], start_g)
     assert generate(pipe, prompt="a photo of <ti>", embeddings=[out / "learned_embeds.safetensors"], steps=2)[0].size == (64, 64)
 
     out = tmp_path / "caption"
@@ -253,7 +253,7 @@ def test_textual_inversion_and_caption_init_on_sdxl_through_the_cli(store, pipe,
                      "--token", "<ci>", "--steps", "2", "--batch-size", "1", "--output", str(out)])
     assert code == 0
     captioned = read_embedding(out / "learned_embeds.safetensors")
-    assert captioned.vectors.shape == (3, WIDTH_L) and captioned.vectors_g.shape == (3, WIDTH_G)
+    assert captioned.parts["clip_l"].shape == (3, WIDTH_L) and captioned.parts["clip_g"].shape == (3, WIDTH_G)
 
 
 # ---- prompt from an image -----------------------------------------------------------------

@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
+from tinv_gui.checkpoint_scores import recommend
 from tinv_gui.device import choose_placement
 from tinv_gui.embeddings import extended_vocabulary, load_into_pipeline, read_metadata
-from tinv_gui.events import Log, Preview, Progress, Reporter
+from tinv_gui.events import CheckpointScore, Log, Preview, Progress, Reporter
 from tinv_gui.formats import read_embedding
 from tinv_gui.jobs import run_training
 from tinv_gui.settings import SettingsError, TrainSettings
@@ -93,7 +95,7 @@ def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_cha
     assert [r["step"] for r in logged] == [1, 2, 3] and {r["phase"] for r in logged} == {"ti"}
     assert {p.name for p in out.iterdir()} == {
         "learned_embeds.safetensors", "learned_embeds.optimizer.safetensors",
-        "learned_embeds-step00002.safetensors", "learned_embeds-step00002.optimizer.safetensors",
+        "learned_embeds-step00002.safetensors", "learned_embeds-step00002.optimizer.safetensors", "result.json", "logs",
     }
     assert read_metadata(out / "learned_embeds.safetensors")["steps"] == "3"
     assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
@@ -224,14 +226,28 @@ def test_recomputing_activations_gives_the_same_gradient(store, picture_dir):
     assert not pipe.unet.is_gradient_checkpointing and not any("forward" in vars(m) for m in pipe.unet.modules())
 
 
-def test_previews_are_generated_every_n_steps_with_a_fixed_seed(store, picture_dir, tmp_path):
-    _, events = run_in_process(
-        store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path), steps=2,
-        preview_every=1, preview_steps=2, preview_prompt="a picture of {}",
+def test_validation_grid_grows_a_row_per_preview_and_checkpoints_are_scored_during_the_run(store, picture_dir, tmp_path):
+    prompts = ["a picture of {}", "a drawing of {} on a table"]
+    outputs, events = run_in_process(
+        store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path), steps=2, lr=0.05,
+        preview_every=1, preview_steps=1, preview_prompts=prompts, save_every=1, score_checkpoints="during",
     )
     previews = [e for e in events if isinstance(e, Preview)]
-    assert [p.step for p in previews] == [1, 2] and previews[0].prompt == f"a picture of {TOKEN}"
+    assert [(p.step, p.prompt) for p in previews] == [(step, p.format(TOKEN)) for step in (1, 2) for p in prompts]
     assert all(Path(p.path).is_file() and Path(p.path).parent == tmp_path for p in previews)
+    # Fixed seeds: a column's pictures differ only by what two steps changed; the columns differ by prompt and seed.
+    pictures = [np.asarray(Image.open(p.path), dtype=np.float32) for p in previews]
+    assert np.abs(pictures[0] - pictures[2]).mean() < np.abs(pictures[0] - pictures[1]).mean()
+
+    # Each checkpoint is scored as it is saved, before the next step, while training goes on through
+    # the text encoder's extension (the second step still changes the vectors).
+    kinds = [type(e).__name__ for e in events if isinstance(e, (Progress, CheckpointScore))]
+    assert kinds == ["Progress", "CheckpointScore", "Progress", "CheckpointScore"]
+    scores = [e for e in events if isinstance(e, CheckpointScore)]
+    assert [Path(s.path).name for s in scores] == ["learned_embeds-step00001.safetensors", "learned_embeds-step00002.safetensors"]
+    assert not torch.equal(read_embedding(scores[0].path).vectors, read_embedding(scores[1].path).vectors)
+    assert outputs["recommended"] == recommend(scores).path
+    assert not any(name.startswith("<tinv-embedding") for name in store.pipeline("demo").tokenizer.get_vocab())  # unloaded again
 
 
 def test_resuming_a_quick_then_ti_file_saved_in_its_clip_phase_is_refused(store, picture_dir, tmp_path):

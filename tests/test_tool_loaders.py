@@ -33,9 +33,12 @@ from tinv_gui.formats import (
 )
 
 SD1 = EmbeddingFile("<my-cat>", torch.randn(3, 768, generator=torch.Generator().manual_seed(0)), metadata={"steps": "50"})
-SDXL = EmbeddingFile(
-    "<my-cat>", torch.randn(2, 768, generator=torch.Generator().manual_seed(1)), torch.randn(2, 1280, generator=torch.Generator().manual_seed(2))
-)
+SDXL = EmbeddingFile("<my-cat>", {
+    "clip_l": torch.randn(2, 768, generator=torch.Generator().manual_seed(1)), "clip_g": torch.randn(2, 1280, generator=torch.Generator().manual_seed(2)),
+})
+SD3 = EmbeddingFile("<my-cat>", {key: torch.randn(2, width, generator=torch.Generator().manual_seed(3 + i))
+                                 for i, (key, width) in enumerate((("clip_l", 768), ("clip_g", 1280), ("t5", 4096)))})
+FLUX = EmbeddingFile("<my-cat>", {"clip_l": SD3.parts["clip_l"], "t5": SD3.parts["t5"]})
 # Every file the app offers: (format, file name).
 OFFERED = [
     ("diffusers", "learned_embeds.safetensors"),
@@ -46,6 +49,11 @@ OFFERED = [
     ("onetrainer", "my-cat.safetensors"),
     ("a1111-png", "my-cat.png"),
 ]
+
+
+def first_part(embedding):
+    """The vectors of the first text encoder (SD 1.x's only one; SDXL's clip_l)."""
+    return next(iter(embedding.parts.values()))
 
 
 def write(tmp_path, embedding, fmt, name):
@@ -115,12 +123,12 @@ def a1111_vectors(data: dict):
 def test_a1111_safe_unpickler_allows_our_torch_files_zip_names_and_globals(tmp_path, name):
     fmt = "a1111-pt" if name.endswith(".pt") else "diffusers"
     for embedding in (SD1, SDXL):
-        path = write(tmp_path / str(embedding.is_sdxl), embedding, fmt, name)
+        path = write(tmp_path / str(bool(embedding.keys)), embedding, fmt, name)
         a1111_safe_check(path)
         vectors, vectors_g = a1111_vectors(torch.load(path, weights_only=True))
-        assert torch.equal(vectors, embedding.vectors)
-        if embedding.is_sdxl and fmt == "a1111-pt":
-            assert torch.equal(vectors_g, embedding.vectors_g)
+        assert torch.equal(vectors, first_part(embedding))
+        if embedding.keys and fmt == "a1111-pt":
+            assert torch.equal(vectors_g, embedding.parts["clip_g"])
     # The rule is real: the same dictionary saved by plain torch.save to a file is refused.
     torch.save(torch.load(path, weights_only=True), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="bad file inside plain.pt"):
@@ -130,7 +138,7 @@ def test_a1111_safe_unpickler_allows_our_torch_files_zip_names_and_globals(tmp_p
 @pytest.mark.parametrize(("fmt", "name"), [layout for layout in OFFERED if layout[0] != "diffusers"])
 def test_a1111_reads_our_files_by_their_file_name_and_the_vectors_match(tmp_path, fmt, name):
     for embedding in (SD1, SDXL):
-        path = write(tmp_path / str(embedding.is_sdxl), embedding, fmt, name)
+        path = write(tmp_path / str(bool(embedding.keys)), embedding, fmt, name)
         if fmt == "a1111-png":
             data = a1111_read_card(path)
             a1111_name = data.get("name", path.stem)  # cards: the name stored inside
@@ -138,9 +146,9 @@ def test_a1111_reads_our_files_by_their_file_name_and_the_vectors_match(tmp_path
             data = plain_load(path)
             a1111_name = path.stem  # everything else: the file's name
         vectors, vectors_g = a1111_vectors(data)
-        assert torch.equal(vectors.float(), embedding.vectors)
-        if embedding.is_sdxl:
-            assert torch.equal(vectors_g.float(), embedding.vectors_g)
+        assert torch.equal(vectors.float(), first_part(embedding))
+        if embedding.keys:
+            assert torch.equal(vectors_g.float(), embedding.parts["clip_g"])
         assert a1111_name == "my-cat" == read_embedding(path).token
 
 
@@ -268,11 +276,34 @@ def comfyui_load_embed(folder: Path, typed: str, embed_key: str):
 @pytest.mark.parametrize(("fmt", "name"), [layout for layout in OFFERED if layout[0] not in ("diffusers", "a1111-png")])
 def test_comfyui_key_lookup_finds_our_vectors_under_the_name_we_show(tmp_path, fmt, name):
     for embedding in (SD1, SDXL):
-        path = write(tmp_path / str(embedding.is_sdxl), embedding, fmt, name)
+        path = write(tmp_path / str(bool(embedding.keys)), embedding, fmt, name)
         typed = read_embedding(path).token
-        assert torch.equal(comfyui_load_embed(path.parent, typed, "clip_l"), embedding.vectors)
-        if embedding.is_sdxl:
-            assert torch.equal(comfyui_load_embed(path.parent, typed, "clip_g"), embedding.vectors_g)
+        assert torch.equal(comfyui_load_embed(path.parent, typed, "clip_l"), first_part(embedding))
+        if embedding.keys:
+            assert torch.equal(comfyui_load_embed(path.parent, typed, "clip_g"), embedding.parts["clip_g"])
+
+
+# ComfyUI's text encoders for SD 3.x and Flux.1 (comfy/text_encoders/sd3_clip.py, flux.py): an
+# SDTokenizer per encoder, each calling load_embed with its embedding_key and width: clip_l 768,
+# clip_g 1280, and T5-XXL's 't5xxl' 4096; a tensor of another width is dropped with a warning
+# (sd1_clip.py set_up_textual_embeddings: "shape mismatch ... embedding will be ignored").
+COMFYUI_ENCODERS = (("clip_l", "clip_l", 768), ("clip_g", "clip_g", 1280), ("t5", "t5xxl", 4096))
+
+
+def test_comfyui_gives_each_sd3_and_flux_encoder_its_own_part_of_our_file(tmp_path):
+    for embedding in (SD3, FLUX):
+        path = write(tmp_path / "-".join(embedding.keys), embedding, "onetrainer", "my-cat.safetensors")
+        typed = read_embedding(path).token
+        assert typed == "my-cat"  # `embedding:my-cat`
+        for key, comfy_key, width in COMFYUI_ENCODERS:
+            if key in embedding.parts:
+                found = comfyui_load_embed(path.parent, typed, comfy_key)
+                assert found.shape[-1] == width and torch.equal(found, embedding.parts[key]), key
+    # OneTrainer's own file has no 't5xxl': ComfyUI's T5 takes the first tensor, CLIP-L's, and drops it for its width.
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5": FLUX.parts["t5"]}, tmp_path / "ot.safetensors")
+    assert comfyui_load_embed(tmp_path, "ot", "t5xxl").shape[-1] == 768
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5xxl": FLUX.parts["t5"]}, tmp_path / "comfy.safetensors")  # T5's part under ComfyUI's key alone
+    assert torch.equal(read_embedding(tmp_path / "comfy.safetensors").parts["t5"], FLUX.parts["t5"])
 
 
 # ---- kohya sd-scripts ----------------------------------------------------------------------
@@ -295,11 +326,11 @@ def kohya_vectors(path: Path, sdxl: bool):
 def test_kohya_key_names_and_its_file_name_tokens(tmp_path, store, fmt, name):
     tokenizer = store.pipeline("demo").tokenizer  # CLIP's own vocabulary
     for embedding in (SD1, SDXL):
-        path = write(tmp_path / str(embedding.is_sdxl), embedding, fmt, name)
-        vectors, vectors_g = kohya_vectors(path, embedding.is_sdxl)
-        assert torch.equal(vectors, embedding.vectors)
-        if embedding.is_sdxl:
-            assert torch.equal(vectors_g, embedding.vectors_g)
+        path = write(tmp_path / str(bool(embedding.keys)), embedding, fmt, name)
+        vectors, vectors_g = kohya_vectors(path, bool(embedding.keys))
+        assert torch.equal(vectors, first_part(embedding))
+        if embedding.keys:
+            assert torch.equal(vectors_g, embedding.parts["clip_g"])
         # gen_img adds <file name>, <file name>1, ... and requires each to be new to the tokenizer.
         stem = path.stem
         assert stem == read_embedding(path).token
@@ -348,9 +379,9 @@ def test_invokeai_probe_reads_the_width_of_the_files_we_give_it(tmp_path, fmt, n
         path = write(tmp_path / base, embedding, fmt, name)
         assert invokeai_probe(path) == base
         vectors, vectors_g = invokeai_loader(path)
-        assert torch.equal(vectors, embedding.vectors)
-        if embedding.is_sdxl:
-            assert torch.equal(vectors_g, embedding.vectors_g)
+        assert torch.equal(vectors, first_part(embedding))
+        if embedding.keys:
+            assert torch.equal(vectors_g, embedding.parts["clip_g"])
         assert read_embedding(path).token == "my-cat"  # installed under its file's name, typed <my-cat>
 
 
@@ -370,7 +401,38 @@ def test_onetrainer_reads_emp_params_and_clip_l_clip_g_from_our_file(tmp_path):
     assert set(state) == {"emp_params"}  # its loader takes emp_params_out when present, else emp_params
     assert torch.equal(state.get("emp_params_out", state["emp_params"]), SD1.vectors)
     state = load_file(str(write(tmp_path / "xl", SDXL, "onetrainer", "my-cat.safetensors")))
-    assert set(state) == {"clip_l", "clip_g"} and torch.equal(state["clip_g"], SDXL.vectors_g)
+    assert set(state) == {"clip_l", "clip_g"} and torch.equal(state["clip_g"], SDXL.parts["clip_g"])
+
+
+def test_onetrainer_reads_each_encoders_part_of_our_sd3_and_flux_files(tmp_path):
+    """BaseStableDiffusion3Setup / BaseFluxSetup: per encoder, state.get(key + "_out", state.get(key))."""
+    for embedding in (SD3, FLUX):
+        state = load_file(str(write(tmp_path / "-".join(embedding.keys), embedding, "onetrainer", "my-cat.safetensors")))
+        assert set(embedding.keys) <= set(state) and not any(key.endswith("_out") for key in state)
+        for key in embedding.keys:
+            assert torch.equal(state.get(key + "_out", state.get(key)), embedding.parts[key]), key
+    # Files OneTrainer wrote, with output embeddings beside the input vectors: the input vectors are read.
+    save_file({"clip_l": FLUX.parts["clip_l"], "t5": FLUX.parts["t5"], "clip_l_out": torch.randn(2, 768), "t5_out": torch.randn(2, 4096)},
+              tmp_path / "otflux.safetensors")
+    back = read_embedding(tmp_path / "otflux.safetensors")
+    assert (back.token, back.keys, back.layout) == ("otflux", ("clip_l", "t5"), "flux")
+    assert torch.equal(back.parts["t5"], FLUX.parts["t5"])
+    save_file(dict(SD3.parts), tmp_path / "otsd3.safetensors")
+    assert read_embedding(tmp_path / "otsd3.safetensors").widths == (768, 1280, 4096)
+    save_file({"clip_g": SD3.parts["clip_g"], "t5": SD3.parts["t5"]}, tmp_path / "not-all.safetensors")
+    with pytest.raises(EmbeddingFormatError, match="holds clip_g and t5 without clip_l: an embedding for Stable Diffusion 3 holds clip_l, clip_g, t5"):
+        read_embedding(tmp_path / "not-all.safetensors")
+
+
+def test_tools_without_sd3_and_flux_embeddings_are_not_offered_them(tmp_path):
+    """A1111/Forge, kohya sd-scripts and InvokeAI load no embedding with a T5 part."""
+    for fmt, name in OFFERED:
+        if fmt in ("diffusers", "onetrainer"):
+            assert read_embedding(write(tmp_path, FLUX, fmt, name)).keys == ("clip_l", "t5")
+        else:
+            with pytest.raises(EmbeddingFormatError, match=r"have no Flux.1 embeddings.*Write it as diffusers or onetrainer"):
+                write(tmp_path, FLUX, fmt, name)
+            assert not (tmp_path / fmt / name).exists()
 
 
 def test_onetrainer_files_in_the_wild(tmp_path):
@@ -379,10 +441,10 @@ def test_onetrainer_files_in_the_wild(tmp_path):
     back = read_embedding(tmp_path / "otcat.safetensors")
     assert (back.token, back.layout) == ("otcat", "onetrainer")  # the input vectors; _out is an output embedding
     assert torch.equal(back.vectors, SD1.vectors.half().float())
-    save_file({"clip_l": SDXL.vectors, "clip_g": SDXL.vectors_g, "clip_l_out": torch.randn(2, 768), "clip_g_out": torch.randn(2, 1280)},
+    save_file({"clip_l": SDXL.parts["clip_l"], "clip_g": SDXL.parts["clip_g"], "clip_l_out": torch.randn(2, 768), "clip_g_out": torch.randn(2, 1280)},
               tmp_path / "otxl.safetensors")
     back = read_embedding(tmp_path / "otxl.safetensors")
-    assert back.token == "otxl" and torch.equal(back.vectors, SDXL.vectors) and torch.equal(back.vectors_g, SDXL.vectors_g)
+    assert back.token == "otxl" and torch.equal(back.parts["clip_l"], SDXL.parts["clip_l"]) and torch.equal(back.parts["clip_g"], SDXL.parts["clip_g"])
     save_file({"emp_params_out": out_vectors}, tmp_path / "outonly.safetensors")
     with pytest.raises(EmbeddingFormatError, match="only emp_params_out, a OneTrainer output embedding.*saved as emp_params"):
         read_embedding(tmp_path / "outonly.safetensors")
@@ -395,12 +457,12 @@ def test_lora_bundled_embeddings_are_read_under_the_bundle_name(tmp_path):
     lora = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 768)}
     save_file({**lora, "bundle_emb.loracat.clip_l": SD1.vectors, "bundle_emb.loracat.clip_l_out": torch.zeros(3, 768)}, tmp_path / "ot.safetensors")
     save_file({**lora, "bundle_emb.a1cat.string_to_param.*": SD1.vectors}, tmp_path / "a1.safetensors")
-    save_file({**lora, "bundle_emb.xlcat.clip_l": SDXL.vectors, "bundle_emb.xlcat.clip_g": SDXL.vectors_g}, tmp_path / "xl.safetensors")
+    save_file({**lora, "bundle_emb.xlcat.clip_l": SDXL.parts["clip_l"], "bundle_emb.xlcat.clip_g": SDXL.parts["clip_g"]}, tmp_path / "xl.safetensors")
     for name, token in (("ot", "loracat"), ("a1", "a1cat")):
         back = read_embedding(tmp_path / f"{name}.safetensors")
         assert (back.token, back.layout) == (token, "lora-bundle") and torch.equal(back.vectors, SD1.vectors)
     back = read_embedding(tmp_path / "xl.safetensors")
-    assert back.token == "xlcat" and torch.equal(back.vectors_g, SDXL.vectors_g)
+    assert back.token == "xlcat" and torch.equal(back.parts["clip_g"], SDXL.parts["clip_g"])
     save_file({**lora, "bundle_emb.one.clip_l": SD1.vectors, "bundle_emb.two.clip_l": SD1.vectors.clone()}, tmp_path / "two.safetensors")
     with pytest.raises(EmbeddingFormatError, match=r"a LoRA with 2 embeddings bundled in it \(one, two\)"):
         read_embedding(tmp_path / "two.safetensors")
@@ -414,6 +476,6 @@ def test_sd_concepts_bin_kohya_pt_and_a_lone_clip_g(tmp_path):
     assert read_embedding(tmp_path / "kohyacat.pt").token == "kohyacat"
     save_file({"clip_l": SD1.vectors}, tmp_path / "lonel.safetensors")  # ComfyUI reads clip_l for SD 1.x
     assert read_embedding(tmp_path / "lonel.safetensors").widths == (768,)
-    save_file({"clip_g": SDXL.vectors_g}, tmp_path / "loneg.safetensors")
-    with pytest.raises(EmbeddingFormatError, match="holds clip_g, the second text encoder's part of an SDXL embedding, without clip_l"):
+    save_file({"clip_g": SDXL.parts["clip_g"]}, tmp_path / "loneg.safetensors")
+    with pytest.raises(EmbeddingFormatError, match="holds clip_g without clip_l: an embedding for Stable Diffusion XL holds clip_l, clip_g"):
         read_embedding(tmp_path / "loneg.safetensors")

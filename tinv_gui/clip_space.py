@@ -100,6 +100,16 @@ class CachedPrefixPrompts:
         return text.final_layer_norm(x), own
 
 
+def blank_outside_mask(image: Image.Image, mask: Image.Image | None, unmasked_weight: float) -> Image.Image:
+    """The picture with what lies outside its mask faded to white (as transparency is shown), so
+    CLIP sees the subject and not its background: kept where the mask is white, `unmasked_weight`
+    of it kept where the mask is black."""
+    if mask is None or unmasked_weight == 1:
+        return image
+    keep = mask.point(lambda value: round(255 * unmasked_weight + (1 - unmasked_weight) * value))
+    return Image.composite(image.convert("RGB"), Image.new("RGB", image.size, (255, 255, 255)), keep)
+
+
 def _to_tensor(image: Image.Image, clip: ClipBundle) -> torch.Tensor:
     array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
     pixels = array.permute(2, 0, 1).float() / 255.0

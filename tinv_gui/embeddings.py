@@ -4,20 +4,22 @@ Only the new vectors are trainable: the text encoder keeps its frozen token tabl
 module looks up ids past its end in a small [n, dim] parameter. No gradient or optimizer state
 ever touches the 49408-row vocabulary, and there is nothing to restore after a step.
 
-SDXL has two text encoders, and a token has vectors for each ([n, 768] and [n, 1280]). They are
-trained as one tensor [n, 768 + 1280], the first encoder's columns first, so the optimizer, the
-NaN guard and checkpoints see one tensor whatever the model; `split_columns` cuts it apart.
+A model with several text encoders (SDXL, SD 3.x, Flux.1) has a token's vectors for each (SDXL:
+[n, 768] and [n, 1280]). They are trained as one tensor [n, 768 + 1280], the first encoder's
+columns first, so the optimizer, the NaN guard and checkpoints see one tensor whatever the model;
+`split_columns` cuts it apart, and files hold a part per encoder (formats.EmbeddingFile).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from pathlib import Path
 
 import torch
 
-from .files import atomic_save_safetensors
+from .formats import EmbeddingFile, check_fits, write_embedding
 
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
@@ -134,6 +136,21 @@ def extended_vocabularies(text_encoders: list, extra: torch.Tensor):
         yield sizes
 
 
+@contextlib.contextmanager
+def plain_vocabularies(text_encoders: list):
+    """Within the block, text encoders a running training has extended (extended_vocabulary) use
+    their own token table again, so that diffusers can load an embedding file into them (it
+    resizes the table); the extension is put back afterwards."""
+    extended = [(te, te.get_input_embeddings()) for te in text_encoders if isinstance(te.get_input_embeddings(), ExtendedTokenEmbedding)]
+    for text_encoder, extension in extended:
+        text_encoder.set_input_embeddings(extension.base)
+    try:
+        yield
+    finally:
+        for text_encoder, extension in extended:
+            text_encoder.set_input_embeddings(extension)
+
+
 def encode_with_placeholder(tokenizer, prompt: str, placeholder: str, placeholder_ids: list[int], max_length: int = 77) -> list[int]:
     """Token ids of `prompt` with every `placeholder` replaced by `placeholder_ids`, framed by the
     start and end markers and cut to `max_length` (keeping the end marker)."""
@@ -162,17 +179,13 @@ def save_embedding(
     widths: tuple[int, ...] | None = None,
     keys: tuple[str, ...] = (),
 ) -> Path:
-    """Save in diffusers' layout {token: tensor[n, dim]}, with string metadata, atomically. For a
-    family with a key per text encoder (Family.embedding_keys; SDXL: clip_l, clip_g), `vectors`
-    holds the parts side by side, of `widths`, and is saved as {key: part}, the token in the metadata."""
-    meta = {"format": "diffusers", "token": token, "vectors": str(vectors.shape[0]), "dim": str(vectors.shape[1])}
-    meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    if widths is not None and len(widths) != max(len(keys), 1):
-        raise ValueError(f"vectors for {len(widths)} text encoders need a key each (the family's embedding_keys), not {keys}")
-    if keys:
-        meta["dim"] = "+".join(str(w) for w in widths)
-        return atomic_save_safetensors(dict(zip(keys, split_columns(vectors, widths))), path, meta)
-    return atomic_save_safetensors({token: vectors}, path, meta)
+    """Save a run's embedding through formats.write_embedding, atomically, with string metadata:
+    {token: tensor[n, dim]} (diffusers' layout) for one text encoder; for a family with a key
+    per text encoder (Family.embedding_keys: SDXL clip_l, clip_g; SD 3.x + t5; Flux.1 clip_l,
+    t5), `vectors` holds the parts side by side, of `widths`, saved in one file as {key: part}
+    (OneTrainer's layout), the token in the metadata."""
+    embedding = EmbeddingFile.from_joined(token, vectors, widths, keys, metadata)
+    return write_embedding(embedding, path, "diffusers", one_file=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -183,21 +196,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_into_pipeline(pipe, token: str, vectors: torch.Tensor, scale: float = 1.0, vectors_g: torch.Tensor | None = None) -> list[str]:
+def load_into_pipeline(pipe, token: str, vectors: torch.Tensor | dict[str, torch.Tensor], scale: float = 1.0) -> list[str]:
     """Add a learned token to a diffusers pipeline with diffusers' own `load_textual_inversion`
-    (which names several vectors token, token_1, ...); `scale` multiplies the vectors. An SDXL
-    pipeline takes `vectors` into its first text encoder and `vectors_g` into its second, one
-    call each, as diffusers documents. Returns the names added; `unload_from_pipeline(pipe,
-    names)` removes them again."""
-    from .formats import EmbeddingFile, check_fits
+    (which names several vectors token, token_1, ...); `scale` multiplies the vectors.
+    `vectors` is a tensor [n, dim] for a model with one text encoder, or the parts of an
+    EmbeddingFile ({key: [n, width]}, the family's embedding_keys): each part goes into its own
+    text encoder and tokenizer, one call each, as diffusers documents for SDXL. Returns the
+    names added; `unload_from_pipeline(pipe, names)` removes them again."""
+    from .families import family_of
     from .models import pipeline_text_widths, text_encoders, tokenizers
 
-    check_fits(EmbeddingFile(token, vectors, vectors_g), pipeline_text_widths(pipe), f"the embedding of {token!r}")
-    names = token_names(token, vectors.shape[0])
+    embedding = EmbeddingFile(token, vectors)
+    check_fits(embedding, pipeline_text_widths(pipe), f"the embedding of {token!r}", family_of(pipe).embedding_keys)
+    names = token_names(token, embedding.count)
     encoders = text_encoders(pipe)
-    for part, tokenizer, text_encoder in zip((vectors, vectors_g), tokenizers(pipe), encoders):
+    for part, tokenizer, text_encoder in zip(embedding.parts.values(), tokenizers(pipe), encoders):
         try:
-            pipe.load_textual_inversion(
+            _keep_rows_past_the_tokenizer(text_encoder, tokenizer)
+            _loader(pipe).load_textual_inversion(
                 (part.float() * scale).to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
             )
         except BaseException:
@@ -216,10 +232,55 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
     for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
         if names[0] not in tokenizer.get_vocab():
             continue
-        pipe.unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _loader(pipe).unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _restore_rows_past_the_tokenizer(text_encoder, tokenizer)
         table = text_encoder.get_input_embeddings()
         table.requires_grad_(False)
         text_encoder.config.vocab_size = table.num_embeddings
+
+
+def _loader(pipe):
+    """The pipeline itself when it has diffusers' load/unload_textual_inversion; else (SD 3.x's
+    StableDiffusion3Pipeline does not mix TextualInversionLoaderMixin in, though its CLIP and T5
+    tokenizers and encoders are the kind the loader handles) the mixin on its own, given what of
+    the pipeline it reads: the components and device map (for offload hooks), and the offloads."""
+    if hasattr(type(pipe), "load_textual_inversion"):
+        return pipe
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    loader = TextualInversionLoaderMixin()
+    loader.components, loader.hf_device_map = pipe.components, getattr(pipe, "hf_device_map", None)
+    loader.enable_model_cpu_offload, loader.enable_sequential_cpu_offload = pipe.enable_model_cpu_offload, pipe.enable_sequential_cpu_offload
+    return loader
+
+
+def expands_names_itself(pipe) -> bool:
+    """Whether the pipeline spells a multi-vector token out (token token_1 ...) in its prompts
+    (diffusers' maybe_convert_prompt, which SD 3.x's pipeline does not call)."""
+    return hasattr(type(pipe), "maybe_convert_prompt")
+
+
+# T5's token table has rows past its tokenizer's last token (T5-XXL: 32128 rows for 32100 tokens),
+# which diffusers' loader drops when it sizes the table to the tokenizer's length plus the new
+# tokens; they are kept here and put back when the tokens are unloaded, so a cached pipeline ends
+# as it was. No token reaches them; CLIP's tables have none.
+_ROWS_PAST_TOKENIZER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _keep_rows_past_the_tokenizer(text_encoder, tokenizer) -> None:
+    table = text_encoder.get_input_embeddings().weight
+    if table.shape[0] > len(tokenizer) and text_encoder not in _ROWS_PAST_TOKENIZER:
+        _ROWS_PAST_TOKENIZER[text_encoder] = (len(tokenizer), table[len(tokenizer):].detach().clone())
+
+
+def _restore_rows_past_the_tokenizer(text_encoder, tokenizer) -> None:
+    size, rows = _ROWS_PAST_TOKENIZER.get(text_encoder, (None, None))
+    if size is None or len(tokenizer) != size or text_encoder.get_input_embeddings().num_embeddings != size:
+        return  # other tokens are still loaded: the rows come back when they go
+    text_encoder.resize_token_embeddings(size + rows.shape[0], mean_resizing=False)
+    with torch.no_grad():
+        text_encoder.get_input_embeddings().weight[size:] = rows.to(text_encoder.get_input_embeddings().weight)
+    del _ROWS_PAST_TOKENIZER[text_encoder]
 
 
 def _name_regex(name: str) -> str:
@@ -250,7 +311,7 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
     that rewrites a prompt to use them. Each is loaded under a made-up token of its own and
     the prompt's uses of its name become that token, so a name that is an ordinary word
     ('fresh', as A1111 users name files) works as in A1111. Unloaded again at the end."""
-    from .formats import check_fits
+    from .families import family_of
     from .models import pipeline_text_widths
 
     added: list[str] = []
@@ -258,9 +319,11 @@ def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
     try:
         for i, embedding in enumerate(embeddings):
             where = embedding.path.name if embedding.path is not None else repr(embedding.token)
-            check_fits(embedding, pipeline_text_widths(pipe), where)
-            internal[embedding.token] = f"<tinv-embedding-{i}>"
-            added += load_into_pipeline(pipe, internal[embedding.token], embedding.vectors, scale, embedding.vectors_g)
+            check_fits(embedding, pipeline_text_widths(pipe), where, family_of(pipe).embedding_keys)
+            token = f"<tinv-embedding-{i}>"
+            loaded = load_into_pipeline(pipe, token, embedding.parts, scale)
+            added += loaded
+            internal[embedding.token] = token if expands_names_itself(pipe) else " ".join(loaded)
 
         # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
         # name is found inside another's replacement.

@@ -51,6 +51,27 @@ class Preview(Event):
 
 
 @dataclass
+class VectorNorms(Event):
+    """How long each learned vector is, beside the lengths of the model's own words (vector_norms)."""
+
+    kind = "norms"
+    step: int
+    norms: dict[str, list[float]]  # per text encoder (its name): each vector's norm
+    ordinary: dict[str, list[float]]  # per text encoder: [low, high], the range of its vocabulary's row norms
+
+
+@dataclass
+class CheckpointScore(Event):
+    """A saved checkpoint's scores (checkpoint_scores): likeness and editability."""
+
+    kind = "checkpoint_score"
+    step: int
+    path: str  # the checkpoint's embedding file
+    image_similarity: float  # likeness: CLIP cosine of its pictures to the training pictures
+    text_similarity: float  # editability: CLIP cosine of its pictures to the prompts without the word
+
+
+@dataclass
 class Finished(Event):
     kind = "finished"
     outputs: dict[str, str]  # what -> path
@@ -82,6 +103,7 @@ class Reporter:
 
     def __init__(self, emit: Callable[[Event], None] | None = None, stop: threading.Event | None = None, total_steps: int = 0):
         self._emit = emit or (lambda event: None)
+        self._listeners: list[Callable[[Event], None]] = []
         self.stop_event = stop or threading.Event()
         self.total_steps = total_steps
         self.steps_done = 0
@@ -92,12 +114,19 @@ class Reporter:
         self._steps_before_start = 0  # a resumed run's earlier steps, left out of the time estimate
         self.time_limit_s: float | None = None
         self.deadline: float | None = None  # time.monotonic() past which the job stops (limit_time)
+        self.vector_watchers: list[Callable] = []  # called with the learned vectors after each step (vector_norms.NormWatch)
 
     def emit(self, event: Event) -> None:
         self._emit(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Also hand every event from now on to `listener` (the run's trackers)."""
+        self._listeners.append(listener)
 
     def log(self, message: str) -> None:
-        self._emit(Log(message))
+        self.emit(Log(message))
 
     def should_stop(self) -> bool:
         if self.deadline is not None and not self.stop_event.is_set() and time.monotonic() > self.deadline:
@@ -118,6 +147,11 @@ class Reporter:
         if self._start is None:
             self._start = time.perf_counter()
 
+    def vectors_updated(self, vectors) -> None:
+        """After a step: show the learned vectors to whoever watches them (e.g. their norms)."""
+        for watch in self.vector_watchers:
+            watch(vectors)
+
     def step_finished(self, loss: float, lr: float, phase: str) -> Progress:
         """Count one finished step and send its progress event."""
         self.steps_done += 1
@@ -126,5 +160,5 @@ class Reporter:
         timed = self.steps_done - self._steps_before_start
         eta = elapsed / timed * remaining if timed else None
         event = Progress(self.steps_done, self.total_steps, float(loss), float(lr), elapsed, eta, phase)
-        self._emit(event)
+        self.emit(event)
         return event

@@ -10,8 +10,10 @@ Layouts (SD 1.x/2.x vectors are a tensor [n, dim]):
 - a1111-png: A1111's embedding card, a picture with the a1111-pt dict inside (see cards.py).
 - kohya: {"emb_params": tensor} (kohya's sd-scripts; InvokeAI, ComfyUI and A1111 read it too).
 - onetrainer: {"emp_params": tensor} (sic), and "emp_params_out" for an output embedding.
-- SDXL: {"clip_l": [n, 768], "clip_g": [n, 1280]}, whatever the container (OneTrainer adds
-  clip_l_out / clip_g_out); LoRA files may bundle embeddings as bundle_emb.<name>.<key>.
+- several text encoders: a key per encoder, as OneTrainer names them (the family's
+  embedding_keys): SDXL {"clip_l": [n, 768], "clip_g": [n, 1280]}, SD 3.x {"clip_l", "clip_g",
+  "t5": [n, 4096]}, Flux.1 {"clip_l", "t5"}, whatever the container (OneTrainer adds clip_l_out /
+  ..._out); LoRA files may bundle embeddings as bundle_emb.<name>.<key>.
 
 The name to type is the one the tool that wrote the layout uses: A1111, ComfyUI, kohya and
 OneTrainer call an embedding by its file's name (whatever name is stored inside), diffusers by
@@ -35,14 +37,15 @@ from pathlib import Path
 
 import torch
 
+from .families import FAMILIES
 from .files import atomic_save_safetensors, atomic_write
 
 FORMATS = {
-    "diffusers": "diffusers' load_textual_inversion (.safetensors, or .bin by the file name; SDXL: two files)",
+    "diffusers": "diffusers' load_textual_inversion (.safetensors, or .bin by the file name; SDXL: two files; SD 3.x / Flux.1: one file, a key per text encoder)",
     "a1111-pt": "AUTOMATIC1111 / Forge / ComfyUI / InvokeAI .pt",
     "a1111-safetensors": "AUTOMATIC1111 / Forge / ComfyUI .safetensors",
     "kohya": "kohya sd-scripts / InvokeAI / ComfyUI / A1111 .safetensors ({'emb_params': ...})",
-    "onetrainer": "OneTrainer .safetensors ({'emp_params': ...}; SDXL {'clip_l', 'clip_g'})",
+    "onetrainer": "OneTrainer .safetensors ({'emp_params': ...}; SDXL {'clip_l', 'clip_g'}, SD 3.x + 't5', Flux.1 {'clip_l', 't5'})",
     "a1111-png": "AUTOMATIC1111 / Forge embedding card: a .png picture with the embedding inside",
 }
 SUFFIXES = {
@@ -53,11 +56,28 @@ SUFFIXES = {
     "onetrainer": (".safetensors",),
     "a1111-png": (".png",),
 }
+# The families whose embeddings hold a part per text encoder, by their parts' keys (their
+# embedding_keys, in order), and every such key in that order: clip_l, clip_g, t5.
+FAMILY_OF_KEYS = {family.embedding_keys: family for family in FAMILIES if family.embedding_keys}
+ENCODER_KEYS = tuple(dict.fromkeys(key for keys in FAMILY_OF_KEYS for key in keys))
+# The key of the one part of an embedding for a model with one text encoder (SD 1.x/2.x), whose
+# family has no embedding_keys. '*' as in A1111's string_to_param; no file stores it.
+ONE_ENCODER = "*"
+# diffusers' textual inversion example writes SDXL's parts as a file per text encoder (see
+# write_embedding); every other family's parts go into one file, as its advanced scripts write them.
+DIFFUSERS_FILE_PER_ENCODER = (("clip_l", "clip_g"),)
+# The formats whose tools load embeddings with a T5 part (SD 3.x, Flux.1): OneTrainer reads its
+# {clip_l, (clip_g), t5} files, diffusers takes a part per text encoder; AUTOMATIC1111/Forge, kohya
+# sd-scripts and InvokeAI have no textual inversion for these families.
+FORMATS_WITH_T5 = ("diffusers", "onetrainer")
+# ComfyUI's T5 tokenizers (SD 3.x, Flux.1) look an embedding's T5 part up under "t5xxl", where
+# OneTrainer writes "t5"; without it they take the file's first tensor (clip_l, of the wrong width)
+# and ignore it. Files with a T5 part hold it under both keys, so ComfyUI applies it too.
+COMFYUI_KEYS = {"t5": "t5xxl"}
 # Layouts whose tools call the embedding by its file's name.
-NAMED_BY_FILE = ("a1111-pt", "a1111-safetensors", "kohya", "onetrainer", "sdxl", "clip_l", "tensor")
+NAMED_BY_FILE = ("a1111-pt", "a1111-safetensors", "kohya", "onetrainer", "clip_l", "tensor", *(f.name for f in FAMILY_OF_KEYS.values()))
 # Which models a text width belongs to, for messages.
 WIDTH_FAMILIES = {64: "the offline demo model", 768: "SD 1.x", 1024: "SD 2.x"}
-SDXL_KEYS = ("clip_l", "clip_g")
 KOHYA_KEY = "emb_params"
 ONETRAINER_KEY = "emp_params"
 BUNDLE_PREFIX = "bundle_emb."
@@ -76,18 +96,83 @@ class EmbeddingFormatError(ValueError):
 
 @dataclass
 class EmbeddingFile:
-    """An embedding as read from (or to be written to) a file of any layout."""
+    """An embedding as read from (or to be written to) a file of any layout: a token's vectors
+    for each text encoder of the model it was made for.
+
+    `parts` maps each text encoder's key to its vectors [n, width] (float32, the same n in every
+    part), in the family's `embedding_keys` order: SDXL clip_l, clip_g; SD 3.x clip_l, clip_g,
+    t5; Flux.1 clip_l, t5 (whose t5 part is T5's width). A model with one text encoder (SD
+    1.x/2.x) has a single part under ONE_ENCODER; give it as a bare tensor:
+
+        EmbeddingFile("<my-cat>", vectors)                                 # SD 1.x/2.x
+        EmbeddingFile("<my-cat>", {"clip_l": l, "clip_g": g, "t5": t5})   # SD 3.x
+        EmbeddingFile.from_joined("<my-cat>", vectors, widths, family.embedding_keys, metadata)
+
+    `vectors` is a one-encoder embedding's vectors; `joined()` lays every part side by side
+    [n, sum of widths], as training holds them, and `from_joined` cuts such a tensor apart.
+    Write it with write_embedding, read it with read_embedding.
+    """
 
     token: str  # the name the file stores, or the file's name when its layout stores none
-    vectors: torch.Tensor  # [n, dim] float32; for SDXL, the first text encoder's (clip_l)
-    vectors_g: torch.Tensor | None = None  # SDXL only: the second text encoder's (clip_g)
+    parts: dict[str, torch.Tensor]  # {key: [n, width]}; a bare tensor is taken as {ONE_ENCODER: tensor}
     metadata: dict[str, str] = field(default_factory=dict)  # steps, base_model, init, method, ...
     layout: str = "diffusers"  # the layout it was read from
     path: Path | None = None  # the file it was read from
 
+    def __post_init__(self):
+        if isinstance(self.parts, torch.Tensor):
+            self.parts = {ONE_ENCODER: self.parts}
+        self.parts = dict(self.parts)
+        keys = tuple(self.parts)
+        if keys != (ONE_ENCODER,) and keys not in FAMILY_OF_KEYS:
+            known = "; ".join(f"{family.title}: {', '.join(k)}" for k, family in FAMILY_OF_KEYS.items())
+            raise EmbeddingFormatError(f"{self.token!r}: parts {', '.join(keys) or 'none'} are no model family's text encoders ({known})")
+        counts = {key: part.shape[0] for key, part in self.parts.items()}
+        if len(set(counts.values())) != 1:
+            raise EmbeddingFormatError(
+                f"{self.token!r} holds a different number of vectors per text encoder "
+                f"({', '.join(f'{k}: {n}' for k, n in counts.items())}); each encoder's part needs one vector per token vector"
+            )
+
+    @classmethod
+    def from_joined(cls, token: str, vectors: torch.Tensor, widths: tuple[int, ...] | None = None,
+                    keys: tuple[str, ...] = (), metadata: dict | None = None) -> EmbeddingFile:
+        """An embedding from its parts side by side: `vectors` [n, sum(widths)], the parts of
+        `widths` under the family's embedding `keys` in order (no keys: one text encoder)."""
+        metadata = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
+        if not keys:
+            return cls(token, vectors, metadata)
+        widths = tuple(widths or ())
+        if len(widths) != len(keys) or vectors.shape[-1] != sum(widths):
+            raise ValueError(f"vectors of width {vectors.shape[-1]} do not split into parts {keys} of widths {widths}")
+        return cls(token, dict(zip(keys, torch.split(vectors, list(widths), dim=-1))), metadata)
+
     @property
-    def is_sdxl(self) -> bool:
-        return self.vectors_g is not None
+    def keys(self) -> tuple[str, ...]:
+        """The parts' keys, as the family's embedding_keys: () for one text encoder."""
+        return () if tuple(self.parts) == (ONE_ENCODER,) else tuple(self.parts)
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The vectors [n, width] of an embedding for one text encoder (use `parts` for several)."""
+        if self.keys:
+            raise EmbeddingFormatError(f"{self.token!r} has a part per text encoder ({', '.join(self.keys)}); take them from .parts")
+        return self.parts[ONE_ENCODER]
+
+    @property
+    def count(self) -> int:
+        """How many vectors the token has (in each part)."""
+        return next(iter(self.parts.values())).shape[0]
+
+    def joined(self) -> torch.Tensor:
+        """Every part side by side, [n, sum of widths], in the keys' order."""
+        return torch.cat(list(self.parts.values()), dim=1)
+
+    @property
+    def family_title(self) -> str | None:
+        """The family its keys belong to ('Stable Diffusion XL'), None for one text encoder."""
+        family = FAMILY_OF_KEYS.get(self.keys)
+        return family.title if family else None
 
     @property
     def step(self) -> int | None:
@@ -96,11 +181,11 @@ class EmbeddingFile:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        """The text encoder widths it was made for: (768,), or (768, 1280) for SDXL."""
-        return (self.vectors.shape[1],) + ((self.vectors_g.shape[1],) if self.is_sdxl else ())
+        """The text encoder widths it was made for: (768,), (768, 1280) for SDXL, ..."""
+        return tuple(part.shape[1] for part in self.parts.values())
 
     def describe_width(self) -> str:
-        return describe_widths(self.widths)
+        return describe_widths(self.widths, self.keys)
 
 
 def width_label(width: int) -> str:
@@ -109,30 +194,37 @@ def width_label(width: int) -> str:
     return f"{width} ({family})" if family else str(width)
 
 
-def describe_widths(widths: tuple[int, ...]) -> str:
-    """'text width 768 (SD 1.x)', or 'text widths 768 + 1280 (SDXL)' for a pair."""
-    if len(widths) == 2:
-        return f"text widths {widths[0]} + {widths[1]} (SDXL)"
-    return f"text width {width_label(widths[0])}"
+def describe_widths(widths: tuple[int, ...], keys: tuple[str, ...] = ()) -> str:
+    """'text width 768 (SD 1.x)', or 'text widths 768 + 1280 (Stable Diffusion XL)' for the
+    parts of a family with several text encoders (named when its `keys` are given)."""
+    if len(widths) == 1:
+        return f"text width {width_label(widths[0])}"
+    family = FAMILY_OF_KEYS.get(tuple(keys))
+    return f"text widths {' + '.join(str(w) for w in widths)}" + (f" ({family.title})" if family else "")
 
 
-def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], name: str = "the embedding") -> None:
-    """Raise EmbeddingFormatError unless `embedding` was made for text encoders of `model_widths`:
-    one width (SD 1.x/2.x), or SDXL's pair (768, 1280) for an embedding with both parts."""
+
+def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], name: str = "the embedding",
+               model_keys: tuple[str, ...] | None = None) -> None:
+    """Raise EmbeddingFormatError unless `embedding` was made for text encoders of `model_widths`
+    (one width for SD 1.x/2.x), and, when `model_keys` (the family's embedding_keys) are given,
+    holds a part under each of those keys."""
     model_widths = (model_widths,) if isinstance(model_widths, int) else tuple(model_widths)
-    if embedding.widths != model_widths:
-        hint = ""
-        if len(model_widths) == 2 and embedding.widths in ((model_widths[0],), (model_widths[1],)):
-            hint = (
-                f" If it is the {'first' if embedding.widths[0] == model_widths[0] else 'second'} of diffusers' two SDXL files "
-                "(learned_embeds.safetensors for the first text encoder, learned_embeds_2.safetensors for the second), "
-                "give both files together (a second --embedding, or upload both)."
-            )
-        raise EmbeddingFormatError(
-            f"{name} was made for a model with {embedding.describe_width()}; the chosen model has "
-            f"{describe_widths(model_widths) if len(model_widths) == 2 else width_label(model_widths[0])}. Use it with a model of the family it was made for, or train it again on this one."
-            + hint
+    if embedding.widths == model_widths and (model_keys is None or embedding.keys == tuple(model_keys)):
+        return
+    hint = ""
+    per_encoder_files = len(model_widths) == 2 and (model_keys is None or tuple(model_keys) in DIFFUSERS_FILE_PER_ENCODER)
+    if per_encoder_files and embedding.widths in ((model_widths[0],), (model_widths[1],)):
+        hint = (
+            f" If it is the {'first' if embedding.widths[0] == model_widths[0] else 'second'} of diffusers' two SDXL files "
+            "(learned_embeds.safetensors for the first text encoder, learned_embeds_2.safetensors for the second), "
+            "give both files together (a second --embedding, or upload both)."
         )
+    raise EmbeddingFormatError(
+        f"{name} was made for a model with {embedding.describe_width()}; the chosen model has "
+        f"{describe_widths(model_widths, model_keys or ()) if len(model_widths) > 1 else width_label(model_widths[0])}. "
+        "Use it with a model of the family it was made for, or train it again on this one." + hint
+    )
 
 
 def a1111_name(token: str) -> str:
@@ -196,10 +288,10 @@ def _are_sdxl_halves(first: EmbeddingFile, second: EmbeddingFile) -> bool:
     return (
         first.layout == second.layout == "diffusers"
         and first.token == second.token
-        and not first.is_sdxl
-        and not second.is_sdxl
-        and first.vectors.shape[0] == second.vectors.shape[0]
-        and first.vectors.shape[1] != second.vectors.shape[1]  # SDXL's two encoders differ in width
+        and not first.keys
+        and not second.keys
+        and first.count == second.count
+        and first.widths != second.widths  # SDXL's two encoders differ in width
     )
 
 
@@ -209,15 +301,16 @@ def join_sdxl_halves(first: EmbeddingFile, second: EmbeddingFile) -> EmbeddingFi
     if first.path is not None and first.path.stem.endswith(SDXL_SECOND_FILE_SUFFIX):
         first, second = second, first
     names = " and ".join(e.path.name if e.path else e.token for e in (first, second))
-    if first.is_sdxl or second.is_sdxl:
-        raise EmbeddingFormatError(f"{names}: one of them already holds both SDXL text encoders' parts; give that file alone")
-    if first.vectors.shape[0] != second.vectors.shape[0] or first.token != second.token:
+    if first.keys or second.keys:
+        raise EmbeddingFormatError(f"{names}: one of them already holds a part per text encoder ({', '.join(first.keys or second.keys)}); give that file alone")
+    if first.count != second.count or first.token != second.token:
         raise EmbeddingFormatError(
-            f"{names} are not the two halves of one SDXL embedding: they hold {first.token!r} ({first.vectors.shape[0]} vectors) "
-            f"and {second.token!r} ({second.vectors.shape[0]} vectors). Give learned_embeds and learned_embeds_2 of the same training"
+            f"{names} are not the two halves of one SDXL embedding: they hold {first.token!r} ({first.count} vectors) "
+            f"and {second.token!r} ({second.count} vectors). Give learned_embeds and learned_embeds_2 of the same training"
         )
+    (keys,) = DIFFUSERS_FILE_PER_ENCODER
     metadata = {**second.metadata, **first.metadata}
-    return EmbeddingFile(first.token, first.vectors, second.vectors, metadata, "diffusers-sdxl", first.path)
+    return EmbeddingFile(first.token, dict(zip(keys, (first.vectors, second.vectors))), metadata, "diffusers-sdxl", first.path)
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
@@ -298,13 +391,20 @@ def _interpret(data, metadata: dict[str, str], path: Path) -> EmbeddingFile:
     if bundled:
         return _interpret_bundle(data, bundled, path)
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    if all(key in tensors for key in SDXL_KEYS):  # OneTrainer's clip_l_out / clip_g_out are output embeddings: not used
-        clip_l, clip_g = (_matrix(tensors[key], path, key) for key in SDXL_KEYS)
-        return EmbeddingFile(own_token or path.stem, clip_l, clip_g, metadata=extra, layout="sdxl")
-    if "clip_g" in tensors:
+    for key, alias in COMFYUI_KEYS.items():  # a file made for ComfyUI alone may hold T5's part only as t5xxl
+        if alias in tensors:
+            tensors.setdefault(key, tensors.pop(alias))
+    # A part per text encoder (OneTrainer's clip_l_out, t5_out, ... are output embeddings: not used).
+    keys = tuple(key for key in ENCODER_KEYS if key in tensors)
+    if keys in FAMILY_OF_KEYS:
+        parts = {key: _matrix(tensors[key], path, key) for key in keys}
+        return EmbeddingFile(own_token or path.stem, parts, metadata=extra, layout=FAMILY_OF_KEYS[keys].name)
+    if keys and keys != ("clip_l",):  # clip_l alone: ComfyUI's name for SD 1.x's one part, read below
+        family = min((f for k, f in FAMILY_OF_KEYS.items() if set(keys) <= set(k)), key=lambda f: len(f.embedding_keys))
+        missing = [key for key in family.embedding_keys if key not in keys]
         raise EmbeddingFormatError(
-            f"{path.name} holds clip_g, the second text encoder's part of an SDXL embedding, without clip_l, the first's; "
-            "SDXL needs both. Use a file holding clip_l and clip_g"
+            f"{path.name} holds {' and '.join(keys)} without {' and '.join(missing)}: an embedding for {family.title} holds "
+            f"{', '.join(family.embedding_keys)}, a part per text encoder. Use a file holding all of them"
         )
     for key, layout in ((KOHYA_KEY, "kohya"), (ONETRAINER_KEY, "onetrainer"), ("clip_l", "clip_l")):
         if key in tensors:  # OneTrainer's emp_params_out, beside emp_params, is an output embedding: not used
@@ -318,7 +418,8 @@ def _interpret(data, metadata: dict[str, str], path: Path) -> EmbeddingFile:
         raise EmbeddingFormatError(
             f"{path.name} holds {len(tensors)} tensors ({', '.join(list(tensors)[:5])}) and none of the keys of an embedding layout; "
             "an embedding file holds one tensor (diffusers, A1111), string_to_param (A1111 .pt), emb_params (kohya), "
-            "emp_params (OneTrainer), clip_l and clip_g (SDXL), or bundle_emb.<name>.* (a LoRA with an embedding)"
+            "emp_params (OneTrainer), a part per text encoder (SDXL clip_l, clip_g; SD 3.x clip_l, clip_g, t5; Flux.1 clip_l, t5), "
+            "or bundle_emb.<name>.* (a LoRA with an embedding)"
         )
     key, tensor = next(iter(tensors.items()))
     layout = metadata.get("format") if metadata.get("format") in FORMATS else "diffusers"
@@ -393,36 +494,50 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, picture=None) -> Path:
-    """Write `embedding` in layout `fmt` (one of FORMATS), atomically; returns the path.
+def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, picture=None, one_file: bool = False) -> Path:
+    """Write `embedding` in layout `fmt` (one of FORMATS), atomically; returns the path. The one
+    writer of every embedding file tinv-gui makes (embeddings.save_embedding writes runs through it).
 
     Layouts whose tools name an embedding after its file store the file's name as its name
-    (A1111's `name`, the tensor's key), so every tool calls it by the same word. SDXL
-    embeddings are written as {"clip_l", "clip_g"}, except for diffusers, whose SDXL example
-    writes a second file `<name>_2` beside the first. `picture` is a1111-png's preview."""
+    (A1111's `name`, the tensor's key), so every tool calls it by the same word. An embedding
+    with a part per text encoder is written as {key: part} (SDXL {"clip_l", "clip_g"}, SD 3.x
+    {"clip_l", "clip_g", "t5"}, Flux.1 {"clip_l", "t5"}), with the token in the metadata for
+    diffusers; except that for SDXL diffusers' example writes a second file `<name>_2` beside the
+    first, which `one_file` (a run's own file) leaves out. `picture` is a1111-png's preview."""
     path = Path(path)
     if fmt not in FORMATS:
         raise EmbeddingFormatError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if path.suffix.lower() not in SUFFIXES[fmt]:
         raise EmbeddingFormatError(f"{fmt} files end in {' or '.join(SUFFIXES[fmt])}, not {path.name!r}")
+    if not format_takes(fmt, embedding):
+        raise EmbeddingFormatError(
+            f"{fmt} files ({FORMATS[fmt]}) have no {embedding.family_title} embeddings: those tools do not load a T5 part. "
+            f"Write it as {' or '.join(FORMATS_WITH_T5)} (ComfyUI reads the onetrainer file too)"
+        )
     name = embedding.token if fmt == "diffusers" else path.stem
     if fmt == "a1111-png":
         from .cards import card_bytes, plain_picture
 
         data = card_bytes(_a1111_dict(embedding, name), picture if picture is not None else plain_picture(name))
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    if fmt == "diffusers" and embedding.is_sdxl:
-        second = path.with_name(path.stem + SDXL_SECOND_FILE_SUFFIX + path.suffix)
-        _write_tensors({name: embedding.vectors_g}, second, _header(embedding, fmt, name))
-        return _write_tensors({name: embedding.vectors}, path, _header(embedding, fmt, name))
-    if embedding.is_sdxl:
-        tensors = {"clip_l": embedding.vectors, "clip_g": embedding.vectors_g}
+    if fmt == "diffusers" and embedding.keys in DIFFUSERS_FILE_PER_ENCODER and not one_file:
+        first, second = embedding.parts.values()
+        _write_tensors({name: second}, path.with_name(path.stem + SDXL_SECOND_FILE_SUFFIX + path.suffix), _header(embedding, fmt, name))
+        return _write_tensors({name: first}, path, _header(embedding, fmt, name))
+    if embedding.keys:
+        tensors = dict(embedding.parts)
+        tensors.update({alias: embedding.parts[key].clone() for key, alias in COMFYUI_KEYS.items() if key in embedding.parts})
     elif fmt == "a1111-pt":
         return atomic_torch_save(_a1111_dict(embedding, name), path)
     else:
         key = {"kohya": KOHYA_KEY, "onetrainer": ONETRAINER_KEY}.get(fmt, name)
         tensors = {key: embedding.vectors}
     return _write_tensors(tensors, path, _header(embedding, fmt, name))
+
+
+def format_takes(fmt: str, embedding: EmbeddingFile) -> bool:
+    """Whether the tools of format `fmt` load `embedding`'s family (see FORMATS_WITH_T5)."""
+    return "t5" not in embedding.parts or fmt in FORMATS_WITH_T5
 
 
 def _write_tensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
@@ -433,7 +548,7 @@ def _write_tensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
 
 def _header(embedding: EmbeddingFile, fmt: str, name: str) -> dict[str, str]:
     header = {k: str(v) for k, v in embedding.metadata.items() if v is not None and k != "stored_name"}
-    header.update(format=fmt, token=name, vectors=str(embedding.vectors.shape[0]), dim=str(embedding.vectors.shape[1]))
+    header.update(format=fmt, token=name, vectors=str(embedding.count), dim="+".join(str(w) for w in embedding.widths))
     if fmt.startswith("a1111"):  # A1111's own field names, for tools that show them
         header["name"] = name
         if embedding.step is not None:
@@ -444,8 +559,8 @@ def _header(embedding: EmbeddingFile, fmt: str, name: str) -> dict[str, str]:
 
 
 def _a1111_dict(embedding: EmbeddingFile, name: str) -> dict:
-    if embedding.is_sdxl:  # A1111 reads SDXL as {clip_l, clip_g}, with nothing else beside them
-        return {"clip_l": _cpu32(embedding.vectors), "clip_g": _cpu32(embedding.vectors_g)}
+    if embedding.keys:  # A1111 reads SDXL as {clip_l, clip_g}, with nothing else beside them
+        return {key: _cpu32(part) for key, part in embedding.parts.items()}
     return {
         "string_to_token": {"*": A1111_STAR_ID},
         "string_to_param": {"*": _cpu32(embedding.vectors)},
@@ -469,7 +584,8 @@ def convert(source: str | Path, fmt: str, output: str | Path, token: str | None 
 
 
 def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, picture=None) -> dict[str, str]:
-    """Write a finished run's embedding in every format, one folder per format (A1111 would
+    """Write a finished run's embedding in every format whose tools load its family (SD 3.x and
+    Flux.1: diffusers and onetrainer), one folder per format (A1111 would
     load a .pt and a .safetensors of the same name twice), under `out_dir`
     (default: an `export` folder beside the embedding). Returns {format: path}; "diffusers-bin"
     is diffusers' older learned_embeds.bin; for SDXL, "diffusers-2" (and "diffusers-bin-2")
@@ -477,10 +593,12 @@ def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, pi
     embedding = read_embedding(embedding_path)
     out_dir = Path(out_dir) if out_dir else Path(embedding_path).parent / "export"
     written = {
-        fmt: str(write_embedding(embedding, out_dir / fmt / default_filename(embedding.token, fmt), fmt, picture)) for fmt in FORMATS
+        fmt: str(write_embedding(embedding, out_dir / fmt / default_filename(embedding.token, fmt), fmt, picture))
+        for fmt in FORMATS
+        if format_takes(fmt, embedding)
     }
     written["diffusers-bin"] = str(write_embedding(embedding, out_dir / "diffusers" / "learned_embeds.bin", "diffusers"))
-    if embedding.is_sdxl:
+    if embedding.keys in DIFFUSERS_FILE_PER_ENCODER:
         for key in ("diffusers", "diffusers-bin"):
             first = Path(written[key])
             written[key + "-2"] = str(first.with_name(first.stem + SDXL_SECOND_FILE_SUFFIX + first.suffix))

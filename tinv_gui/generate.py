@@ -83,7 +83,7 @@ def generate(
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
-    family_of(pipe).check_generation(negative, bool(SAMPLERS.get(sampler)), bool(embeddings) or prompt_embeds is not None)
+    family_of(pipe).check_generation(negative, bool(SAMPLERS.get(sampler)), prompt_embeds is not None)
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
         saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe), family_of(pipe).pooled_in_prompt_embeds)

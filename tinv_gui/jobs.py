@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .data import load_dataset
+from .data import describe_sizes, load_dataset
 from .device import choose_placement
 from .distributed import ProcessInfo, device_for_process, process_info, shard
 from .events import Reporter
@@ -15,6 +15,7 @@ from .files import atomic_write_text
 from .methods import Loaded, method_named
 from .models import ModelLoadError, ModelStore
 from .settings import TrainSettings
+from .tracking import RunTrackers
 from .training import EmbeddingWriter
 
 
@@ -59,7 +60,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     family = store.family(settings.model)
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
-        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys
+        Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,
+        settings.ema_decay,
     )
     reporter.outputs = writer.outputs  # the engine reports what was saved, even on failure
 
@@ -69,12 +71,79 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"Loading {settings.model}")
         loaded.pipe = store.pipeline(settings.model, placement)
         size = settings.resolution or family.native_resolution(loaded.pipe)
-        loaded.images = _own_share(load_dataset(settings.images, size=size), process, settings, reporter)
-        reporter.log(f"{len(loaded.images)} pictures ready at {size}x{size}")
+        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats)
+        loaded.images = _own_share(pictures, process, settings, reporter)
+        reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-    method.run(loaded, settings, reporter, writer)
-    return dict(writer.outputs)
+    norms = _watch_norms(loaded, family, reporter) if process.is_main else None  # the vectors are the same in every process
+    scorer = None
+    if settings.score_checkpoints != "off" and process.is_main:
+        from .checkpoint_scores import CheckpointScorer
+
+        scorer = CheckpointScorer(settings, store, placement, reporter)
+        writer.on_saved = scorer.saved
+    trackers = RunTrackers.start(settings.log_with, settings.output_dir, settings.method, tracked_settings(settings), reporter)
+    reporter.listen(trackers.on_event)
+    try:
+        method.run(loaded, settings, reporter, writer)
+        outputs = dict(writer.outputs)
+        if scorer is not None and outputs.get("embedding"):
+            scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
+            if scorer.recommended is not None:
+                outputs["recommended"] = scorer.recommended.path
+                reporter.metrics["recommended_step"] = float(scorer.recommended.step)
+    finally:
+        trackers.finish()
+    if outputs.get("embedding"):  # saved (by the main process)
+        outputs["result"] = _write_run_result(settings, outputs, norms, scorer, reporter)
+    return outputs
+
+
+def tracked_settings(settings: TrainSettings) -> dict:
+    """The settings a tracker records with the run (W&B's config): the plain values."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if isinstance(v, (str, int, float, bool))}
+
+
+def _watch_norms(loaded: Loaded, family, reporter: Reporter):
+    """A NormWatch on the run's vectors, against the token tables of the text encoders the
+    method trains through (the pipeline's, else the CLIP models' text towers: the same words)."""
+    from .models import text_encoders
+    from .vector_norms import NormWatch, encoder_names
+
+    if loaded.pipe is not None:
+        tables = [encoder.get_input_embeddings().weight for encoder in text_encoders(loaded.pipe)]
+    else:
+        tables = [clip.model.text_model.get_input_embeddings().weight for clip in loaded.clips]
+    watch = NormWatch(tables, encoder_names(len(tables), family.embedding_keys), reporter)
+    reporter.vector_watchers.append(watch)
+    return watch
+
+
+def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, scorer, reporter: Reporter) -> str:
+    """result.json beside the embedding: what the run made and what was measured of it (the
+    prompt tokens the word takes, its vectors' norms against the model's words, the scores of
+    its checkpoints when they were scored)."""
+    import json
+
+    from .embeddings import read_metadata
+    from .vector_norms import PROMPT_TOKENS, tokens_used_text
+
+    metadata = read_metadata(outputs["embedding"])
+    vectors = len(next(iter(norms.history[-1].norms.values()))) if norms.history else 0  # the learned vectors, one prompt token each
+    reporter.log(f"The embedding has {vectors} vector{'s' if vectors != 1 else ''}: {tokens_used_text(vectors)}")
+    reporter.metrics["prompt_tokens"] = float(vectors)
+    record = {
+        "token": settings.token.strip(),
+        "method": settings.method,
+        "model": settings.model,
+        "steps": int(metadata.get("steps", 0)),
+        "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
+        "vector_norms": norms.summary(),
+        "checkpoint_scores": scorer.summary() if scorer is not None else None,
+        "outputs": outputs,
+    }
+    return str(atomic_write_text(Path(settings.output_dir) / "result.json", json.dumps(record, indent=2)))
 
 
 # The other tools' files written beside a run's embedding, in the order the page lists them.
@@ -104,14 +173,17 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     embedding): {format: path} for the formats of EXPORTS. Each keeps the name its tools call
     it by; A1111's one-tensor .safetensors is left out (the kohya file serves A1111 as well),
     diffusers' .bin too for SDXL (its two-file copies stay in export/diffusers), and
-    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own."""
-    from .formats import export_all, read_embedding
+    OneTrainer's, whose name OneTrainer does not use, gets '-onetrainer' in its own (SD 3.x and
+    Flux.1 get only diffusers' file and OneTrainer's, which ComfyUI reads by its name)."""
+    from .formats import a1111_name, export_all, read_embedding
 
     written = export_all(embedding)
-    if read_embedding(embedding).is_sdxl:
-        del written["diffusers-bin"]
+    run = read_embedding(embedding)
+    if run.keys:
+        written.pop("diffusers-bin", None)
     onetrainer = Path(written["onetrainer"])
-    written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{Path(written['kohya']).stem}-onetrainer{onetrainer.suffix}")))
+    if "kohya" in written:  # beside it; SD 3.x and Flux.1 have no kohya file, and ComfyUI calls theirs by this name
+        written["onetrainer"] = str(onetrainer.replace(onetrainer.with_name(f"{a1111_name(run.token)}-onetrainer{onetrainer.suffix}")))
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
 
 

@@ -1,8 +1,13 @@
 """What a diffusion model is trained to predict from noised latents: the training objective.
 
-Each model family answers `objective()` with one of these (tinv_gui.families). Today: the noise
-schedule of SD 1.x/2.x and SDXL (epsilon, v or sample prediction); flow matching (SD 3, Flux)
-would be another class with the same three members.
+Each model family answers `objective()` with an `Objective`. Today: the noise schedule of SD
+1.x/2.x and SDXL (epsilon, v or sample prediction); flow matching (SD 3, Flux) is another
+subclass, with its own timesteps, targets and per-sample loss weights.
+
+Two options of the objective, as kohya sd-scripts, OneTrainer and invoke-training offer them:
+noise offset (`sample_noise`, any objective) and min-SNR loss weighting (`loss_weights`, the
+noise-prediction objective only). The loss itself, with each sample's weight and each latent
+pixel's (masks), is `weighted_mse`.
 """
 
 from __future__ import annotations
@@ -14,9 +19,41 @@ from .schema import SettingsError
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-class NoiseSchedule:
+class Objective:
+    """What every training objective answers: `num_timesteps`, `prediction_type`,
+    `sample_timesteps`, `noisy_and_target` (subclasses), the noise (`sample_noise`) and each
+    sample's weight in the loss (`loss_weights`)."""
+
+    num_timesteps: int
+    prediction_type: str
+    takes_min_snr = False  # whether min-SNR weighting applies (noise- and v-prediction only)
+
+    def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The noised latents at `timesteps`, and what the denoiser should predict from them."""
+        raise NotImplementedError
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+        """Gaussian noise shaped like `latents`. With a noise `offset` (Guttenberg's, as kohya's
+        --noise_offset and diffusers' examples add it), each sample's channels also get a random
+        constant times `offset`, so the model can learn overall brightness, which plain noise hides."""
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+        if offset:
+            noise = noise + offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device)
+        return noise
+
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+        """Each sample's weight in the loss ([batch]): 1 unless the objective says otherwise."""
+        return torch.ones(timesteps.shape, device=timesteps.device)
+
+
+class NoiseSchedule(Objective):
     """The pipeline's training noise schedule (read through diffusers' DDPMScheduler, as its
     training examples do), as square-root tables on the device, computed once."""
+
+    takes_min_snr = True
 
     def __init__(self, scheduler_config, device: torch.device):
         from diffusers import DDPMScheduler
@@ -26,6 +63,7 @@ class NoiseSchedule:
         if self.prediction_type not in PREDICTION_TYPES:
             raise SettingsError("model", f"its scheduler predicts {self.prediction_type!r}; only {', '.join(PREDICTION_TYPES)} can be trained")
         self.num_timesteps = scheduler.config.num_train_timesteps
+        self.scheduler = scheduler  # its alphas_cumprod, for diffusers' compute_snr
         alphas_cumprod = scheduler.alphas_cumprod.to(device, torch.float32)
         self.signal = alphas_cumprod.sqrt()
         self.noise = (1.0 - alphas_cumprod).sqrt()
@@ -33,6 +71,23 @@ class NoiseSchedule:
     def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """Training timesteps drawn uniformly from the whole schedule."""
         return torch.randint(0, self.num_timesteps, (count,), generator=generator, device=device)
+
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+        """Each sample's weight in the loss: 1, or with min-SNR weighting (Hang et al., 2023; kohya's
+        --min_snr_gamma, invoke-training's default 5) min(SNR, gamma) / SNR for epsilon prediction,
+        min(SNR, gamma) / (SNR + 1) for v-prediction and min(SNR, gamma) for the clean sample, so the
+        many easy low-noise timesteps stop outweighing the rest."""
+        if not min_snr_gamma:
+            return super().loss_weights(timesteps)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, timesteps)
+        clipped = snr.clamp(max=min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1)
+        return clipped
 
     def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """The noised latents at `timesteps`, and what the UNet should predict from them."""
@@ -44,3 +99,19 @@ class NoiseSchedule:
         if self.prediction_type == "v_prediction":
             return noisy, signal * noise - noise_scale * latents
         return noisy, latents
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, sample_weights: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean squared error of a batch, each sample's weighted by `sample_weights` ([batch]).
+
+    `pixel_weights` ([batch, 1, h, w], from masks) weigh each latent pixel: a sample's error is
+    the weighted mean over its pixels, so a latent pixel of weight 0 does not count at all and a
+    small masked subject trains as strongly as a whole picture would. Without pixel weights, or
+    with all weights 1, this is plain `F.mse_loss`.
+    """
+    squared = (prediction.float() - target.float()).pow(2)
+    if pixel_weights is None:
+        per_sample = squared.mean(dim=(1, 2, 3))
+    else:
+        per_sample = (squared * pixel_weights).sum(dim=(1, 2, 3)) / (pixel_weights.sum(dim=(1, 2, 3)) * squared.shape[1]).clamp_min(1e-8)
+    return (per_sample * sample_weights).mean()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from .data import MAX_REPEATS
 from .methods import DIFFUSION_METHODS, METHOD_NAMES, METHODS, method_named
 from .schema import SettingsError, check_fields, setting
 
@@ -24,6 +25,8 @@ MethodName = Literal[METHOD_NAMES]
 Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Style = Literal["object", "style"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # device.PRECISIONS
+Tracker = Literal["tensorboard", "wandb", "both", "none"]  # tracking.TRACKERS
+ScoreWhen = Literal["off", "after", "during", "during-2", "during-5", "during-10"]  # checkpoint_scores.scored_saves
 SCHEDULES = get_args(Schedule)
 STYLES = get_args(Style)
 METHOD_DEFAULTS: dict[str, dict] = {name: m.defaults for name, m in METHODS.items()}  # published defaults per method
@@ -126,7 +129,38 @@ class TrainSettings:
     flip: bool = setting(
         True, label="Mirror pictures", help="Also train on left-right mirrored pictures. Turn off for text or asymmetric things.", methods=DIFFUSION_METHODS
     )
+    aspect_buckets: bool = setting(
+        True, label="Aspect-ratio buckets", flag="--buckets", methods=DIFFUSION_METHODS,
+        help="Train each picture at its own shape: scaled to fill the nearest of buckets of about resolution² pixels "
+        "(sides multiples of 64) and center-cropped by the rest. Off: every picture is cropped to its centered square.",
+    )
+    repeats: int = setting(
+        1, label="Repeats", ge=1, le=MAX_REPEATS, methods=DIFFUSION_METHODS,
+        help="How many times each picture of the folder counts per epoch. Subfolders named N_name (10_closeups) "
+        "are concepts whose pictures count N times each, to weigh a small set against a larger one.",
+    )
     gradient_checkpointing: bool = setting(False, label="Gradient checkpointing", help="Uses much less memory, about a third slower.", methods=DIFFUSION_METHODS)
+    unmasked_weight: float = setting(
+        0.0, label="Weight outside the mask",
+        help="How much the parts of a picture outside its mask still count (a mask: the picture's transparency, or photo.mask.png "
+        "beside photo.png; white is the subject). 0: only the subject; 1: masks are ignored. QuickEmbedding blanks the rest to white as much.",
+        ge=0, le=1,
+    )
+    noise_offset: float = setting(
+        0.0, label="Noise offset", methods=DIFFUSION_METHODS, ge=0, le=1,
+        help="Adds a random brightness shift to the training noise (kohya's --noise_offset), so very dark or bright looks can be learned. "
+        "0.05 to 0.1 is usual; 0 turns it off.",
+    )
+    min_snr_gamma: float = setting(
+        0.0, label="Min-SNR gamma", methods=DIFFUSION_METHODS, ge=0, le=1000,
+        help="Min-SNR loss weighting: the many easy, nearly noise-free steps count less (kohya's --min_snr_gamma; 5 is usual). "
+        "0 turns it off. For noise- and v-predicting models (SD 1.x, 2.x, SDXL); SD 3 and Flux train by flow matching, where it does not apply.",
+    )
+    ema_decay: float = setting(
+        0.0, label="EMA decay", ge=0, lt=1,
+        help="Also keep an exponential moving average of the vectors (OneTrainer's EMA; 0.99 to 0.999 is usual), saved beside them "
+        "as learned_embeds.ema.safetensors and used for the previews. 0 turns it off.",
+    )
     quick_steps: int | None = setting(
         None, label="QuickEmbedding steps first", help="CLIP-space steps before the diffusion steps.", ge=1, le=MAX_STEPS,
         methods=("quick-then-ti",),
@@ -135,10 +169,19 @@ class TrainSettings:
         0, label="Preview every N steps", help="Draw a picture with the word every N steps to watch it form. 0: no previews.", ge=0, le=MAX_STEPS,
         methods=DIFFUSION_METHODS,
     )
-    preview_prompt: str | None = setting(
-        None, label="Preview prompt", help="What the previews draw; {} stands for your word. Empty: 'a photo of {}'.", methods=DIFFUSION_METHODS
+    preview_prompts: list[str] = setting(
+        label="Preview prompts", flag="--preview-prompt", repeat="append", default_factory=list, methods=DIFFUSION_METHODS,
+        help="What the previews draw, one prompt per line (on the command line, repeat the flag); {} stands for your word. "
+        "Each is drawn with a fixed seed, one row per preview. They are also the prompts checkpoints are scored with. "
+        "Empty: 'a photo of {}' (object) or 'a painting in the style of {}' (style).",
     )
     preview_steps: int = setting(20, label="Preview quality", help="Denoising steps of each preview picture.", ge=1, le=1000, methods=DIFFUSION_METHODS)
+    score_checkpoints: ScoreWhen = setting(
+        "off", label="Score checkpoints",
+        help="Rate the saved checkpoints (Save every N steps, and the final one) by likeness to your pictures and editability, "
+        "from pictures drawn with the preview prompts, and recommend one. after: all of them once training ends; during: "
+        "each as it is saved; during-N: every Nth save (the final one is rated at the end).",
+    )
     scale_lr: bool | None = setting(
         None, label="Scale learning rate", help="Multiply the learning rate by batch size x accumulation, as diffusers' --scale_lr."
     )
@@ -156,6 +199,11 @@ class TrainSettings:
     )
     clip_model_g: str | None = _clip_model_g(
         "SDXL's second text encoder's CLIP, for CLIP-space methods. Empty: OpenCLIP ViT-bigG/14.", methods=CLIP_METHODS
+    )
+    log_with: Tracker = setting(
+        "tensorboard", label="Log to",
+        help="Where the run's loss, learning rate, vector norms, previews and checkpoint scores are logged besides the app: TensorBoard "
+        "files in the output folder's logs/ (tensorboard --logdir OUTPUT/logs), Weights & Biases (when installed and logged in), both, or none.",
     )
     device: str = _device()
     precision: Precision = _precision()

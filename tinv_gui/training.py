@@ -4,6 +4,7 @@ step, and a guard that keeps the last good vectors when the loss blows up."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -203,6 +204,7 @@ def optimize(
         last_good_state = copy.deepcopy(optimizer.state_dict())
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
+        reporter.vectors_updated(vectors)
         if on_step is not None:
             on_step(step, optimizer)
     return LoopResult(step, False, last_loss), optimizer
@@ -211,16 +213,30 @@ def optimize(
 EMBEDDING_FILE = "learned_embeds.safetensors"
 
 
+EMA_SUFFIX = ".ema.safetensors"
+
+
+def ema_path(embedding_path) -> Path:
+    """Where the moving average of an embedding file's vectors lives: beside it, `name.ema.safetensors`."""
+    path = Path(embedding_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + EMA_SUFFIX)
+
+
 class EmbeddingWriter:
     """Writes a run's embedding into its output folder: `learned_embeds.safetensors` (always the
     latest) and, every `save_every` steps, a numbered copy. Nothing is written before the first
     step, so a run that fails at once never overwrites an earlier good file. With the family's
     embedding `keys` (SDXL: clip_l, clip_g), the vectors hold one part per text encoder of `widths`
-    side by side, and are saved one key per part."""
+    side by side, and are saved one key per part.
+
+    With `ema_decay`, it also keeps an exponential moving average of the vectors (diffusers'
+    EMAModel: the decay at the run's n-th step is min(ema_decay, n / (n + 9)), 0 at the first, so
+    a short run's average is not stuck near its start) and saves it beside every embedding it
+    writes (`learned_embeds.ema.safetensors`); `averaged` lends it to previews."""
 
     def __init__(
         self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter,
-        widths: tuple[int, ...] | None = None, keys: tuple[str, ...] = (),
+        widths: tuple[int, ...] | None = None, keys: tuple[str, ...] = (), ema_decay: float = 0.0,
     ):
         self.output_dir = Path(output_dir)
         self.token = token
@@ -229,7 +245,11 @@ class EmbeddingWriter:
         self.reporter = reporter
         self.widths = widths
         self.keys = keys
+        self.ema_decay = ema_decay
+        self.ema = None  # the EMAModel, from the first step on
         self.outputs: dict[str, str] = {}
+        self.checkpoints: list[tuple[int, str]] = []  # (step, path) of each numbered copy
+        self.on_saved: Callable[[str, int], None] | None = None  # called with each numbered copy's path and step
         if self._writes:  # what a run killed mid-save left behind
             for leftover in self.output_dir.glob(".learned_embeds*.tmp"):
                 leftover.unlink(missing_ok=True)
@@ -242,14 +262,41 @@ class EmbeddingWriter:
             return None
         path = self._write(self.output_dir / EMBEDDING_FILE, vectors, step, optimizer)
         self.outputs["embedding"] = str(path)
+        if self.ema is not None:
+            self.outputs["ema"] = str(ema_path(path))
         return str(path)
 
     def checkpoint(self, vectors: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Called after every step: a numbered copy every `save_every` steps."""
+        """Called after every step: the moving average follows the vectors; a numbered copy every
+        `save_every` steps."""
+        if self.ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = self.ema or EMAModel([vectors], decay=self.ema_decay)
+            self.ema.step([vectors])
         if self._writes and self.save_every and step % self.save_every == 0:
             numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
             self.save(vectors, step, optimizer)
             self.reporter.log(f"saved {numbered.name}")
+            self.checkpoints.append((step, str(numbered)))
+            if self.on_saved is not None:
+                self.on_saved(str(numbered), step)
+
+    @contextlib.contextmanager
+    def averaged(self, vectors: torch.Tensor):
+        """Within the block `vectors` hold their moving average (when there is one), e.g. to draw
+        a preview with it; their own values are back afterwards."""
+        if self.ema is None:
+            yield
+            return
+        own = vectors.detach().clone()
+        with torch.no_grad():
+            vectors.copy_(self.ema.shadow_params[0])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                vectors.copy_(own)
 
     @property
     def _writes(self) -> bool:
@@ -263,4 +310,8 @@ class EmbeddingWriter:
         state_path = optimizer_state_path(path)
         if optimizer is None or not save_optimizer_state(state_path, optimizer, step):
             state_path.unlink(missing_ok=True)  # a state from an earlier save is not these vectors'
-        return save_embedding(path, self.token, vectors, {**self.metadata, "steps": step}, self.widths, self.keys)
+        metadata = {**self.metadata, "steps": step}
+        if self.ema is not None:
+            average = self.ema.shadow_params[0]
+            save_embedding(ema_path(path), self.token, average, {**metadata, "ema_decay": self.ema_decay}, self.widths, self.keys)
+        return save_embedding(path, self.token, vectors, metadata, self.widths, self.keys)

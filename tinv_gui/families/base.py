@@ -46,13 +46,15 @@ class Family:
     def tokenizers(self, pipe) -> list:
         return [getattr(pipe, name) for name in self.tokenizer_attributes]
 
+    usual_resolution: int = 512  # its models' usual native resolution, before one is loaded to tell (the Dataset tab's crops)
+
     def native_resolution(self, pipe) -> int:
         """The picture size the model was trained at."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
-    def check_generation(self, negative: str | None, custom_sampler: bool, with_embeddings: bool) -> None:
+    def check_generation(self, negative: str | None, custom_sampler: bool, with_prompt_file: bool) -> None:
         """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
-        other than the model's own, embeddings or prompt files)."""
+        other than the model's own, a prompt_embeds file instead of a prompt)."""
 
     def vae_needs_upcast(self, vae) -> bool:
         """Whether its VAE must run in float32 where its weights are float16."""

@@ -28,8 +28,8 @@ class Flux(TransformerFamily):
     def native_resolution(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)  # the pipeline's default, 1024 px
 
-    def check_generation(self, negative, custom_sampler, with_embeddings):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_embeddings)
+    def check_generation(self, negative, custom_sampler, with_prompt_file):
+        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_prompt_file)
         if negative:
             raise ValueError(
                 "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "

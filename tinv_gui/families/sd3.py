@@ -10,10 +10,11 @@ from __future__ import annotations
 from .base import Family, has_tensor
 
 
-def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_embeddings: bool) -> None:
-    """SD 3.x and Flux.1 draw from a plain prompt with their own flow-matching scheduler for now."""
-    if with_embeddings:
-        raise ValueError(f"embeddings and prompt files for {title} are not supported yet: generate with a plain prompt")
+def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_prompt_file: bool) -> None:
+    """SD 3.x and Flux.1 draw from a prompt (with embeddings or without) with their own
+    flow-matching scheduler for now."""
+    if with_prompt_file:
+        raise ValueError(f"prompt files for {title} are not supported yet: generate from a prompt (embeddings work)")
     if custom_sampler:
         raise ValueError(f"{title} samples with its own flow-matching scheduler: choose the sampler 'Model default'")
 
@@ -31,8 +32,8 @@ class TransformerFamily(Family):
     def denoiser(self, pipe):
         return pipe.transformer
 
-    def check_generation(self, negative, custom_sampler, with_embeddings):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_embeddings)
+    def check_generation(self, negative, custom_sampler, with_prompt_file):
+        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_prompt_file)
 
 
 class StableDiffusion3(TransformerFamily):

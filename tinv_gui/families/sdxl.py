@@ -23,6 +23,7 @@ class StableDiffusionXL(Family):
         1280: "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
     }
     demo_model = "demo-sdxl"
+    usual_resolution = 1024
 
     def pipeline_kwargs(self, dtype: torch.dtype) -> dict:
         return dict(dtype=dtype, add_watermarker=False)  # it has no safety checker; a watermark is the user's choice
@@ -46,8 +47,10 @@ class StableDiffusionXL(Family):
 
     def size_conditioning(self, images, size: int) -> torch.Tensor:
         """[pictures, 6] as its training computes them: the original (height, width), the crop's
-        (top, left) corner, the target (height, width)."""
-        return torch.tensor([[*(i.original_size or (size, size)), *i.crop_top_left, size, size] for i in images], dtype=torch.float32)
+        (top, left) corner, the target (height, width): the picture's square or bucket."""
+        return torch.tensor(
+            [[*(i.original_size or (size, size)), *i.crop_top_left, i.image.height, i.image.width] for i in images], dtype=torch.float32
+        )
 
     def predict(self, denoiser, noisy, timesteps, hidden, pooled, size_ids):
         dtype = denoiser.dtype

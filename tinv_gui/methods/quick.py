@@ -18,7 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..clip_space import CachedPrefixPrompts, image_features, spherical_distance
+from ..clip_space import (
+    CachedPrefixPrompts,
+    blank_outside_mask,
+    image_features,
+    spherical_distance,
+)
 from ..data import TrainImage, sample_indices, training_prompts
 from ..embeddings import (
     encode_with_placeholder,
@@ -63,7 +68,7 @@ def train_quick(
 
     models = "CLIP" if len(clips) == 1 else "both CLIP models"
     reporter.log(f"Embedding {len(images)} pictures with {models} ({settings.crops} views each)")
-    pictures = [i.image for i in images]
+    pictures = [blank_outside_mask(i.image, i.mask, settings.unmasked_weight) for i in images]
     targets = [image_features(clip, pictures, settings.crops) for clip in clips]  # [N, P] each, unit length
 
     # Prompts are tokenized once; the new vectors take ids just past the vocabulary, and what comes

@@ -33,11 +33,12 @@ import torch.utils.checkpoint
 from PIL import ImageOps
 
 from ..data import (
-    TEMPLATES,
     TrainImage,
+    describe_sizes,
     fill_template,
-    sample_indices,
+    picture_batches,
     training_prompts,
+    validation_prompts,
 )
 from ..device import Placement, release_freed_memory
 from ..embeddings import (
@@ -52,6 +53,7 @@ from ..families import family_of
 from ..files import atomic_save_image
 from ..formats import check_fits, read_embedding
 from ..models import pipeline_text_widths, text_encoders, tokenizers
+from ..objectives import weighted_mse
 from ..schema import SettingsError
 from ..training import (
     EmbeddingWriter,
@@ -69,28 +71,61 @@ if TYPE_CHECKING:  # settings import the method registry, which imports the meth
 @dataclass
 class LatentCache:
     """The VAE's latent distribution (mean and log-variance) of every picture, then of every
-    mirrored picture, computed once; `sample` draws scaled latents from it."""
+    mirrored picture, computed once; `sample` draws scaled latents from it. Pictures of different
+    buckets have latents of different shapes; a batch draws from one shape. `masks` holds, in the
+    same rows, how much of each latent pixel the picture's mask covers (0 to 1), or None when no
+    picture has a mask."""
 
-    moments: torch.Tensor  # [pictures * (2 if mirrored else 1), 2 * latent channels, h, w], float32
+    moments: list[torch.Tensor]  # per picture (then per mirror): [2 * latent channels, h, w], float32
     pictures: int
     scaling_factor: float
     shift_factor: float
+    masks: list[torch.Tensor] | None = None  # per row of moments: [1, h, w], float32
 
     @property
     def mirrored(self) -> bool:
-        return self.moments.shape[0] > self.pictures
+        return len(self.moments) > self.pictures
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each picture's latent shape (its bucket)."""
+        return [tuple(m.shape) for m in self.moments[: self.pictures]]
+
+    def rows(self, picked: list[int], mirror: list[bool]) -> list[int]:
+        return [i + self.pictures if m else i for i, m in zip(picked, mirror)]
 
     def sample(self, picked: list[int], mirror: list[bool], generator: torch.Generator) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        rows = [i + self.pictures if m else i for i, m in zip(picked, mirror)]
-        latents = DiagonalGaussianDistribution(self.moments[rows]).sample(generator)
+        latents = DiagonalGaussianDistribution(torch.stack([self.moments[row] for row in self.rows(picked, mirror)])).sample(generator)
         return (latents - self.shift_factor) * self.scaling_factor
+
+    def pixel_weights(self, picked: list[int], mirror: list[bool], unmasked_weight: float) -> torch.Tensor | None:
+        """Each latent pixel's weight in the loss: 1 on the subject, `unmasked_weight` outside
+        it (in between where the mask is); None when every pixel weighs 1."""
+        if self.masks is None or unmasked_weight == 1:
+            return None
+        return unmasked_weight + (1 - unmasked_weight) * torch.stack([self.masks[row] for row in self.rows(picked, mirror)])
+
+
+def latent_masks(images: list[TrainImage], latent_sizes: list[tuple[int, int]], mirror: bool) -> list[torch.Tensor] | None:
+    """Each picture's mask (then each mirrored one's) at its latents' (height, width): the share
+    of each latent pixel's area the mask covers ([1, h, w]); a picture without a mask is covered
+    whole. None when no picture has a mask."""
+    if all(i.mask is None for i in images):
+        return None
+    masks = []
+    for image, size in zip(images, latent_sizes):
+        pixels = torch.ones(1, 1, image.image.height, image.image.width)
+        if image.mask is not None:
+            pixels = torch.frombuffer(bytearray(image.mask.tobytes()), dtype=torch.uint8).view(1, 1, image.mask.height, image.mask.width) / 255.0
+        masks.append(F.interpolate(pixels, size=size, mode="area")[0])
+    return masks + [m.flip(-1) for m in masks] if mirror else masks
 
 
 @torch.no_grad()
 def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror: bool) -> LatentCache:
-    """Run the VAE encoder once per picture (and per mirrored picture)."""
+    """Run the VAE encoder once per picture (and per mirrored picture), each at its own size."""
     pictures = [i.image for i in images]
     if mirror:
         pictures += [ImageOps.mirror(p) for p in pictures]
@@ -104,12 +139,14 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
             # fp32 pixels: autocast, or the VAE's own fp32 compute (device.store_in_bf16_between_calls), takes them from there
             pixels = pipe.image_processor.preprocess(picture).to(placement.device, torch.float32)
             with contextlib.nullcontext() if upcast else placement.autocast():
-                moments.append(vae.encode(pixels).latent_dist.parameters.float())
+                moments.append(vae.encode(pixels).latent_dist.parameters.float()[0])
     finally:
         if upcast:
             vae.to(torch.float16)
+    masks = latent_masks(images, [tuple(m.shape[-2:]) for m in moments], mirror)
     return LatentCache(
-        torch.cat(moments), len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0)
+        moments, len(images), float(vae.config.scaling_factor), float(getattr(vae.config, "shift_factor", None) or 0.0),
+        None if masks is None else [m.to(placement.device) for m in masks],
     )
 
 
@@ -118,7 +155,9 @@ class DiffusionLoss:
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
     each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
-    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's), if any.
+    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's),
+    if any; `repeats` how many times each picture is drawn per epoch (default once). A batch
+    holds pictures of one bucket (data.picture_batches).
     """
 
     def __init__(
@@ -132,6 +171,11 @@ class DiffusionLoss:
         mirror: bool,
         seed: int,
         size_ids: torch.Tensor | None = None,
+        repeats: list[int] | None = None,
+        *,
+        unmasked_weight: float = 1.0,
+        noise_offset: float = 0.0,
+        min_snr_gamma: float = 0.0,
     ):
         self.family = family_of(pipe)
         self.denoiser = self.family.denoiser(pipe)
@@ -139,6 +183,12 @@ class DiffusionLoss:
         self.placement = placement
         self.latents = latents
         self.schedule = self.family.objective(pipe.scheduler.config, placement.device)
+        if min_snr_gamma and not self.schedule.takes_min_snr:
+            raise SettingsError("min_snr_gamma", f"min-SNR weighting is for noise- and v-predicting models (SD 1.x, 2.x, SDXL); {self.family.title} "
+                                f"predicts {self.schedule.prediction_type}, where it does not apply: leave it at 0")
+        self.unmasked_weight = unmasked_weight
+        self.noise_offset = noise_offset
+        self.min_snr_gamma = min_snr_gamma
         self.prompts = [pad_prompts(tokenizer, encoded, placement.device) for tokenizer, encoded in zip(tokenizers(pipe), prompts)]
         self.size_ids = None if size_ids is None else size_ids.to(placement.device)
         self.per_picture = per_picture
@@ -146,13 +196,14 @@ class DiffusionLoss:
         self.mirror = mirror and latents.mirrored
         self.rng = random.Random(seed)
         self.generator = torch.Generator(placement.device).manual_seed(seed)
+        self.batches = picture_batches(latents.shapes, repeats or [1] * latents.pictures, batch_size, self.rng)
 
     def __call__(self, _micro: int = 0) -> torch.Tensor:
         device = self.placement.device
-        picked = sample_indices(self.latents.pictures, self.batch_size, self.rng)
+        picked = next(self.batches)
         mirror = [self.mirror and self.rng.random() < 0.5 for _ in picked]
         latents = self.latents.sample(picked, mirror, self.generator)
-        noise = torch.randn(latents.shape, generator=self.generator, device=device)
+        noise = self.schedule.sample_noise(latents, self.generator, self.noise_offset)
         timesteps = self.schedule.sample_timesteps(len(picked), self.generator, device)
         noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
         rows = picked if self.per_picture else [self.rng.randrange(len(self.prompts[0][0])) for _ in picked]
@@ -161,7 +212,8 @@ class DiffusionLoss:
             # The family adds its own conditioning (SDXL: pooled and sizes; a mirrored centered crop has the same corner).
             size_ids = None if self.size_ids is None else self.size_ids[picked]
             prediction = self.family.predict(self.denoiser, noisy, timesteps, hidden, pooled, size_ids)
-        return F.mse_loss(prediction.float(), target)
+        weights = self.schedule.loss_weights(timesteps, self.min_snr_gamma)
+        return weighted_mse(prediction, target, weights, self.latents.pixel_weights(picked, mirror, self.unmasked_weight))
 
 
 def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,8 +286,7 @@ def read_resume(path: str, pipe) -> Resumed:
         steps = int(read_metadata(path).get("steps", 0))
     except (OSError, ValueError) as error:
         raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui for this model ({error})") from None
-    vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
-    return Resumed(vectors, steps, optimizer_state_path(path))
+    return Resumed(embedding.joined(), steps, optimizer_state_path(path))
 
 
 def train_diffusion(
@@ -270,30 +321,36 @@ def train_diffusion(
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
-    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once")
+    reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
-    preview_prompt = settings.preview_prompt or TEMPLATES[settings.style][0]
+    previews = validation_prompts(settings.preview_prompts, settings.style)  # one column each, with a seed of its own
     encoded, preview_ids = [], []  # once per tokenizer: SDXL's two pad differently
     for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
         vocab_size = text_encoder.get_input_embeddings().num_embeddings
         placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
         encoded.append([encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts])
-        preview_ids.append(encode_with_placeholder(tokenizer, fill_template(preview_prompt, token), token, placeholder_ids))
+        preview_ids.append([encode_with_placeholder(tokenizer, fill_template(p, token), token, placeholder_ids) for p in previews])
     size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
-    compute_loss = DiffusionLoss(pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids)
+    compute_loss = DiffusionLoss(
+        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids, [i.repeats for i in images],
+        unmasked_weight=settings.unmasked_weight, noise_offset=settings.noise_offset, min_snr_gamma=settings.min_snr_gamma,
+    )
     reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
 
     def on_step(_step: int, optimizer) -> None:
         release_freed_memory()
         done = reporter.steps_done
         writer.checkpoint(vectors, done, optimizer)
-        if settings.preview_every and done % settings.preview_every == 0:
-            path = writer.output_dir / f"preview-step{done:05d}.png"
-            render_preview(pipe, placement, preview_ids, size, settings.preview_steps, settings.seed, path)
-            reporter.emit(Preview(done, str(path), fill_template(preview_prompt, token)))
+        if settings.preview_every and done % settings.preview_every == 0:  # a row of the validation grid
+            for column, prompt in enumerate(previews):
+                path = writer.output_dir / f"preview-step{done:05d}-{column + 1}.png"
+                ids = [per_tokenizer[column] for per_tokenizer in preview_ids]
+                with writer.averaged(vectors):  # the moving average, when the run keeps one
+                    render_preview(pipe, placement, ids, size, settings.preview_steps, settings.seed + column, path)
+                reporter.emit(Preview(done, str(path), fill_template(prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
     optimizer = make_optimizer(vectors, loop, optimizer_state, start_step)

@@ -18,6 +18,7 @@ import gradio as gr
 from ..demo_model import ASSETS_DIR
 from ..engine import Engine, Job
 from ..models import DEFAULT_MODEL
+from .limits import VisitorLimits
 from .progress import RunView
 from .tab_dataset import DatasetTab
 from .tab_method import MethodTab
@@ -76,11 +77,14 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         self.speeds: dict[str, float] = {}  # method -> measured seconds per step on this machine
         self.job_methods: dict[str, str] = {}  # job id -> its method, to file its speed under
         self.prompt_jobs: dict[str, Job] = {}  # visitor key -> their latest prompt-from-image job
+        self.crop_views: dict[str, tuple[bool, int]] = {}  # visitor key -> (buckets, resolution) the Dataset tab shows crops for
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
         if self.shared:  # one visitor's job cannot hold the queue for ever
             self.engine.time_limit_s = float(os.environ.get("TINV_GUI_MAX_JOB_MINUTES", "60")) * 60
+        # ... nor with many generations, measurements or prompt searches (limits.py).
+        self.visitor_limits = VisitorLimits.from_env() if self.shared else None
         self.followers: dict[str, int] = {}  # job id -> pages following it now
         # Page session -> the visitor's lasting key, kept in their browser, so that coming back
         # (reload, closed tab) finds their folder and their last run again. Oldest dropped first.
@@ -92,6 +96,12 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         ws = self.workspaces.get(self.returning.get(session, session))
         ws.touch()
         return ws
+
+    def limited(self, handler):
+        """`handler` counted against its visitor's limits on a shared server; as is otherwise."""
+        if self.visitor_limits is None:
+            return handler
+        return self.visitor_limits.wrap(handler, lambda request: self.workspace(request).key)
 
     def welcome(self, stored_key: str | None, request: gr.Request) -> dict:
         """On page load: give the browser a lasting key (or take back the one it kept), and show
@@ -161,6 +171,20 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         return page
 
 
+def resolve_library_names() -> None:
+    """Import the model libraries' classes that the page's threads and the engine's import on
+    first use, once, before visitors come. transformers resolves its names lazily, and not
+    safely across threads: two visitors starting a training at the same moment on a fresh server
+    got "cannot import name 'CLIPTokenizer' from 'transformers'" (benchmarks/load_test.py)."""
+    import diffusers
+    import transformers
+
+    for name in ("CLIPTokenizer", "T5TokenizerFast", "CLIPTextConfig", "T5Config", "CLIPModel", "CLIPTextModel",
+                 "CLIPTextModelWithProjection", "T5EncoderModel"):
+        getattr(transformers, name)
+    diffusers.DiffusionPipeline  # noqa: B018 - resolves diffusers' lazy name and the pipelines' imports
+
+
 def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
     """The page and the object behind it (kwargs go to TinvApp: engine, workspaces, hub)."""
     app = TinvApp(**kwargs)
@@ -172,6 +196,7 @@ def build_app(**kwargs) -> tuple[gr.Blocks, TinvApp]:
 def launch(**launch_kwargs):
     """Build and serve the page; GRADIO_SERVER_PORT and GRADIO_SERVER_NAME are honoured."""
     page, _app = build_app()
+    resolve_library_names()
     return page.launch(
         theme=gr.themes.Soft(primary_hue="indigo"),
         css=CSS,

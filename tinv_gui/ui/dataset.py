@@ -1,5 +1,6 @@
 """The Dataset tab's work: taking uploads into a visitor's folder, checking every picture, and
-showing each one as the model will see it, with its problem next to it when it has one."""
+showing each one as the model will see it (whole, with the part training crops away dimmed and
+what its mask leaves out darkened), with its problem next to it when it has one."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from ..data import IMAGE_SUFFIXES, ImageError, center_square, open_image, read_caption
+from ..data import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIX,
+    ImageError,
+    crop_box,
+    is_picture_name,
+    mask_path,
+    open_image,
+    open_mask,
+    read_caption,
+    training_size,
+)
 from ..files import atomic_write_text
 from .workspace import Workspace, sanitize_filename, unique_path
 
@@ -30,6 +42,11 @@ MAX_UNPACKED_BYTES = int(os.environ.get("TINV_GUI_MAX_UNPACKED_MB", "500")) * 10
 MAX_SIDE = int(os.environ.get("TINV_GUI_PICTURE_SIDE", "1024"))
 MAX_REFUSED = 50  # refused uploads listed (their names and reasons; their bytes are not kept)
 PROBLEMS_FILE = "problems.json"
+# The resolution the crops are shown at when the model's own is not known yet: SD 1.x's. Bucket
+# shapes are the same at every resolution from 64 to 512 px that is a multiple of 64.
+CROP_RESOLUTION = 512
+FRAME = (79, 70, 229)  # the kept part's outline: the page's indigo
+MASKED_OUT = (40, 30, 60)  # what a mask leaves out is shown darkened towards this
 DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
 
 
@@ -148,9 +165,11 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
         staged.append(target)
 
     captions = {p.stem: p for p in staged if p.suffix == ".txt"}
-    known = {p.name: _fingerprint(open_image(p)) for p in sorted(ws.pictures.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.name[: -len(MASK_SUFFIX)]: p for p in staged if p.name.lower().endswith(MASK_SUFFIX)}
+    known = {p.name: _fingerprint(open_image(p)) for p in sorted(ws.pictures.iterdir()) if is_picture_name(p.name)}
+    kept = {Path(name).stem: ws.pictures / name for name in known}  # a mask may come after its picture
     for path in staged:
-        if path.suffix == ".txt":
+        if path.suffix == ".txt" or path.name.lower().endswith(MASK_SUFFIX):
             continue
         name = path.name
         if len(known) >= MAX_PICTURES:
@@ -171,12 +190,44 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
             continue
         target = _keep(image, path, unique_path(ws.pictures, name))
         known[target.name] = fingerprint
+        kept[path.stem] = target
         if path.stem in captions:
             captions[path.stem].replace(target.with_suffix(".txt"))
         added.append(describe(target))
+    for stem, mask in masks.items():
+        if stem not in kept:
+            added.append(_refuse(ws, mask, mask.name, f"a mask without its picture: upload {stem}.png (or .jpg...) with it"))
+            continue
+        problem = _keep_mask(mask, kept[stem])
+        if problem:
+            added.append(_refuse(ws, mask, mask.name, problem))
     for leftover in incoming.iterdir():
         leftover.unlink()
     return added
+
+
+def _keep_mask(mask: Path, picture: Path) -> str | None:
+    """Store an uploaded mask beside its kept picture (scaled as the picture was on arrival);
+    or say why it cannot be used."""
+    try:
+        shape = open_image(mask)
+        with Image.open(picture) as probe:
+            size = probe.size
+    except ImageError as error:
+        return error.problem
+    if abs(shape.width / shape.height - size[0] / size[1]) > 0.01:
+        return f"is {shape.width}x{shape.height}, not the shape of {picture.name} ({size[0]}x{size[1]}); a mask must match its picture"
+    shape.convert("L").resize(size, Image.Resampling.LANCZOS).save(mask_path(picture))
+    mask.unlink()
+    return None
+
+
+def masked_view(image: Image.Image, mask: Image.Image | None) -> Image.Image:
+    """The picture with what its mask leaves out darkened, as the Dataset tab shows a mask."""
+    if mask is None:
+        return image
+    darkened = Image.blend(image, Image.new("RGB", image.size, MASKED_OUT), 0.7)
+    return Image.composite(image, darkened, mask)
 
 
 def describe(path: Path) -> Picture:
@@ -185,34 +236,54 @@ def describe(path: Path) -> Picture:
     with Image.open(path) as probe:
         if min(probe.size) < SOFT_SIDE:
             picture.note = f"small ({probe.size[0]}x{probe.size[1]}): details will be soft"
+    if mask_path(path).is_file():
+        picture.note = "; ".join(filter(None, [picture.note, "masked (the darkened part counts less)"]))
     return picture
 
 
 def list_pictures(ws: Workspace) -> list[Picture]:
     """Every picture of the visitor: those to train on first, then the refused ones."""
-    usable = [describe(p) for p in sorted(ws.pictures.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+    usable = [describe(p) for p in sorted(ws.pictures.iterdir()) if is_picture_name(p.name)]
     refused = [Picture(name, ws.rejected / name, problem=problem) for name, problem in sorted(_problems(ws).items())]
     return usable + refused
 
 
-def as_seen(picture: Picture, size: int = 256) -> Image.Image | None:
-    """The picture as training sees it: orientation fixed, RGB, center square. None if unreadable."""
+def crop_preview(image: Image.Image, box: tuple[float, float, float, float], size: int) -> Image.Image:
+    """`image` whole, at most `size` pixels a side, with what lies outside `box` (in its own
+    pixels) faded towards white and the box framed."""
+    scale = min(1.0, size / max(image.size))
+    shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    left, top, right, bottom = (round(v * scale) for v in box)
+    faded = Image.blend(shown, Image.new("RGB", shown.size, (255, 255, 255)), 0.65)
+    faded.paste(shown.crop((left, top, right, bottom)), (left, top))
+    ImageDraw.Draw(faded).rectangle((left, top, right - 1, bottom - 1), outline=FRAME, width=max(1, size // 128))
+    return faded
+
+
+def as_seen(picture: Picture, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION):
+    """(preview, (width, height) it trains at): the picture as training sees it, orientation fixed,
+    RGB, shown whole with the part cut away to fill its square or bucket faded and what its mask
+    (transparency or mask file) leaves out darkened. None if unreadable."""
     try:
-        return center_square(open_image(picture.path), size)
+        image = masked_view(open_image(picture.path), open_mask(picture.path))
     except ImageError:
         return None
+    target = training_size(image.width, image.height, resolution, buckets)
+    return crop_preview(image, crop_box(image.width, image.height, target), size), target
 
 
-def gallery_items(ws: Workspace, size: int = 256) -> list[tuple[Image.Image, str]]:
-    """(image, caption) pairs for the Dataset gallery; a refused picture is labelled with its problem."""
+def gallery_items(ws: Workspace, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION) -> list[tuple[Image.Image, str]]:
+    """(image, caption) pairs for the Dataset gallery: each picture with the crop it trains at
+    (`buckets` and `resolution` as the training options say); a refused one labelled with its problem."""
     items = []
     for picture in list_pictures(ws):
-        if picture.problem:  # its bytes were not kept
-            label = f"✗ {picture.name}: {picture.problem}"
+        seen = None if picture.problem else as_seen(picture, size, buckets, resolution)
+        if seen is None:  # its bytes were not kept, or it became unreadable
+            label = f"✗ {picture.name}: {picture.problem or 'cannot be read'}"
             image = Image.new("RGB", (size, size), (235, 220, 220))
         else:
-            image = as_seen(picture, size)
-            label = f"{picture.name}" + (f" ⚠ {picture.note}" if picture.note else "")
+            image, (width, height) = seen
+            label = f"{picture.name} → {width}x{height}" + (f" ⚠ {picture.note}" if picture.note else "")
         items.append((image, label))
     return items
 

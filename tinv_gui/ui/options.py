@@ -4,6 +4,7 @@ the way back from the form's values to TrainSettings keywords."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import gradio as gr
@@ -20,7 +21,8 @@ def option_fields() -> list[tuple[str, Spec, Kind]]:
 
 def option_defaults(method: str) -> dict:
     """The value each option shows for `method`: its published default, else the field's own."""
-    defaults = {f.name: f.default for f, spec, kind in described_fields(TrainSettings) if spec.form}
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f, spec, kind in described_fields(TrainSettings) if spec.form}
     return {**defaults, **METHODS[method].defaults}
 
 
@@ -44,6 +46,8 @@ def option_component(name: str, spec: Spec, kind: Kind, default):
             common["info"] += " 0: the default."
         step = dict(precision=0) if kind.base is int else dict(step=0.001)
         return gr.Number(0 if default is None else default, minimum=low, maximum=high, **step, **common)
+    if kind.is_list:  # one value per line
+        return gr.Textbox("\n".join(default or []), lines=2, **common)
     return gr.Textbox(default or "", **common)
 
 
@@ -74,6 +78,10 @@ def settings_from_form(method: str, values: dict) -> dict:
         if name not in described or value is None or value == "":
             continue
         field, spec, kind = described[name]
+        if kind.is_list and isinstance(value, str):  # the form's one value per line
+            value = [line.strip() for line in value.splitlines() if line.strip()]
+            if not value:
+                continue
         if kind.base is int and not kind.choices:
             value = whole_number(name, value)
         if field.default is None and name in defaults and value == defaults[name]:

@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
-from ..events import Event, Failed, Finished, Log, Preview, Progress, Started
+from ..checkpoint_scores import RULE, recommend, scaled
+from ..events import (
+    CheckpointScore,
+    Event,
+    Failed,
+    Finished,
+    Log,
+    Preview,
+    Progress,
+    Started,
+    VectorNorms,
+)
+from ..vector_norms import out_of_range_text
 
 SMOOTHING = 0.9  # weight of the past in the smoothed curve (an exponential moving average)
 MAX_PLOT_POINTS = 500  # per curve: more only slows the browser, which redraws on every update
@@ -69,6 +82,83 @@ def loss_colours(progress: list[Progress]) -> dict[str, str] | None:
     return colours
 
 
+NORM_COLUMNS = ["step", "norm", "curve"]
+BAND_COLOUR = "#9e9e9e"
+
+
+def norm_frame(norms: list[VectorNorms]) -> pd.DataFrame:
+    """Rows (step, norm, curve) for the vector-length plot: one curve per learned vector, and the
+    band of the model's ordinary words as two flat lines (per text encoder)."""
+    rows = []
+    for event in norms:
+        for name, values in event.norms.items():
+            prefix = "" if name == "text encoder" else f"{name} "
+            rows += [(event.step, norm, f"{prefix}vector {i + 1}") for i, norm in enumerate(values)]
+    if norms:
+        for name, (low, high) in norms[-1].ordinary.items():
+            prefix = "" if name == "text encoder" else f"{name} "
+            for step in (norms[0].step, norms[-1].step):
+                rows += [(step, low, f"{prefix}ordinary words (low)"), (step, high, f"{prefix}ordinary words (high)")]
+    return pd.DataFrame(rows, columns=NORM_COLUMNS).astype({"step": "int64", "norm": "float64", "curve": str})
+
+
+def norm_colours(norms: list[VectorNorms]) -> dict[str, str] | None:
+    """Curve name -> colour: the band grey, the vectors in the phase colours' dark shades."""
+    if not norms:
+        return None
+    curves = list(dict.fromkeys(norm_frame(norms[-1:])["curve"]))
+    shades = [dark for _, dark in PHASE_COLOURS]
+    vectors = [c for c in curves if "ordinary words" not in c]
+    return {c: (BAND_COLOUR if "ordinary words" in c else shades[vectors.index(c) % len(shades)]) for c in curves}
+
+
+def norm_warning(norms: list[VectorNorms]) -> str:
+    """The warning when the latest vectors lie outside the band of the model's words, else ""."""
+    if not norms:
+        return ""
+    last = norms[-1]
+    outside = [
+        out_of_range_text(name, i, norm, *last.ordinary[name], len(values))
+        for name, values in last.norms.items()
+        for i, norm in enumerate(values)
+        if not last.ordinary[name][0] <= norm <= last.ordinary[name][1]
+    ]
+    if not outside:
+        return ""
+    more = f" ({len(outside) - 1} more vector{'s' if len(outside) > 2 else ''} too.)" if len(outside) > 1 else ""
+    return f"**Warning, step {last.step}:** {outside[0]}{more}"
+
+
+SCORE_COLUMNS = ["step", "score", "curve"]
+SCORE_COLOURS = {"likeness (image similarity)": "#1f4fa8", "editability (text similarity)": "#c2410c"}
+
+
+def score_frame(scores: list[CheckpointScore]) -> pd.DataFrame:
+    """Rows (step, score, curve) for the checkpoint plot: likeness and editability, each scaled
+    from the worst checkpoint (0) to the best (1), as the recommendation weighs them."""
+    ordered = sorted(scores, key=lambda s: s.step)
+    likeness = scaled([s.image_similarity for s in ordered])
+    editability = scaled([s.text_similarity for s in ordered])
+    rows = [(s.step, a, "likeness (image similarity)") for s, a in zip(ordered, likeness)]
+    rows += [(s.step, b, "editability (text similarity)") for s, b in zip(ordered, editability)]
+    return pd.DataFrame(rows, columns=SCORE_COLUMNS).astype({"step": "int64", "score": "float64", "curve": str})
+
+
+def score_text(scores: list[CheckpointScore]) -> str:
+    """The recommended checkpoint and every checkpoint's figures, in Markdown."""
+    best = recommend(scores)
+    if best is None:
+        return ""
+    rows = "".join(
+        f"\n| {s.step} | {s.image_similarity:.4f} | {s.text_similarity:.4f} | `{Path(s.path).name}`{' **recommended**' if s is best else ''} |"
+        for s in sorted(scores, key=lambda s: s.step)
+    )
+    return (
+        f"**Recommended checkpoint: step {best.step}** (`{Path(best.path).name}`, offered first in the downloads). "
+        f"How it is chosen: {RULE}.\n\n| step | likeness | editability | file |\n| --- | --- | --- | --- |{rows}"
+    )
+
+
 @dataclass
 class RunView:
     """Everything the Train tab shows about one job, rebuilt from its event history."""
@@ -77,6 +167,8 @@ class RunView:
     description: str = ""
     progress: list[Progress] = field(default_factory=list)
     previews: list[tuple[str, str]] = field(default_factory=list)  # (path, caption)
+    norms: list[VectorNorms] = field(default_factory=list)  # the learned vectors' lengths as the run went
+    scores: list[CheckpointScore] = field(default_factory=list)  # saved checkpoints' likeness and editability
     log: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # evaluation figures, when the job sends them
@@ -96,6 +188,10 @@ class RunView:
                 view.progress.append(event)
             elif isinstance(event, Log):
                 view.log.append(event.message)
+            elif isinstance(event, VectorNorms):
+                view.norms.append(event)
+            elif isinstance(event, CheckpointScore):
+                view.scores.append(event)
             elif isinstance(event, Preview):
                 view.previews.append((event.path, f"step {event.step}: {event.prompt}"))
             elif isinstance(event, Finished):
@@ -149,6 +245,17 @@ class RunView:
 
     def loss_frame(self) -> pd.DataFrame:
         return loss_frame(self.progress)
+
+    def norm_frame(self) -> pd.DataFrame:
+        return norm_frame(self.norms)
+
+    def score_frame(self) -> pd.DataFrame:
+        return score_frame(self.scores)
+
+    @property
+    def preview_columns(self) -> int:
+        """Columns of the validation grid: one per prompt (a row per preview step)."""
+        return max(1, len({caption.split(": ", 1)[1] for _, caption in self.previews}))
 
     def log_text(self, last: int = 200) -> str:
         return "\n".join(self.log[-last:])

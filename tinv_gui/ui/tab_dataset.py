@@ -1,4 +1,5 @@
-"""The Dataset tab: upload pictures (or zips of them), see each one as the model will, edit captions.
+"""The Dataset tab: upload pictures (or zips of them), see each one as the model will (the crop it
+trains at, following the Method tab's resolution and aspect-ratio buckets), edit captions.
 
 The work on files (checking, fingerprints, captions) is in dataset.py; this module holds the
 tab's controls and handlers.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import gradio as gr
 
 from ..demo_model import ASSETS_DIR
+from ..demo_model import IMAGE_SIZE as DEMO_RESOLUTION  # every demo model's
+from ..settings import TrainSettings
 from . import dataset
 from .workspace import Workspace
 
@@ -29,6 +32,27 @@ def table_rows(table) -> list[list]:
 class DatasetTab:
     """The Dataset tab's controls and handlers (a part of TinvApp)."""
 
+    def crop_view(self, ws: Workspace) -> tuple[bool, int]:
+        """(buckets on, resolution) the visitor's crops are shown for: the Method tab's options."""
+        return self.crop_views.get(ws.key, (TrainSettings.aspect_buckets, dataset.CROP_RESOLUTION))
+
+    def crops_changed(self, model: str, resolution, buckets: bool, request: gr.Request):
+        """Show the crops for the training options as they now are (model, resolution, buckets)."""
+        ws = self.workspace(request)
+        self.crop_views[ws.key] = (bool(buckets), self.crop_resolution(model, resolution))
+        return self.dataset_view(ws)
+
+    def crop_resolution(self, model: str, resolution) -> int:
+        """The resolution typed in the options, else the model's: the demo models' own, or the usual
+        one of the model's family (read without loading it)."""
+        if isinstance(resolution, (int, float)) and 64 <= resolution <= 2048 and resolution % 8 == 0:
+            return int(resolution)
+        try:
+            family = self.engine.store.family(model)
+        except Exception:  # noqa: BLE001 - an unknown or unreachable model: the crops of SD 1.x, until training tells
+            return dataset.CROP_RESOLUTION
+        return DEMO_RESOLUTION if model == family.demo_model else family.usual_resolution
+
     def dataset_view(self, ws: Workspace, message: str = ""):
         pictures = dataset.list_pictures(ws)
         refused = [p for p in pictures if p.problem]
@@ -38,7 +62,9 @@ class DatasetTab:
             status += f" {len(refused)} refused (marked ✗ in the gallery):\n" + "".join(f"\n- {p.name}: {p.problem}" for p in refused)
         if usable and usable < 3:
             status += " Three to ten pictures work best (the *From one picture* method needs only one)."
-        return dataset.gallery_items(ws), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
+        buckets, resolution = self.crop_view(ws)
+        status += f" The gallery shows the crop each picture trains at {resolution} px" + (", in its aspect-ratio bucket." if buckets else ": its centered square.")
+        return dataset.gallery_items(ws, buckets=buckets, resolution=resolution), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
 
     def add_pictures(self, files: list[str] | None, request: gr.Request):
         """Take uploaded pictures (or zips of them) into the visitor's folder."""
@@ -68,8 +94,10 @@ class DatasetTab:
         with gr.Tab("1. Dataset", id="dataset"):
             gr.Markdown(
                 "Add 3 to 10 pictures of your concept: different backgrounds and angles, the concept clearly "
-                "visible. The gallery shows each picture as the model will see it (turned upright, cropped "
-                "to a square). Pictures with a problem are refused, and the reason is shown under them."
+                "visible. The gallery shows each picture as the model will see it: turned upright, with the part "
+                "training cuts away faded. With *Aspect-ratio buckets* (Method tab, Advanced) each picture keeps about "
+                "its own shape; without, it is cropped to its centered square. Pictures with a problem are refused, "
+                "and the reason is shown under them."
             )
             with gr.Row():
                 with gr.Column(scale=1):
@@ -83,7 +111,7 @@ class DatasetTab:
                         c["clear"] = gr.Button("Remove all pictures", size="sm", variant="stop")
                     c["dataset_status"] = gr.Markdown("No pictures yet.")
                 with gr.Column(scale=2):
-                    c["gallery"] = gr.Gallery(label="What will be trained on", columns=4, height=360, object_fit="cover")
+                    c["gallery"] = gr.Gallery(label="What will be trained on", columns=4, height=360, object_fit="contain")
             c["captions"] = gr.Dataframe(
                 headers=["Picture", "Caption"],
                 type="array",
@@ -106,3 +134,6 @@ class DatasetTab:
         c["examples"].click(self.add_examples, None, dataset_out, api_name="add_examples")
         c["clear"].click(self.clear_pictures, None, dataset_out, api_name="clear_pictures")
         c["save_captions"].click(self.save_captions, c["captions"], c["caption_status"], api_name="save_captions")
+        crop_options = [c["model"], c["options"]["resolution"], c["options"]["aspect_buckets"]]
+        for control in crop_options:
+            control.change(self.crops_changed, crop_options, dataset_out, api_name=False)

@@ -11,6 +11,7 @@ from ..demo_model import SDXL_DEMO_NAME
 from ..device import choose_placement
 from ..methods import METHODS, method_with_label
 from ..models import DEFAULT_MODEL
+from ..vector_norms import PROMPT_TOKENS, tokens_used_text
 from .options import option_component, option_defaults, option_fields
 from .progress import format_seconds
 
@@ -77,6 +78,7 @@ class MethodTab:
                     placeholder="e.g. cat, mug, watercolor",
                     info="A real word close to your concept; training starts from its meaning. Empty: start from random.",
                 )
+            c["token_room"] = gr.Markdown(self.token_room(presets[0].label, 1), elem_id="token-room")
             with gr.Accordion("Advanced: every training option", open=False):
                 c["options"] = {}
                 defaults = option_defaults(next(iter(METHODS)))
@@ -86,6 +88,19 @@ class MethodTab:
                         for name, spec, kind in fields[start : start + 4]:
                             c["options"][name] = option_component(name, spec, kind, defaults[name])
 
+    @staticmethod
+    def token_room(label: str, vectors) -> str:
+        """How many of a prompt's tokens the new word will take."""
+        if method_with_label(label).name == "caption-init":
+            return f"The new word takes one of a prompt's {PROMPT_TOKENS} tokens per word of the caption (the log says how many)."
+        try:
+            count = int(vectors)
+        except (TypeError, ValueError):
+            return ""
+        return f"With {count} vector{'s' if count != 1 else ''} per token, {tokens_used_text(count)}."
+
     def wire_method_tab(self, c: dict) -> None:
         option_components = list(c["options"].values())
         c["preset"].change(self.preset_changed, c["preset"], [c["method_help"], *option_components], api_name=False)
+        for source in (c["preset"], c["options"]["vectors"]):
+            source.change(self.token_room, [c["preset"], c["options"]["vectors"]], c["token_room"], api_name=False, queue=False)

@@ -7,15 +7,15 @@ import time
 from pathlib import Path
 
 import gradio as gr
-import torch
 
 from ..data import open_image
-from ..embeddings import mentions, save_embedding
-from ..formats import SDXL_KEYS, read_embedding, read_embeddings, write_embedding
+from ..embeddings import mentions
+from ..formats import read_embedding, read_embeddings, write_embedding
 from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset
 from .gpu import on_gpu
+from .limits import QUEUE
 from .options import whole_number
 from .progress import POLL_S, RunView
 from .workspace import Workspace, sanitize_filename, unique_path
@@ -81,13 +81,12 @@ class PlaygroundTab:
         lines, target = [], None
         for embedding in embeddings:
             target = unique_path(ws.embeddings, sanitize_filename(embedding.token, "embedding") + ".safetensors")
-            vectors = torch.cat([embedding.vectors, embedding.vectors_g], dim=1) if embedding.is_sdxl else embedding.vectors
             origin = " + ".join(Path(f).name for f in files) if embedding.layout == "diffusers-sdxl" else embedding.path.name
-            meta = {**embedding.metadata, "loaded_from": origin}
-            save_embedding(target, embedding.token, vectors, meta, embedding.widths, SDXL_KEYS if embedding.is_sdxl else ())
-            widths = " + ".join(str(w) for w in embedding.widths)  # SDXL's has two
+            embedding.metadata["loaded_from"] = origin
+            write_embedding(embedding, target, "diffusers", one_file=True)
+            widths = " + ".join(str(w) for w in embedding.widths)  # one per text encoder
             lines.append(
-                f"Loaded `{embedding.token}` from {origin} ({embedding.vectors.shape[0]} vector(s) of width{'s' if embedding.is_sdxl else ''} "
+                f"Loaded `{embedding.token}` from {origin} ({embedding.count} vector(s) of width{'s' if embedding.keys else ''} "
                 f"{widths}). Type `{embedding.token}` in your prompt."
             )
         choices = self.embedding_choices(ws)
@@ -145,16 +144,29 @@ class PlaygroundTab:
             count=int(count), compare=bool(compare),
         )
         try:
-            final = self.engine.generate(settings).wait()
+            job = self.engine.generate(settings)
         except (SettingsError, ValueError) as error:
             raise gr.Error(str(error)) from None
+        try:  # behind others' jobs, the visitor sees their place in the queue, as training's do
+            shown = ""
+            while not job.done:
+                ahead = self.engine.position(job)
+                waiting = RunView.from_events([], ahead, self.engine.expected_wait(job)).summary() if ahead else ""
+                if waiting != shown:
+                    shown = waiting
+                    yield gr.skip(), gr.skip(), waiting
+                time.sleep(POLL_S)
+        finally:
+            if not job.done:  # the visitor left while waiting: their pictures are not drawn
+                job.cancel()
+        final = job.wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
 
         def pictures(name: str) -> list[Path] | None:
             return [ws.served(p) for k, p in final.outputs.items() if k.split("-")[0] == name] or None
 
-        return pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
+        yield pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
@@ -263,22 +275,20 @@ class PlaygroundTab:
         )
         c["embedding"].focus(self.refresh_embeddings, c["embedding"], c["embedding"], api_name="embeddings")
         c["generate"].click(
-            on_gpu(self.generate),
+            self.limited(on_gpu(self.generate)),
             [c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")],
             [c["with"], c["without"], c["generate_status"]],
             api_name="generate",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 
         c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
-            on_gpu(self.measure),
+            self.limited(on_gpu(self.measure)),
             [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],
             c["scores"],
             api_name="measure",
             show_progress="hidden",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
 

@@ -14,6 +14,7 @@ import pandas as pd
 from ..generate import GenerateSettings
 from ..settings import PromptSettings, SettingsError
 from .gpu import on_gpu
+from .limits import QUEUE
 from .progress import POLL_S, RunView
 from .workspace import sanitize_filename, unique_path
 
@@ -108,14 +109,13 @@ class PromptTab:
 
     def wire_prompt_tab(self, c: dict) -> None:
         c["pfi_run"].click(
-            on_gpu(self.find_prompt),
+            self.limited(on_gpu(self.find_prompt)),
             [c["model"], c["pfi_image"], c["pfi_readable"], c["pfi_steps"]],
             [c["pfi_progress"], c["pfi_plot"], c["pfi_prompt"]],
             api_name="find_prompt",
             show_progress="hidden",
-            concurrency_id="gpu",
-            concurrency_limit=1,
+            **QUEUE,
         )
         c["pfi_generate"].click(
-            on_gpu(self.generate_found), c["model"], c["pfi_picture"], api_name="generate_found", concurrency_id="gpu", concurrency_limit=1
+            self.limited(on_gpu(self.generate_found)), c["model"], c["pfi_picture"], api_name="generate_found", **QUEUE
         )

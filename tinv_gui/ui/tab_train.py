@@ -20,10 +20,19 @@ from ..jobs import EXPORTS
 from ..methods import method_with_label
 from ..models import ModelLoadError
 from ..settings import SettingsError, TrainSettings
+from ..vector_norms import tokens_used_text
 from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
 from .options import settings_from_form
-from .progress import POLL_S, RunView, loss_colours
+from .progress import (
+    POLL_S,
+    SCORE_COLOURS,
+    RunView,
+    loss_colours,
+    norm_colours,
+    norm_warning,
+    score_text,
+)
 from .tab_dataset import table_rows
 from .workspace import Workspace
 
@@ -130,7 +139,8 @@ class TrainTab:
     @staticmethod
     def download_files(ws: Workspace, outputs: dict[str, str]) -> list[tuple[Path, str]]:
         """A finished run's files to download, each with the tools it is for and the name to type
-        there: the embedding, then the files the job exported for other tools (jobs.EXPORTS)."""
+        there: the embedding (and its moving average), then the files the job exported for other
+        tools (jobs.EXPORTS)."""
         embedding = ws.inside(outputs["embedding"])
         run = read_embedding(embedding)
         token, name = run.token, Path(outputs.get("kohya", embedding)).stem
@@ -142,10 +152,18 @@ class TrainTab:
             "a1111-png": f"AUTOMATIC1111 / Forge embedding card (a picture with the embedding inside): type `{name}`",
             "onetrainer": "OneTrainer: load it as an embedding with the placeholder of your choice",
         }
-        if run.is_sdxl:
-            files = [(embedding, f"this app, diffusers (clip_l and clip_g, one load_textual_inversion call each): type `{token}`")]
+        if "kohya" not in outputs:  # SD 3.x, Flux.1: OneTrainer's file is the one ComfyUI reads too
+            tools["onetrainer"] += f"; ComfyUI: type `embedding:{Path(outputs['onetrainer']).stem}`"
+        if run.keys:
+            files = [(embedding, f"this app, diffusers ({' and '.join(run.keys)}, one load_textual_inversion call each): type `{token}`")]
         else:
             files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
+        if outputs.get("ema"):  # the moving average of the vectors (--ema-decay), the same layout
+            files.append((ws.inside(outputs["ema"]), f"the vectors' moving average (EMA), as the embedding: type `{token}`"))
+        recommended = ws.inside(outputs["recommended"]) if outputs.get("recommended") else None
+        if recommended is not None and recommended != embedding:  # the scores' pick comes first
+            step = read_embedding(recommended).metadata.get("steps", "?")
+            files.insert(0, (recommended, f"the recommended checkpoint (step {step}, see the scores); diffusers, this app: type `{token}`"))
         return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
 
     def _train_outputs(self, ws: Workspace, view: RunView) -> dict:
@@ -153,17 +171,25 @@ class TrainTab:
         embedding = view.outputs.get("embedding")
         files = self.download_files(ws, view.outputs) if view.done and embedding else []
         legend = "".join(f"\n- `{path.name}`: {tools}" for path, tools in files)
+        if files and view.metrics.get("prompt_tokens"):
+            legend += f"\n\nIn a prompt, {tokens_used_text(int(view.metrics['prompt_tokens']))}."
         return {
             c["progress"]: view.progress_html(),
             c["loss_plot"]: gr.update(value=view.loss_frame(), color_map=loss_colours(view.progress)),
-            c["previews"]: gr.update(value=[(ws.served(path), caption) for path, caption in view.previews] or None, visible=bool(view.previews)),  # only methods that draw
+            c["previews"]: gr.update(  # only methods that draw; a row per preview step, a column per prompt
+                value=[(ws.served(path), caption) for path, caption in view.previews] or None, visible=bool(view.previews), columns=view.preview_columns
+            ),
             c["log"]: view.log_text(),
             c["downloads"]: [ws.served(path) for path, _ in files] or None,
             c["download_help"]: f"**Which file for which tool:**{legend}" if files else "",
             c["start"]: gr.update(interactive=view.done, value="Start training"),
             c["stop"]: gr.update(interactive=not view.done),
+            c["norm_plot"]: gr.update(value=view.norm_frame(), color_map=norm_colours(view.norms)),
+            c["norm_warning"]: gr.update(value=norm_warning(view.norms), visible=bool(norm_warning(view.norms))),
+            c["score_plot"]: gr.update(value=view.score_frame(), visible=bool(view.scores)),
+            c["score_text"]: score_text(view.scores),
             c["try_it"]: gr.update(interactive=bool(files)),
-            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(ws.inside(embedding).relative_to(ws.root))) if files else gr.update(),
         }
 
     def stop_training(self, request: gr.Request) -> str:
@@ -195,10 +221,40 @@ class TrainTab:
                     y_title="loss",
                     height=320,
                     scale=2,
+                    elem_id="loss-plot",
                 )
                 c["previews"] = gr.Gallery(
-                    label="Previews (same seed and prompt, as training goes)", columns=3, height=320, scale=1, visible=False
+                    label="Previews: a row per preview step, a column per prompt (each with its own fixed seed)", columns=3, height=320, scale=1, visible=False
                 )
+            with gr.Row():
+                c["norm_plot"] = gr.LinePlot(
+                    RunView().norm_frame(),
+                    x="step",
+                    y="norm",
+                    color="curve",
+                    title="Length of each learned vector, beside the model's own words (grey: their usual range)",
+                    x_title="step",
+                    y_title="vector length",
+                    height=260,
+                    elem_id="norm-plot",
+                )
+            c["norm_warning"] = gr.Markdown(visible=False, elem_classes="tinv-warning", elem_id="norm-warning")
+            with gr.Row():
+                c["score_plot"] = gr.LinePlot(
+                    RunView().score_frame(),
+                    x="step",
+                    y="score",
+                    color="curve",
+                    color_map=SCORE_COLOURS,
+                    title="Checkpoints: likeness and editability (scaled: 0 the worst, 1 the best)",
+                    x_title="step",
+                    y_title="scaled score",
+                    height=260,
+                    visible=False,
+                    elem_id="score-plot",
+                    scale=1,
+                )
+                c["score_text"] = gr.Markdown(elem_id="score-text")
             with gr.Row():
                 c["log"] = gr.Textbox(label="Log", lines=8, max_lines=12, autoscroll=True, scale=2)
                 with gr.Column(scale=1):
@@ -210,7 +266,8 @@ class TrainTab:
     def train_outputs(self) -> list:
         """The components a training's state is drawn in (welcome and start_training update them)."""
         c = self.components
-        return [c[k] for k in ("progress", "loss_plot", "previews", "log", "downloads", "download_help", "start", "stop", "try_it", "embedding")]
+        names = ("progress", "loss_plot", "previews", "log", "downloads", "download_help", "start", "stop", "try_it", "embedding")
+        return [c[k] for k in (*names, "norm_plot", "norm_warning", "score_plot", "score_text")]
 
     def wire_train_tab(self, c: dict) -> None:
         train_outputs = self.train_outputs()

@@ -1,0 +1,99 @@
+"""Logging a training run to TensorBoard and Weights & Biases, through accelerate's trackers.
+
+The trackers follow the job's events, as the app and the command line do: each step's loss and
+learning rate, the learned vectors' norms, the previews and the checkpoints' scores. A
+tracker that cannot start or write (not installed, not logged in, a full disk) is given up with
+one line in the log; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .events import CheckpointScore, Event, Preview, Progress, Reporter, VectorNorms
+
+TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "both": ("tensorboard", "wandb"), "none": ()}
+LOG_FOLDER = "logs"  # TensorBoard's files, in the output folder: tensorboard --logdir OUTPUT/logs
+INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install wandb, then wandb login"}
+# What add_images needs to read a picture as [count, height, width, channels] (W&B takes it as is).
+IMAGE_OPTIONS = {"tensorboard": dict(dataformats="NHWC")}
+
+
+class RunTrackers:
+    """The trackers of one run; `on_event` logs what an event carries to each of them."""
+
+    def __init__(self, trackers: list, reporter: Reporter):
+        self.trackers = trackers
+        self.reporter = reporter
+
+    @classmethod
+    def start(cls, log_with: str, output_dir, run_name: str, config: dict, reporter: Reporter) -> RunTrackers:
+        """Start the trackers `log_with` names (a TRACKERS key), writing TensorBoard's files to
+        `output_dir`/logs/`run_name`-(time); only the main process of a distributed run logs."""
+        started = []
+        if reporter.process is not None and not reporter.process.is_main:
+            return cls(started, reporter)
+        run = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for name in TRACKERS[log_with]:
+            try:
+                tracker = _make(name, run, Path(output_dir) / LOG_FOLDER, config)
+            except Exception as error:  # noqa: BLE001 - a missing or failing logger must not cost the run
+                reporter.log(f"not logging to {name} ({type(error).__name__}: {error}); {INSTALL[name]} to use it")
+                continue
+            started.append(tracker)
+            where = f" in {tracker.logging_dir}" if name == "tensorboard" else ""
+            reporter.log(f"logging to {name}{where}")
+        return cls(started, reporter)
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Progress):
+            self._each("log", {"loss": event.loss, "lr": event.lr}, event.step)
+        elif isinstance(event, VectorNorms):
+            norms = {f"norm/{encoder}/{i}": value for encoder, values in event.norms.items() for i, value in enumerate(values)}
+            self._each("log", norms, event.step)
+        elif isinstance(event, CheckpointScore):
+            scores = {"checkpoint/image_similarity": event.image_similarity, "checkpoint/text_similarity": event.text_similarity}
+            self._each("log", scores, event.step)
+        elif isinstance(event, Preview):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(event.path) as picture:
+                pixels = np.asarray(picture.convert("RGB"))[None]
+            self._each("log_images", {f"preview/{event.prompt}": pixels}, event.step)
+
+    def _each(self, method: str, values: dict, step: int) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(values, step=step, **(IMAGE_OPTIONS.get(tracker.name, {}) if method == "log_images" else {}))
+            except Exception as error:  # noqa: BLE001 - logging is given up, never the run
+                self.trackers.remove(tracker)
+                self.reporter.log(f"stopped logging to {tracker.name} ({type(error).__name__}: {error}); training goes on")
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            try:
+                tracker.finish()
+            except Exception:  # noqa: BLE001, S110 - the run's own result matters more than closing a log
+                pass
+        self.trackers = []
+
+
+def _make(name: str, run: str, log_folder: Path, config: dict):
+    """An accelerate tracker, started."""
+    from accelerate import tracking
+
+    if name == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401 - accelerate's tracker writes with it (it needs the tensorboard package)
+        except ImportError:
+            raise ModuleNotFoundError("the tensorboard package is not installed") from None
+        tracker = tracking.TensorBoardTracker(run, str(log_folder))
+    else:
+        if not tracking.is_wandb_available():
+            raise ModuleNotFoundError("the wandb package is not installed")
+        tracker = tracking.WandBTracker("tinv-gui", name=run, config=config)
+    if hasattr(tracker, "start"):  # accelerate >= 1.x opens the writer here; earlier ones did in __init__
+        tracker.start()
+    return tracker
