@@ -572,3 +572,17 @@ def test_a_visitor_is_admitted_again_when_the_window_moves_and_idle_visitors_are
     now[0] += 61
     limits.take("b")
     assert set(limits._started) == {"b"}  # "a" has nothing in flight and no call in the window
+
+
+def test_a_generation_waiting_in_the_queue_shows_its_place_and_is_dropped_when_its_visitor_leaves(tmp_path, monkeypatch, picture_dir):
+    app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
+    release = threading.Event()
+    app.engine.submit("someone else's run", lambda reporter: release.wait(30) and {})
+    drawing = app.generate("demo", "none", "a red cube", "", 1, 7.5, 0, "Model default", "Model default", 1, 1.0, False, _Request("visitor-a"))
+    _, _, waiting = next(drawing)
+    assert "1 job(s) ahead of yours" in waiting, waiting
+    drawing.close()  # the visitor closed the page
+    release.set()
+    app.engine.submit("the next job", lambda reporter: {}).wait()  # the queue has moved past the generation
+    assert not list(ws.images.rglob("*.png"))  # it was never drawn
+    app.engine.close()

@@ -128,12 +128,18 @@ def extended_vocabularies(text_encoders: list, extra: torch.Tensor):
     widths = [te.get_input_embeddings().embedding_dim for te in text_encoders]
     if extra.shape[-1] != sum(widths):
         raise ValueError(f"vectors of width {extra.shape[-1]} do not fit text encoders of widths {widths}")
-    with contextlib.ExitStack() as stack:
-        start, sizes = 0, []
-        for text_encoder, width in zip(text_encoders, widths):
-            sizes.append(stack.enter_context(extended_vocabulary(text_encoder, extra, slice(start, start + width))))
-            start += width
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    with extended_vocabularies_from(text_encoders, [(extra, slice(s, s + w)) for s, w in zip(starts, widths)]) as sizes:
         yield sizes
+
+
+@contextlib.contextmanager
+def extended_vocabularies_from(text_encoders: list, sources: list[tuple[torch.Tensor, slice]]):
+    """extended_vocabulary for each text encoder, encoder i reading `tensor[:, columns]` of its
+    (tensor, columns) in `sources`: the parts of a token may live in different tensors (some
+    trained, some kept at their start)."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(extended_vocabulary(te, tensor, columns)) for te, (tensor, columns) in zip(text_encoders, sources)]
 
 
 @contextlib.contextmanager
@@ -153,8 +159,8 @@ def plain_vocabularies(text_encoders: list):
 
 def encode_with_placeholder(tokenizer, prompt: str, placeholder: str, placeholder_ids: list[int], max_length: int = 77) -> list[int]:
     """Token ids of `prompt` with every `placeholder` replaced by `placeholder_ids`, framed by the
-    start and end markers and cut to `max_length` (keeping the end marker)."""
-    ids = [tokenizer.bos_token_id]
+    start marker (T5 has none) and end marker, and cut to `max_length` (keeping the end marker)."""
+    ids = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     pieces = prompt.split(placeholder)
     for i, piece in enumerate(pieces):
         if piece.strip():

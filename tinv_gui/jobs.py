@@ -76,7 +76,8 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:
         loaded.clips, loaded.clip_images = _clips_and_pictures(settings, store, placement, reporter, writer)
-    norms = _watch_norms(loaded, family, reporter) if process.is_main else None  # the vectors are the same in every process
+        loaded.word_parts = _word_parts(settings, store)
+    norms = _watch_norms(loaded, family, reporter, store, settings.model) if process.is_main else None  # the vectors are the same in every process
     scorer = None
     if settings.score_checkpoints != "off" and process.is_main:
         from .checkpoint_scores import CheckpointScorer
@@ -105,16 +106,18 @@ def tracked_settings(settings: TrainSettings) -> dict:
     return {k: v for k, v in dataclasses.asdict(settings).items() if isinstance(v, (str, int, float, bool))}
 
 
-def _watch_norms(loaded: Loaded, family, reporter: Reporter):
+def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, model: str):
     """A NormWatch on the run's vectors, against the token tables of the text encoders the
-    method trains through (the pipeline's, else the CLIP models' text towers: the same words)."""
+    method trains through (the pipeline's, else the CLIP models' text towers: the same words,
+    and T5's own table for its part)."""
     from .models import text_encoders
     from .vector_norms import NormWatch, encoder_names
 
     if loaded.pipe is not None:
         tables = [encoder.get_input_embeddings().weight for encoder in text_encoders(loaded.pipe)]
     else:
-        tables = [clip.model.text_model.get_input_embeddings().weight for clip in loaded.clips]
+        clip_tables = iter(clip.model.text_model.get_input_embeddings().weight for clip in loaded.clips)
+        tables = [store.word_table(model, i) if i in (loaded.word_parts or {}) else next(clip_tables) for i in range(family.text_encoder_count)]
     watch = NormWatch(tables, encoder_names(len(tables), family.embedding_keys), reporter)
     reporter.vector_watchers.append(watch)
     return watch
@@ -187,10 +190,11 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
 
 
-def _refuse_untrained_family(store: ModelStore, model: str, what: str) -> None:
-    """SD 3.x and Flux.1 load and draw; tinv-gui's methods do not handle their T5 encoder yet."""
+def _refuse_untrained_family(store: ModelStore, model: str, what: str, needs: str = "trainable") -> None:
+    """Refuse a job the model's family does not support: training (`trainable`), or evaluating and
+    finding prompts (`evaluates`: not yet for SD 3.x and Flux.1, whose T5 they do not handle)."""
     family = store.family(model)
-    if not family.trainable:
+    if not getattr(family, needs):
         raise ModelLoadError(f"{what} on {family.title} ({model}) is not supported yet; generating pictures with it is")
 
 
@@ -217,7 +221,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
-    _refuse_untrained_family(store, settings.model, "evaluating embeddings")
+    _refuse_untrained_family(store, settings.model, "evaluating embeddings", "evaluates")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -259,7 +263,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .data import find_images, open_image
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result
 
-    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures")
+    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures", "evaluates")
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
@@ -303,10 +307,25 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
 
 
 def _load_clips(settings, store, placement, reporter, count: int | None = None):
-    """The CLIP model of each of the pipeline's text encoders (SDXL has two), or of the first `count`."""
-    names = (settings.clip_model, settings.clip_model_g)[: count or store.text_encoder_count(settings.model)]
+    """The CLIP model of each of the pipeline's CLIP text encoders (SDXL and SD 3.x have two; T5
+    has none), or of the first `count`."""
+    family = store.family(settings.model)
+    encoders = [i for i in range(family.text_encoder_count) if i != family.t5_encoder][:count]
+    names = (settings.clip_model, settings.clip_model_g)[: len(encoders)]
     reporter.log(f"Loading the CLIP model{'s' if len(names) > 1 else ''} for {settings.model}")
-    return [store.clip(settings.model, name, placement, encoder) for encoder, name in enumerate(names)]
+    return [store.clip(settings.model, name, placement, encoder) for encoder, name in zip(encoders, names)]
+
+
+def _word_parts(settings, store) -> dict[int, object]:
+    """The start of a token's parts that no CLIP model can learn (T5's, in SD 3.x and Flux.1): the
+    starting word's pieces in that encoder's own vocabulary (random without one), by encoder."""
+    from .embeddings import initial_vectors
+
+    family = store.family(settings.model)
+    return {
+        i: initial_vectors(store.word_table(settings.model, i), store.tokenizer(settings.model, i), settings.init, settings.vectors, settings.seed)
+        for i in range(family.text_encoder_count) if i == family.t5_encoder
+    }
 
 
 def _clips_and_pictures(settings, store, placement, reporter, writer):

@@ -1,8 +1,9 @@
 """What a diffusion model is trained to predict from noised latents: the training objective.
 
 Each model family answers `objective()` with an `Objective`. Today: the noise schedule of SD
-1.x/2.x and SDXL (epsilon, v or sample prediction); flow matching (SD 3, Flux) is another
-subclass, with its own timesteps, targets and per-sample loss weights.
+1.x/2.x and SDXL (epsilon, v or sample prediction), or flow matching (SD 3.x, Flux.1: velocity
+along the straight path from the data to the noise), with its own timesteps, targets and
+per-sample loss weights.
 
 Two options of the objective, as kohya sd-scripts, OneTrainer and invoke-training offer them:
 noise offset (`sample_noise`, any objective) and min-SNR loss weighting (`loss_weights`, the
@@ -99,6 +100,55 @@ class NoiseSchedule(Objective):
         if self.prediction_type == "v_prediction":
             return noisy, signal * noise - noise_scale * latents
         return noisy, latents
+
+class FlowMatching(Objective):
+    """Rectified flow as SD 3.x and Flux.1 were trained, written as diffusers' train_dreambooth_sd3
+    and train_dreambooth_flux scripts write it: sigma drawn with the scripts' density (logit-normal,
+    mean 0, std 1), picked from the pipeline's FlowMatchEulerDiscreteScheduler table (which holds
+    the config's `shift`, 3.0 for SD 3.x; Flux.1's resolution-dependent shift is applied at
+    sampling time only, and the scripts train without it, as here); noisy latents
+    (1 - sigma) * latents + sigma * noise; the target is the velocity noise - latents; the loss
+    weighted per sample by `compute_loss_weighting_for_sd3` (all ones under logit-normal). Min-SNR
+    weighting does not apply to it."""
+
+    prediction_type = "flow"  # velocity
+
+    def __init__(self, scheduler_config, device: torch.device, weighting_scheme: str = "logit_normal",
+                 logit_mean: float = 0.0, logit_std: float = 1.0, mode_scale: float = 1.29):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        self.num_timesteps = int(scheduler.config.num_train_timesteps)
+        self.timesteps = scheduler.timesteps.to(device, torch.float32)  # num_timesteps * sigma, descending
+        self.sigmas = scheduler.sigmas[: self.num_timesteps].to(device, torch.float32)
+        self.shift = float(scheduler.config.shift)
+        self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = weighting_scheme, logit_mean, logit_std, mode_scale
+
+    def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Timesteps (num_timesteps * sigma, floats) at the scripts' density over the scheduler's table."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(
+            self.weighting_scheme, count, self.logit_mean, self.logit_std, self.mode_scale, device=device, generator=generator
+        )
+        indices = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+        return self.timesteps[indices.to(self.timesteps.device)].to(device)
+
+    def sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """sigma of each timestep, shaped to multiply latents [b, c, h, w]."""
+        return (timesteps.float() / self.num_timesteps).view(-1, 1, 1, 1)
+
+    def noisy_and_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """The point at sigma on the straight path from the latents to the noise, and the velocity."""
+        sigma = self.sigma(timesteps)
+        return (1.0 - sigma) * latents + sigma * noise, noise - latents
+
+    def loss_weights(self, timesteps: torch.Tensor, min_snr_gamma: float = 0.0) -> torch.Tensor:
+        """Each sample's weight: the scripts' `compute_loss_weighting_for_sd3` at its sigma (as the
+        scripts weigh the squared error, then take each picture's mean and the batch's mean)."""
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigma(timesteps)).float().view(-1)
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, sample_weights: torch.Tensor, pixel_weights: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,6 +25,7 @@ MethodName = Literal[METHOD_NAMES]
 Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 Style = Literal["object", "style"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # device.PRECISIONS
+TrainEncoders = Literal["all", "clip", "t5"]  # Family.trained_encoders
 Tracker = Literal["tensorboard", "wandb", "both", "none"]  # tracking.TRACKERS
 ScoreWhen = Literal["off", "after", "during", "during-2", "during-5", "during-10"]  # checkpoint_scores.scored_saves
 SCHEDULES = get_args(Schedule)
@@ -128,6 +129,12 @@ class TrainSettings:
     )
     flip: bool = setting(
         True, label="Mirror pictures", help="Also train on left-right mirrored pictures. Turn off for text or asymmetric things.", methods=DIFFUSION_METHODS
+    )
+    train_encoders: TrainEncoders = setting(
+        "all", label="Text encoders that learn",
+        help="SD 3.x and Flux.1: which text encoders' vectors of the word train. clip: T5's stay at the starting word and T5 runs once "
+        "(much faster and lighter, T5 can leave the GPU); t5: the CLIP parts stay. Other models: all.",
+        methods=DIFFUSION_METHODS,
     )
     aspect_buckets: bool = setting(
         True, label="Aspect-ratio buckets", flag="--buckets", methods=DIFFUSION_METHODS,

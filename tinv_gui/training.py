@@ -130,6 +130,7 @@ def optimize(
     *,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     optimizer: tuple | None = None,
+    whole: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[LoopResult, torch.optim.Optimizer]:
     """Run optimizer steps `start_step + 1` to `settings.steps` on `vectors` (a float32 leaf tensor).
 
@@ -143,6 +144,9 @@ def optimize(
 
     With `project` (hard prompts), each step evaluates the loss and its gradient at
     `project(vectors)` and applies that gradient to the unprojected vectors.
+
+    `whole(vectors)` is the whole token when `vectors` holds only some text encoders' parts
+    (what the reporter's vector watchers are shown).
     """
     from .distributed import (
         ProcessInfo,
@@ -204,7 +208,7 @@ def optimize(
         last_good_state = copy.deepcopy(optimizer.state_dict())
         last_loss = total
         reporter.step_finished(total, lr, settings.phase)
-        reporter.vectors_updated(vectors)
+        reporter.vectors_updated(whole(vectors) if whole else vectors)
         if on_step is not None:
             on_step(step, optimizer)
     return LoopResult(step, False, last_loss), optimizer

@@ -19,7 +19,9 @@ class Family:
     default_clips: dict[int, str] = {}  # the CLIP each text encoder comes from, by its width
     demo_model: str = ""  # the offline demo model of this family
     t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
-    trainable: bool = True  # whether tinv-gui's methods handle it (SD 3.x and Flux.1 load and draw; training comes later)
+    trainable: bool = True  # whether tinv-gui's methods handle it
+    evaluates: bool = True  # whether evaluation and prompt-from-image handle it (not yet SD 3.x and Flux.1)
+    size_multiple: int = 8  # training pictures' sides are multiples of it (the VAE's scale, times a transformer's patch)
 
     # ------------------------------------------------------------------------- recognising it
     def matches_index(self, class_name: str) -> bool:
@@ -52,6 +54,17 @@ class Family:
         """The picture size the model was trained at."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
+    def trained_encoders(self, choice: str) -> tuple[bool, ...]:
+        """Which text encoders' parts of a token train under the setting `train_encoders`: "all",
+        "clip" (every encoder but T5) or "t5" (T5 alone); raises SettingsError when the choice
+        leaves nothing to train."""
+        from ..schema import SettingsError
+
+        is_t5 = [i == self.t5_encoder for i in range(self.text_encoder_count)]
+        if choice == "t5" and not any(is_t5):
+            raise SettingsError("train_encoders", f"{self.title} has no T5 text encoder, only CLIP ones: choose 'all'")
+        return tuple(choice == "all" or (t5 if choice == "t5" else not t5) for t5 in is_t5)
+
     def check_generation(self, negative: str | None, custom_sampler: bool, with_prompt_file: bool) -> None:
         """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
         other than the model's own, a prompt_embeds file instead of a prompt)."""
@@ -61,10 +74,23 @@ class Family:
         return False
 
     # ------------------------------------------------------------------------- conditioning
+    def prompt_lengths(self, pipe) -> list[int]:
+        """The length each tokenizer's prompts are padded to, as the pipeline pads them."""
+        return [int(tokenizer.model_max_length) for tokenizer in self.tokenizers(pipe)]
+
+    def encoder_output(self, index: int, text_encoder, ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What text encoder number `index` contributes to the conditioning (a tuple of tensors,
+        one row per prompt): computed once and kept for an encoder whose vectors do not train."""
+        raise NotImplementedError
+
+    def combine_outputs(self, outputs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning from every encoder's output: (hidden states, pooled embedding or None)."""
+        raise NotImplementedError
+
     def encode_prompts(self, encoders: list, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The text conditioning from (ids, attention mask) per text encoder, as the pipeline
         computes it: (hidden states, pooled embedding or None)."""
-        raise NotImplementedError
+        return self.combine_outputs([self.encoder_output(i, te, ids, mask) for i, (te, (ids, mask)) in enumerate(zip(encoders, prompts))])
 
     def size_conditioning(self, images, size: int) -> torch.Tensor | None:
         """Per-picture extra ids the UNet takes in training (SDXL's sizes), or None."""
@@ -80,6 +106,16 @@ class Family:
         that packs latents, like Flux, packs and unpacks here)."""
         dtype = denoiser.dtype
         return denoiser(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+
+    def recomputed_layers(self, denoiser) -> list:
+        """The layers whose activations a step recomputes in its backward pass when full gradient
+        checkpointing is off: a UNet's feed-forward layers at full latent resolution, which keep
+        the largest activations of a step (about 0.3 of 1.4 GB for SD 1.5 at 512 px) and cost
+        about 3% of it to recompute."""
+        from diffusers.models.attention import FeedForward
+
+        full_resolution = [denoiser.down_blocks[0], denoiser.down_blocks[1], denoiser.up_blocks[-1], denoiser.up_blocks[-2]]
+        return [m for block in full_resolution for m in block.modules() if isinstance(m, FeedForward)]
 
     def pipeline_conditioning(self, hidden: torch.Tensor, pooled: torch.Tensor | None, prefix: str = "") -> dict:
         """Encoded prompts as pipeline arguments: {prefix + "prompt_embeds": ..., ...}."""

@@ -2,11 +2,15 @@
 over 2x2-packed latents, flow matching, and (dev) guidance distilled into a guidance embedding
 instead of a negative prompt.
 
-What is here is what loading and drawing need; the conditioning, objective and embedding parts
-for training come with issue 14's training (`trainable` is False until then, and the jobs refuse).
+The conditioning is FluxPipeline.encode_prompt's: CLIP-L's pooled output and T5's 512 token
+states. Training feeds the transformer as diffusers' train_dreambooth_flux script does: latents
+packed into 2x2 patches with their position ids, the timestep divided by 1000, and (dev) the
+guidance value 3.5.
 """
 
 from __future__ import annotations
+
+import torch
 
 from .sd3 import TransformerFamily, refuse_beyond_a_plain_prompt
 
@@ -35,3 +39,33 @@ class Flux(TransformerFamily):
                 "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "
                 "leave the negative empty and set the guidance (about 3.5 for dev)"
             )
+
+    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the guidance-distilled dev
+
+    def prompt_lengths(self, pipe):
+        return [77, 512]  # the pipeline's max_sequence_length for T5
+
+    def encoder_output(self, index, text_encoder, ids, attention_mask):
+        if index == self.t5_encoder:
+            return (text_encoder(ids)[0],)
+        return (text_encoder(ids).pooler_output,)
+
+    def combine_outputs(self, outputs):
+        (pooled,), (hidden,) = outputs
+        return hidden, pooled
+
+    def predict(self, denoiser, noisy, timesteps, hidden, pooled, size_ids):
+        from diffusers import FluxPipeline
+
+        dtype = denoiser.dtype
+        batch, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy.to(dtype), batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, dtype)
+        text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=dtype)
+        guidance = torch.full((batch,), self.training_guidance, device=noisy.device) if denoiser.config.guidance_embeds else None
+        packed_prediction = denoiser(
+            hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, pooled_projections=pooled.to(dtype),
+            encoder_hidden_states=hidden.to(dtype), txt_ids=text_ids, img_ids=image_ids, return_dict=False,
+        )[0]
+        # vae_scale_factor 1: the sizes given are the latents' own
+        return FluxPipeline._unpack_latents(packed_prediction, height, width, 1)

@@ -22,7 +22,10 @@ class StableDiffusion(Family):
     def pipeline_kwargs(self, dtype: torch.dtype) -> dict:
         return dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
 
-    def encode_prompts(self, encoders, prompts):
-        (text_encoder,), ((ids, attention_mask),) = encoders, prompts
+    def encoder_output(self, index, text_encoder, ids, attention_mask):
         use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
-        return text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0], None
+        return (text_encoder(ids, attention_mask=attention_mask if use_mask else None)[0],)
+
+    def combine_outputs(self, outputs):
+        ((hidden,),) = outputs
+        return hidden, None

@@ -41,9 +41,12 @@ class StableDiffusionXL(Family):
         # Its VAE overflows in float16: the pipeline runs it in float32 (force_upcast), and so does tinv-gui.
         return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
 
-    def encode_prompts(self, encoders, prompts):
-        outputs = [text_encoder(ids, output_hidden_states=True) for text_encoder, (ids, _) in zip(encoders, prompts)]
-        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
+    def encoder_output(self, index, text_encoder, ids, attention_mask):
+        out = text_encoder(ids, output_hidden_states=True)
+        return (out.hidden_states[-2], out.text_embeds) if index == 1 else (out.hidden_states[-2],)
+
+    def combine_outputs(self, outputs):
+        return torch.cat([out[0] for out in outputs], dim=-1), outputs[-1][1]
 
     def size_conditioning(self, images, size: int) -> torch.Tensor:
         """[pictures, 6] as its training computes them: the original (height, width), the crop's

@@ -20,6 +20,7 @@ class Loaded:
     clip_images: list | None = None  # the pictures at CLIP's size
     pipe: object | None = None  # the whole diffusers pipeline
     images: list | None = None  # the pictures at the training resolution
+    word_parts: dict | None = None  # with "clip": the start of the parts no CLIP learns (T5's), by text encoder
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Method:
 def _quick(loaded: Loaded, settings, reporter, writer):
     from .quick import train_quick
 
-    return train_quick(loaded.clips, loaded.clip_images, settings, reporter, writer)
+    return train_quick(loaded.clips, loaded.clip_images, settings, reporter, writer, word_parts=loaded.word_parts)
 
 
 def _textual_inversion(loaded: Loaded, settings, reporter, writer):
@@ -59,7 +60,9 @@ def _textual_inversion(loaded: Loaded, settings, reporter, writer):
 def _quick_then_ti(loaded: Loaded, settings, reporter, writer):
     from .textual_inversion import train_quick_then_ti
 
-    return train_quick_then_ti(loaded.clips, loaded.clip_images, loaded.pipe, loaded.placement, loaded.images, settings, reporter, writer)
+    return train_quick_then_ti(
+        loaded.clips, loaded.clip_images, loaded.pipe, loaded.placement, loaded.images, settings, reporter, writer, loaded.word_parts
+    )
 
 
 def _caption_init(loaded: Loaded, settings, reporter, writer):
@@ -82,7 +85,8 @@ METHODS: dict[str, Method] = {
             frozenset({"clip"}),
             Preset(
                 "Quick",
-                "QuickEmbedding: matches the new word to your pictures in CLIP's space only; no image is drawn while it learns.",
+                "QuickEmbedding: matches the new word to your pictures in CLIP's space only; no image is drawn while it learns. "
+                "On SD 3.x and Flux.1 only the CLIP parts of the word learn; its T5 part stays at the starting word.",
                 "A first try, or a slow computer. Captures colours, materials and the overall look; fine detail less well.",
                 0.02,
                 0.5,
@@ -98,7 +102,8 @@ METHODS: dict[str, Method] = {
             frozenset({"clip", "pipeline"}),
             Preset(
                 "Balanced",
-                "QuickEmbedding first, then textual inversion continues from where it ended.",
+                "QuickEmbedding first, then textual inversion continues from where it ended. On SD 3.x and Flux.1 "
+                "QuickEmbedding warm-starts the CLIP parts, and the T5 part starts from the starting word.",
                 "Most concepts, on a GPU: much of the quality of Thorough in a fraction of the time.",
                 0.3,
                 5.0,

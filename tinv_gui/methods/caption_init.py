@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..data import TEMPLATES
 from ..demo_model import DEMO_CAPTIONER, DEMO_NAMES, SDXL_DEMO_NAME, demo_captioner_dir
+from ..demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME
 from ..embeddings import tokenize_words
 from ..models import ModelLoadError, ModelSource, _explain
 from ..schema import SettingsError
@@ -30,7 +31,7 @@ def captioner_for(model: str, caption_model: str | None) -> str:
     """The captioning model to use: the one named, else the demo captioner for demo models, else BLIP."""
     if caption_model:
         return caption_model
-    return DEMO_CAPTIONER if model in (*DEMO_NAMES, SDXL_DEMO_NAME) else DEFAULT_CAPTIONER
+    return DEMO_CAPTIONER if model in (*DEMO_NAMES, SDXL_DEMO_NAME, SD3_DEMO_NAME, FLUX_DEMO_NAME) else DEFAULT_CAPTIONER
 
 
 @torch.no_grad()

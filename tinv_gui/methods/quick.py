@@ -8,6 +8,9 @@ inversion, since CLIP's text tower is Stable Diffusion's text encoder.
 SDXL has two text encoders, the text towers of two CLIP models (ViT-L and OpenCLIP bigG): each
 part of the token's vectors is pulled towards its own CLIP's image embeddings, the loss being
 the mean of the two.
+
+SD 3.x and Flux.1 condition on T5 as well, which has no image tower: its part of the token stays
+at the starting word's T5 pieces (`word_parts`), and only the CLIP parts learn here.
 """
 
 from __future__ import annotations
@@ -54,10 +57,12 @@ def train_quick(
     reporter: Reporter,
     writer: EmbeddingWriter | None = None,
     phase: str = "quick",
+    word_parts: dict[int, torch.Tensor] | None = None,
 ) -> QuickResult:
     """Learn `settings.token` with QuickEmbedding; `settings` must be resolved (defaults filled).
     `clips` is the CLIP model of the pipeline's text encoder, or a list of one per text encoder
-    (SDXL: ViT-L's, then bigG's)."""
+    (SDXL: ViT-L's, then bigG's). `word_parts` ({text encoder: [n, width]}) are the parts of
+    text encoders without a CLIP model (T5's), kept as they are and saved, and returned, in place."""
     clips = [clips] if isinstance(clips, ClipBundle) else list(clips)
     token = validate_token(settings.token, clips[0].tokenizer)
     device = clips[0].placement.device
@@ -96,12 +101,18 @@ def train_quick(
             losses.append((distances * counts.to(distances)).sum() / len(picked))
         return torch.stack(losses).mean()
 
+    def whole_token() -> torch.Tensor:
+        """The CLIP parts learned here with the word parts in their places, in encoder order."""
+        clip_parts = iter(torch.split(vectors.detach().float().cpu(), [table.shape[1] for table in tables], dim=1))
+        count = len(clips) + len(word_parts or {})
+        return torch.cat([word_parts[i] if i in (word_parts or {}) else next(clip_parts) for i in range(count)], dim=1)
+
     loop = LoopSettings.of(settings, phase)
-    on_step = (lambda step, _optimizer: writer.checkpoint(vectors, reporter.steps_done)) if writer else None
+    on_step = (lambda step, _optimizer: writer.checkpoint(whole_token(), reporter.steps_done)) if writer else None
     with extended_vocabularies(text_models, vectors):
         try:
-            result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step)
+            result, _ = optimize(vectors, compute_loss, loop, reporter, on_step=on_step, whole=lambda _: whole_token())
         finally:
             if writer is not None:  # keep the last good vectors, whatever happened
-                writer.save(vectors, reporter.steps_done)
-    return QuickResult(vectors.detach().float().cpu(), result.steps_done, result.stopped_early, result.last_loss)
+                writer.save(whole_token(), reporter.steps_done)
+    return QuickResult(whole_token(), result.steps_done, result.stopped_early, result.last_loss)

@@ -43,9 +43,10 @@ from ..data import (
 from ..device import Placement, release_freed_memory
 from ..embeddings import (
     encode_with_placeholder,
-    extended_vocabularies,
+    extended_vocabularies_from,
     initial_vectors,
     read_metadata,
+    split_columns,
     validate_token,
 )
 from ..events import Preview, Reporter
@@ -150,14 +151,67 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
     )
 
 
+@dataclass
+class TokenParts:
+    """A token's vectors [n, sum of the text encoders' widths] as two tensors: the encoders' parts
+    that train, side by side in one leaf tensor (what the optimizer, the NaN guard and the saved
+    optimizer state see), and the parts that keep their start values (setting train_encoders:
+    SD 3.x's and Flux.1's CLIP parts only, or T5's only)."""
+
+    widths: tuple[int, ...]
+    trains: tuple[bool, ...]
+    trained: torch.Tensor  # [n, sum of the trained widths], float32, requires grad
+    fixed: torch.Tensor  # [n, sum of the other widths]
+
+    @classmethod
+    def of(cls, vectors: torch.Tensor, widths: tuple[int, ...], trains: tuple[bool, ...], device: torch.device) -> TokenParts:
+        parts = split_columns(vectors.to(device, torch.float32), widths)
+        trained = torch.cat([part for part, t in zip(parts, trains) if t], dim=1).clone().requires_grad_(True)
+        fixed = torch.cat([part for part, t in zip(parts, trains) if not t] or [parts[0][:, :0]], dim=1).clone()
+        return cls(tuple(widths), tuple(trains), trained, fixed)
+
+    def sources(self) -> list[tuple[torch.Tensor, slice]]:
+        """(tensor, columns) of each encoder's part, for extended_vocabularies_from."""
+        sources, used = [], {True: 0, False: 0}
+        for width, trains in zip(self.widths, self.trains):
+            sources.append((self.trained if trains else self.fixed, slice(used[trains], used[trains] + width)))
+            used[trains] += width
+        return sources
+
+    def full(self) -> torch.Tensor:
+        """The whole token [n, sum of widths], every encoder's part in order (what is saved)."""
+        return torch.cat([tensor.detach()[:, columns] for tensor, columns in self.sources()], dim=1)
+
+    @contextlib.contextmanager
+    def holding(self, full: torch.Tensor):
+        """Within the block the parts hold the values of `full` (a whole token, e.g. the moving
+        average, for a preview); their own are back afterwards."""
+        own = self.trained.detach().clone(), self.fixed.clone()
+        pieces = split_columns(full.to(self.trained.device), self.widths)
+        with torch.no_grad():
+            for tensor, wanted in ((self.trained, True), (self.fixed, False)):
+                chosen = [piece for piece, t in zip(pieces, self.trains) if t == wanted]
+                if chosen:
+                    tensor.copy_(torch.cat(chosen, dim=1))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                self.trained.copy_(own[0])
+                self.fixed.copy_(own[1])
+
+
 class DiffusionLoss:
     """The denoising loss of one random batch, with everything per-run prepared once.
 
     With `per_picture` prompts (captions), picture i is always paired with prompt i; otherwise
     each sample takes a random prompt of the templates. `prompts` holds the encoded prompts once
-    per tokenizer (SDXL has two); `size_ids` is the family's per-picture size conditioning (SDXL's),
-    if any; `repeats` how many times each picture is drawn per epoch (default once). A batch
-    holds pictures of one bucket (data.picture_batches).
+    per tokenizer (SDXL has two, SD 3.x three); rows past `prompt_count` are not trained on (the
+    preview's). The outputs of a text encoder whose part does not train (`trains`) are computed
+    once here, so it no longer runs (T5-XXL: most of a step). Create it where the token's
+    vectors are in the text encoders (extended_vocabularies). `size_ids` is the family's
+    per-picture size conditioning (SDXL's), if any; `repeats` how many times each picture is
+    drawn per epoch (default once). A batch holds pictures of one bucket (data.picture_batches).
     """
 
     def __init__(
@@ -172,6 +226,8 @@ class DiffusionLoss:
         seed: int,
         size_ids: torch.Tensor | None = None,
         repeats: list[int] | None = None,
+        trains: tuple[bool, ...] | None = None,
+        prompt_count: int | None = None,
         *,
         unmasked_weight: float = 1.0,
         noise_offset: float = 0.0,
@@ -189,7 +245,13 @@ class DiffusionLoss:
         self.unmasked_weight = unmasked_weight
         self.noise_offset = noise_offset
         self.min_snr_gamma = min_snr_gamma
-        self.prompts = [pad_prompts(tokenizer, encoded, placement.device) for tokenizer, encoded in zip(tokenizers(pipe), prompts)]
+        self.prompts = [
+            pad_prompts(tokenizer, encoded, placement.device, length)
+            for tokenizer, encoded, length in zip(tokenizers(pipe), prompts, self.family.prompt_lengths(pipe))
+        ]
+        self.prompt_count = prompt_count or len(prompts[0])
+        self.trains = trains or (True,) * len(self.text_encoders)
+        self.fixed_outputs = [None if t else self._encode_once(i) for i, t in enumerate(self.trains)]
         self.size_ids = None if size_ids is None else size_ids.to(placement.device)
         self.per_picture = per_picture
         self.batch_size = batch_size
@@ -197,6 +259,21 @@ class DiffusionLoss:
         self.rng = random.Random(seed)
         self.generator = torch.Generator(placement.device).manual_seed(seed)
         self.batches = picture_batches(latents.shapes, repeats or [1] * latents.pictures, batch_size, self.rng)
+
+    @torch.no_grad()
+    def _encode_once(self, index: int, chunk: int = 8) -> tuple[torch.Tensor, ...]:
+        ids, mask = self.prompts[index]
+        with self.placement.autocast():
+            pieces = [self.family.encoder_output(index, self.text_encoders[index], ids[i : i + chunk], mask[i : i + chunk]) for i in range(0, len(ids), chunk)]
+        return tuple(torch.cat(outputs) for outputs in zip(*pieces))
+
+    def conditioning(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, pooled) of the prompts in `rows`; gradients reach the trained parts."""
+        outputs = [
+            self.family.encoder_output(i, text_encoder, ids[rows], mask[rows]) if fixed is None else tuple(t[rows] for t in fixed)
+            for i, (text_encoder, (ids, mask), fixed) in enumerate(zip(self.text_encoders, self.prompts, self.fixed_outputs))
+        ]
+        return self.family.combine_outputs(outputs)
 
     def __call__(self, _micro: int = 0) -> torch.Tensor:
         device = self.placement.device
@@ -206,9 +283,9 @@ class DiffusionLoss:
         noise = self.schedule.sample_noise(latents, self.generator, self.noise_offset)
         timesteps = self.schedule.sample_timesteps(len(picked), self.generator, device)
         noisy, target = self.schedule.noisy_and_target(latents, noise, timesteps)
-        rows = picked if self.per_picture else [self.rng.randrange(len(self.prompts[0][0])) for _ in picked]
+        rows = picked if self.per_picture else [self.rng.randrange(self.prompt_count) for _ in picked]
         with self.placement.autocast():
-            hidden, pooled = self.family.encode_prompts(self.text_encoders, [(ids[rows], mask[rows]) for ids, mask in self.prompts])
+            hidden, pooled = self.conditioning(rows)
             # The family adds its own conditioning (SDXL: pooled and sizes; a mirrored centered crop has the same corner).
             size_ids = None if self.size_ids is None else self.size_ids[picked]
             prediction = self.family.predict(self.denoiser, noisy, timesteps, hidden, pooled, size_ids)
@@ -216,56 +293,60 @@ class DiffusionLoss:
         return weighted_mse(prediction, target, weights, self.latents.pixel_weights(picked, mirror, self.unmasked_weight))
 
 
-def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to the tokenizer's full length (77) with its own padding token, as the
-    pipeline conditions on them, and the attention mask of the real tokens."""
-    length = tokenizer.model_max_length
+def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded to `length` (default the tokenizer's full length, 77 for CLIP) with its own
+    padding token, as the pipeline conditions on them, and the attention mask of the real tokens."""
+    length = length or tokenizer.model_max_length
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([p + [pad] * (length - len(p)) for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[1] * len(p) + [0] * (length - len(p)) for p in prompts], dtype=torch.long, device=device)
     return ids, mask
 
 
-def render_preview(pipe, placement: Placement, prompt_ids: list[list[int]], size: int, steps: int, seed: int, path: Path) -> Path:
-    """Generate one picture from a prompt already encoded for each tokenizer (the new vectors must
-    be spliced in) with a fixed seed, and save it as PNG."""
-    family = family_of(pipe)
-    prompts = [pad_prompts(tokenizer, [ids], placement.device) for tokenizer, ids in zip(family.tokenizers(pipe), prompt_ids)]
+def render_preview(
+    pipe, placement: Placement, compute_loss: DiffusionLoss, row: int, negative_row: int | None, size: int, steps: int, seed: int, path: Path
+) -> Path:
+    """Generate one picture from prompt `row` of the loss's prompts (the preview's, with the new
+    vectors spliced in) with a fixed seed, and save it as PNG. With `negative_row`, the negative
+    prompt's conditioning is that row's too (needed when a text encoder is off the accelerator)."""
+    family = compute_loss.family
+    dtype = compute_loss.denoiser.dtype
+
+    def as_pipeline_arguments(row: int, prefix: str = "") -> dict:
+        embeds, pooled = compute_loss.conditioning([row])
+        return family.pipeline_conditioning(embeds.to(dtype), None if pooled is None else pooled.to(dtype), prefix)
+
     with torch.no_grad(), placement.autocast():
-        embeds, pooled = family.encode_prompts(family.text_encoders(pipe), prompts)
-        dtype = pipe.unet.dtype
-        conditioning = family.pipeline_conditioning(embeds.to(dtype), None if pooled is None else pooled.to(dtype))
+        conditioning = as_pipeline_arguments(row)
+        if negative_row is not None:
+            conditioning.update(as_pipeline_arguments(negative_row, "negative_"))
         generator = torch.Generator(placement.device).manual_seed(seed)
         image = pipe(**conditioning, num_inference_steps=steps, height=size, width=size, generator=generator).images[0]
     return atomic_save_image(image, path)
 
 
 @contextlib.contextmanager
-def activation_recomputation(unet, everywhere: bool):
+def activation_recomputation(denoiser, partial_layers: list, everywhere: bool):
     """Within the block, the backward pass recomputes activations instead of keeping them.
 
-    `everywhere`: diffusers' gradient checkpointing of the whole UNet (least memory, a step about a
-    third slower). Otherwise only the feed-forward layers at full latent resolution: they keep the
-    largest activations of a step (about 0.3 of 1.4 GB for SD 1.5 at 512 px) and cost about 3% of
-    it to recompute. The shared pipeline is left as it was.
+    `everywhere`: diffusers' gradient checkpointing of the whole denoiser (least memory, a step
+    about a third slower). Otherwise only `partial_layers` (the family's recomputed_layers: a
+    UNet's full-resolution feed-forward layers, cheap to recompute). The shared pipeline is left
+    as it was.
     """
     if everywhere:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
         try:
             yield
         finally:
-            unet.disable_gradient_checkpointing()
+            denoiser.disable_gradient_checkpointing()
         return
-    from diffusers.models.attention import FeedForward
-
-    full_resolution = [unet.down_blocks[0], unet.down_blocks[1], unet.up_blocks[-1], unet.up_blocks[-2]]
-    layers = [m for block in full_resolution for m in block.modules() if isinstance(m, FeedForward)]
-    for layer in layers:
+    for layer in partial_layers:
         layer.forward = functools.partial(torch.utils.checkpoint.checkpoint, layer.forward, use_reentrant=False)
     try:
         yield
     finally:
-        for layer in layers:
+        for layer in partial_layers:
             del layer.forward  # the class's own forward again
 
 
@@ -301,23 +382,27 @@ def train_diffusion(
     resumed: Resumed | None = None,
     phase_offset: int = 0,
 ) -> torch.Tensor:
-    """Train `vectors` ([n, dim], the token's starting point; SDXL: [n, dim_l + dim_g]) with the
-    diffusion loss for `settings.steps` steps; `phase_offset` counts the steps of earlier phases
-    of the same job. Saves through `writer` (with the optimizer state, for --resume) and returns
-    the vectors."""
+    """Train `vectors` ([n, sum of the text encoders' widths], the token's starting point, one
+    part per encoder side by side) with the diffusion loss for `settings.steps` steps; only the
+    parts of the encoders `settings.train_encoders` names move. `phase_offset` counts the steps of
+    earlier phases of the same job. Saves through `writer` (with the optimizer state, for
+    --resume) and returns the vectors."""
     token = validate_token(settings.token, pipe.tokenizer)
     family = family_of(pipe)
     size = settings.resolution or family.native_resolution(pipe)
+    if size % family.size_multiple:
+        raise SettingsError("resolution", f"{family.title} trains at sizes that are multiples of {family.size_multiple}; {size} is not")
+    trains = family.trained_encoders(settings.train_encoders)
+    parts = TokenParts.of(vectors, pipeline_text_widths(pipe), trains, placement.device)
     start_step = 0
     optimizer_state = None
-    vectors = vectors.to(placement.device, torch.float32).clone().requires_grad_(True)
     if resumed is not None:
         start_step = resumed.steps_done - phase_offset
         if start_step >= settings.steps:
             raise SettingsError(
                 "steps", f"the resumed embedding was saved after {resumed.steps_done} steps; ask for more steps than that to continue"
             )
-        optimizer_state, why_not = load_optimizer_state(resumed.optimizer_state_file, vectors, resumed.steps_done)
+        optimizer_state, why_not = load_optimizer_state(resumed.optimizer_state_file, parts.trained, resumed.steps_done)
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
 
@@ -325,41 +410,72 @@ def train_diffusion(
     latents = encode_latents(pipe, images, placement, settings.flip)
     prompts = training_prompts(images, token, settings.style, settings.use_captions)
     previews = validation_prompts(settings.preview_prompts, settings.style)  # one column each, with a seed of its own
-    encoded, preview_ids = [], []  # once per tokenizer: SDXL's two pad differently
-    for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe)):
+    # After the training prompts: the previews', then the empty prompt (their negative).
+    preview_rows, negative_row = [len(prompts) + column for column in range(len(previews))], len(prompts) + len(previews)
+    texts = [*prompts, *(fill_template(p, token) for p in previews), ""]
+    encoded = []  # once per tokenizer: each has its own ids, markers, padding and length
+    for tokenizer, text_encoder, length in zip(tokenizers(pipe), text_encoders(pipe), family.prompt_lengths(pipe)):
         vocab_size = text_encoder.get_input_embeddings().num_embeddings
         placeholder_ids = list(range(vocab_size, vocab_size + vectors.shape[0]))
-        encoded.append([encode_with_placeholder(tokenizer, p, token, placeholder_ids) for p in prompts])
-        preview_ids.append([encode_with_placeholder(tokenizer, fill_template(p, token), token, placeholder_ids) for p in previews])
+        encoded.append([encode_with_placeholder(tokenizer, text, token, placeholder_ids, length) for text in texts])
     size_ids = family.size_conditioning(images, size)
     # A resumed run (or a later phase) draws new samples rather than replaying the first run's.
     seed = settings.seed + reporter.steps_done
-    compute_loss = DiffusionLoss(
-        pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids, [i.repeats for i in images],
-        unmasked_weight=settings.unmasked_weight, noise_offset=settings.noise_offset, min_snr_gamma=settings.min_snr_gamma,
-    )
-    reporter.log(f"Noise schedule from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
+    if not all(trains):
+        kept = ", ".join(name for name, t in zip(family.embedding_keys, trains) if not t)
+        reporter.log(f"Only the {settings.train_encoders.upper() if settings.train_encoders == 't5' else 'CLIP'} part trains; "
+                     f"{kept} keeps its start, and its prompt states are computed once")
 
     def on_step(_step: int, optimizer) -> None:
         release_freed_memory()
         done = reporter.steps_done
-        writer.checkpoint(vectors, done, optimizer)
+        writer.checkpoint(parts.full(), done, optimizer)
         if settings.preview_every and done % settings.preview_every == 0:  # a row of the validation grid
-            for column, prompt in enumerate(previews):
+            for column, (prompt, row) in enumerate(zip(previews, preview_rows)):
                 path = writer.output_dir / f"preview-step{done:05d}-{column + 1}.png"
-                ids = [per_tokenizer[column] for per_tokenizer in preview_ids]
-                with writer.averaged(vectors):  # the moving average, when the run keeps one
-                    render_preview(pipe, placement, ids, size, settings.preview_steps, settings.seed + column, path)
+                negative = negative_row if parked else None
+                full = parts.full()
+                with writer.averaged(full), parts.holding(full):  # the moving average, when the run keeps one
+                    render_preview(pipe, placement, compute_loss, row, negative, size, settings.preview_steps, settings.seed + column, path)
                 reporter.emit(Preview(done, str(path), fill_template(prompt, token)))
 
     loop = LoopSettings.of(settings, phase)
-    optimizer = make_optimizer(vectors, loop, optimizer_state, start_step)
-    with extended_vocabularies(text_encoders(pipe), vectors), activation_recomputation(pipe.unet, settings.gradient_checkpointing):
-        try:
-            optimize(vectors, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer)
-        finally:  # keep the last good vectors and their optimizer state, whatever happened
-            writer.save(vectors, reporter.steps_done, optimizer[0])
-    return vectors.detach().float().cpu()
+    optimizer = make_optimizer(parts.trained, loop, optimizer_state, start_step)
+    denoiser = family.denoiser(pipe)
+    with (
+        extended_vocabularies_from(text_encoders(pipe), parts.sources()),
+        activation_recomputation(denoiser, family.recomputed_layers(denoiser), settings.gradient_checkpointing),
+    ):
+        compute_loss = DiffusionLoss(
+            pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids,
+            [i.repeats for i in images], trains, len(prompts),
+            unmasked_weight=settings.unmasked_weight, noise_offset=settings.noise_offset, min_snr_gamma=settings.min_snr_gamma,
+        )
+        reporter.log(f"Training objective from the pipeline: {compute_loss.schedule.num_timesteps} steps, predicting {compute_loss.schedule.prediction_type}")
+        with off_the_accelerator([te for te, t in zip(text_encoders(pipe), trains) if not t], placement) as parked:
+            try:
+                optimize(parts.trained, compute_loss, loop, reporter, on_step, start_step=start_step, optimizer=optimizer, whole=lambda _: parts.full())
+            finally:  # keep the last good vectors and their optimizer state, whatever happened
+                writer.save(parts.full(), reporter.steps_done, optimizer[0])
+    return parts.full().float().cpu()
+
+
+@contextlib.contextmanager
+def off_the_accelerator(modules: list, placement: Placement):
+    """Within the block, `modules` (text encoders whose outputs were computed once) wait in the
+    computer's memory instead of the accelerator's: T5-XXL is about 9.5 GB in bf16. Yields
+    whether anything moved. The shared pipeline gets them back at the end."""
+    if placement.device.type == "cpu" or not modules:
+        yield False
+        return
+    for module in modules:
+        module.to("cpu")
+    release_freed_memory()
+    try:
+        yield True
+    finally:
+        for module in modules:
+            module.to(placement.device)
 
 
 def starting_vectors(pipe, init: str | None, count: int, seed: int) -> torch.Tensor:
@@ -379,9 +495,10 @@ def train_textual_inversion(pipe, placement, images, settings, reporter, writer)
     return train_diffusion(pipe, placement, images, settings, reporter, writer, vectors, "ti", resumed)
 
 
-def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer) -> torch.Tensor:
+def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, reporter, writer, word_parts=None) -> torch.Tensor:
     """QuickEmbedding in CLIP space, then textual inversion from where it ended: one job, one
-    progress scale (phases "quick" then "ti")."""
+    progress scale (phases "quick" then "ti"). `word_parts`: the start of T5's part (SD 3.x,
+    Flux.1), which QuickEmbedding keeps and textual inversion then trains."""
     import dataclasses
 
     from . import QUICK
@@ -398,7 +515,7 @@ def train_quick_then_ti(clips, clip_images, pipe, placement, images, settings, r
             settings, method=QUICK, steps=quick_steps, batch_size=None, lr=None, weight_decay=None,
             lr_schedule=None, grad_clip=None, grad_accum=None, scale_lr=None, warmup_steps=0, quick_steps=None,
         ).resolved()
-        vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick").vectors
+        vectors = train_quick(clips, clip_images, quick_settings, reporter, writer, phase="quick", word_parts=word_parts).vectors
         if reporter.should_stop():
             return vectors
         reporter.log("QuickEmbedding done; textual inversion continues from its vectors")
