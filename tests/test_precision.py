@@ -69,7 +69,7 @@ def test_bf16_stores_frozen_weights_once_and_the_step_saves_no_copy_of_them(pipe
     placement = choose_placement("cpu", "bf16")
     parameters = [p for module in frozen_modules(pipe) for p in module.parameters()]
     assert parameters and all(p.dtype == torch.bfloat16 and not p.requires_grad for p in parameters)
-    fp32_bytes = sum(p.numel() * p.element_size() for m in frozen_modules(pipelines["fp32"]) for p in m.parameters())
+    fp32_bytes = sum(p.numel() * 4 for m in frozen_modules(pipelines["fp32"]) for p in m.parameters())
     assert sum(p.numel() * p.element_size() for p in parameters) * 2 == fp32_bytes
 
     # What the backward pass keeps: the weights themselves, never a converted copy of them.
@@ -131,3 +131,72 @@ def test_bf16_training_moves_fp32_vectors_and_logs_the_precision(stores, pipelin
     start = pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0, keepdim=True)
     assert trained.dtype == torch.float32 and torch.isfinite(trained).all()
     assert (trained - start).abs().max() > 1e-3  # it moved, by more than bf16 rounding of the start
+
+
+def test_fp32_on_the_cpu_keeps_the_idle_vae_in_bf16_and_runs_it_in_fp32(pipelines, picture_dir):
+    """The VAE (idle during the steps) is stored in bf16; every encode and decode computes in fp32
+    from those weights: exactly what an fp32 VAE holding the same rounded weights computes."""
+    from diffusers import AutoencoderKL
+
+    from tinv_gui.demo_model import demo_model_dir
+
+    pipe = pipelines["fp32"]
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}  # the UNet's compute is the step's floor: untouched
+    rounded = AutoencoderKL.from_pretrained(demo_model_dir() / "sd", subfolder="vae").eval()
+    fp32 = {name: p.detach().clone() for name, p in rounded.named_parameters()}
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    latents = encode_latents(pipe, load_dataset(picture_dir, 64), choose_placement("cpu", "fp32"), mirror=False)
+    with torch.no_grad():
+        pictures = [pipe.image_processor.preprocess(i.image) for i in load_dataset(picture_dir, 64)]
+        moments = torch.stack(latents.moments)
+        assert torch.equal(moments, torch.cat([rounded.encode(p).latent_dist.parameters for p in pictures]))
+        z = moments[:, :4]
+        decoded = pipe.vae.decode(z).sample
+        assert decoded.dtype == torch.float32 and torch.equal(decoded, rounded.decode(z).sample)
+        rounded.load_state_dict(fp32)  # against the fp32 weights themselves: one rounding of the weights apart
+        assert relative_error(decoded, rounded.decode(z).sample) < 0.03  # random demo weights: trained ones differ less
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.bfloat16}  # stored back after each call
+
+
+def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((value - exact).norm() / exact.norm()).item()
+
+
+def test_fp32_on_the_cpu_stores_the_text_encoders_linear_weights_in_bf16_and_computes_in_fp32(pipelines):
+    """Its linear layers keep bf16 weights, and the text encoder's output and the gradient to the
+    new vectors are fp32 computed from them: those of an fp32 encoder holding the same rounded weights."""
+    from transformers import CLIPTextModel
+
+    from tinv_gui.demo_model import demo_model_dir
+
+    pipe = pipelines["fp32"]
+    linear = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and {m.weight.dtype for m in linear} == {torch.bfloat16}
+    assert pipe.text_encoder.get_input_embeddings().weight.dtype == torch.float32 and pipe.text_encoder.dtype == torch.float32
+    # Nothing reads from the mapped checkpoint any more, which would keep the fp32 weights' pages resident.
+    checkpoint = str(demo_model_dir() / "sd" / "text_encoder")
+    with open("/proc/self/maps") as maps:
+        assert not any(checkpoint in line for line in maps)
+    exact = CLIPTextModel.from_pretrained(demo_model_dir() / "sd", subfolder="text_encoder").eval()
+    rounded = CLIPTextModel.from_pretrained(demo_model_dir() / "sd", subfolder="text_encoder").eval()
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+    vocab = pipe.text_encoder.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[pipe.tokenizer.bos_token_id, 320, 1125, 539, vocab, pipe.tokenizer.eos_token_id]])
+    outputs = {}
+    for name, text_encoder in (("stored", pipe.text_encoder), ("rounded", rounded), ("exact", exact)):
+        vectors = text_encoder.get_input_embeddings().weight[[1929]].detach().clone().requires_grad_(True)
+        with extended_vocabulary(text_encoder, vectors):
+            hidden = text_encoder(ids)[0]
+        (grad,) = torch.autograd.grad(hidden.pow(2).mean(), vectors)
+        outputs[name] = hidden.detach(), grad
+    (hidden, grad), (hidden_rounded, grad_rounded), (hidden_exact, grad_exact) = outputs["stored"], outputs["rounded"], outputs["exact"]
+    assert hidden.dtype == grad.dtype == torch.float32
+    assert torch.equal(hidden, hidden_rounded)
+    torch.testing.assert_close(grad, grad_rounded, rtol=1e-5, atol=1e-7)
+    assert relative_error(hidden, hidden_exact) < 0.01 and relative_error(grad, grad_exact) < 0.02

@@ -194,6 +194,7 @@ def test_the_form_controls_carry_the_schema_ranges():
 
 
 def test_the_playground_refuses_a_seed_too_large(tmp_path):
+    # generate streams its place in the queue, so it runs (and checks) as it is iterated
     import gradio as gr
 
     from tinv_gui.ui.app import TinvApp
@@ -203,6 +204,6 @@ def test_the_playground_refuses_a_seed_too_large(tmp_path):
     request = types.SimpleNamespace(session_hash="visitor")
     for seed, name in ((float(2**70), "seed"), (math.nan, "seed")):
         with pytest.raises(gr.Error, match=f"{name}:"):
-            app.generate("demo", "none", "a cube", "", 2, 7.5, seed, "Model default", "Model default", 1, 1.0, False, request)
+            list(app.generate("demo", "none", "a cube", "", 2, 7.5, seed, "Model default", "Model default", 1, 1.0, False, request))
     with pytest.raises(gr.Error, match="guidance:"):
-        app.generate("demo", "none", "a cube", "", 2, math.nan, 0, "Model default", "Model default", 1, 1.0, False, request)
+        list(app.generate("demo", "none", "a cube", "", 2, math.nan, 0, "Model default", "Model default", 1, 1.0, False, request))

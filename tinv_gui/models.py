@@ -24,7 +24,7 @@ import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
 from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
-from .device import Placement
+from .device import Placement, store_in_bf16_between_calls, store_linear_weights_in_bf16
 from .families import Family, family_for_checkpoint, family_for_index, family_of
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -297,6 +297,11 @@ class ModelStore:
         for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
+        if placement is not None and placement.device.type == "cpu" and placement.weight_dtype == torch.float32:
+            # fp32 compute, half the bytes: the VAE idles during the steps; the text encoders' linear layers
+            store_in_bf16_between_calls(pipe.vae)
+            for text_encoder in family.text_encoders(pipe):
+                store_linear_weights_in_bf16(text_encoder)
         family.prepare(pipe)
         return pipe
 

@@ -137,7 +137,8 @@ def encode_latents(pipe, images: list[TrainImage], placement: Placement, mirror:
     moments = []
     try:
         for picture in pictures:  # one at a time: the encoder's activations at 512 px are large
-            pixels = pipe.image_processor.preprocess(picture).to(placement.device, vae.dtype)
+            # fp32 pixels: autocast, or the VAE's own fp32 compute (device.store_in_bf16_between_calls), takes them from there
+            pixels = pipe.image_processor.preprocess(picture).to(placement.device, torch.float32)
             with contextlib.nullcontext() if upcast else placement.autocast():
                 moments.append(vae.encode(pixels).latent_dist.parameters.float()[0])
     finally:
