@@ -300,8 +300,9 @@ class ModelStore:
         if placement is not None and placement.device.type == "cpu" and placement.weight_dtype == torch.float32:
             # fp32 compute, half the bytes: the VAE idles during the steps; the text encoders' linear layers
             store_in_bf16_between_calls(pipe.vae)
-            for text_encoder in family.text_encoders(pipe):
-                store_linear_weights_in_bf16(text_encoder)
+            for index, text_encoder in enumerate(family.text_encoders(pipe)):
+                if index != family.t5_encoder:  # T5 casts its activations to its feed-forward weights' dtype (bf16 then)
+                    store_linear_weights_in_bf16(text_encoder)
         family.prepare(pipe)
         return pipe
 
