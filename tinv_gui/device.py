@@ -32,6 +32,10 @@ class Placement:
     device: torch.device
     weight_dtype: torch.dtype  # dtype of frozen weights
     autocast_dtype: torch.dtype | None  # None: plain fp32 compute
+    # fp32 compute on a CPU with the idle VAE and the text encoders' linear weights stored in bf16
+    # (about 0.3 GB less for SD 1.5, one rounding of those weights): the automatic choice's, never
+    # an explicit --precision fp32's, which stays exact fp32.
+    lean_storage: bool = False
     reason: str = field(default="", compare=False, repr=False)  # why this precision, for the log
 
     def autocast(self):
@@ -45,6 +49,8 @@ class Placement:
         (avx512_bf16), faster than fp32)"; without `why`, only the device and dtypes."""
         compute = "fp32" if self.autocast_dtype is None else _short(self.autocast_dtype)
         what = f"{_short(self.weight_dtype)} weights, {compute} compute"
+        if self.lean_storage:
+            what += ", VAE and text encoder stored in bf16"
         return f"{self.device.type} ({what}{': ' + self.reason if why and self.reason else ''})"
 
 
@@ -131,7 +137,8 @@ def choose_placement(device: str = "auto", precision: str = "auto") -> Placement
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dev = pick_device(device)
     reason = f"--precision {precision}"
-    if precision == "auto":
+    automatic = precision == "auto"
+    if automatic:
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             reason = "automatic: " + ("the GPU computes bf16" if precision == "bf16" else "the GPU has no bf16")
@@ -142,12 +149,12 @@ def choose_placement(device: str = "auto", precision: str = "auto") -> Placement
             precision = "fp32"
             reason = "automatic: " + (_why_no_bf16() if dev.type == "cpu" else f"{dev.type} trains in fp32")
     if precision == "fp32":
-        return Placement(dev, torch.float32, None, reason)
+        return Placement(dev, torch.float32, None, lean_storage=automatic and dev.type == "cpu", reason=reason)
     if precision == "fp16" and dev.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
     # MPS keeps fp32 weights: its kernels for stored half weights under autocast are incomplete.
-    return Placement(dev, torch.float32 if dev.type == "mps" else half, half, reason)
+    return Placement(dev, torch.float32 if dev.type == "mps" else half, half, reason=reason)
 
 
 def store_in_bf16_between_calls(module: torch.nn.Module) -> None:

@@ -297,7 +297,7 @@ class ModelStore:
         for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
             module.requires_grad_(False)
             module.eval()
-        if placement is not None and placement.device.type == "cpu" and placement.weight_dtype == torch.float32:
+        if placement is not None and placement.lean_storage:
             # fp32 compute, half the bytes: the VAE idles during the steps; the text encoders' linear layers
             store_in_bf16_between_calls(pipe.vae)
             for index, text_encoder in enumerate(family.text_encoders(pipe)):
