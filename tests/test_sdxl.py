@@ -64,12 +64,14 @@ def test_demo_sdxl_has_sdxl_shape(store, pipe):
     unet = pipe.unet.config
     assert unet.addition_embed_type == "text_time" and unet.cross_attention_dim == WIDTH_L + WIDTH_G
     assert unet.projection_class_embeddings_input_dim == 6 * SDXL_TIME_EMBED_WIDTH + pipe.text_encoder_2.config.projection_dim
-    # Each CLIP's text tower is its text encoder, weight for weight.
+    # Each CLIP's text tower is its text encoder, weight for weight, in the dtype the pipeline
+    # stores it in (bf16 linear weights under the automatic fp32 on a CPU).
     for encoder, text_encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2.text_model)):
         clip = store.clip("demo-sdxl", encoder=encoder).model
         for name, weight in text_encoder.state_dict().items():
-            assert torch.equal(weight, clip.text_model.state_dict()[name]), name
-    assert torch.equal(pipe.text_encoder_2.text_projection.weight, store.clip("demo-sdxl", encoder=1).model.text_projection.weight)
+            assert torch.equal(weight, clip.text_model.state_dict()[name].to(weight.dtype)), name
+    projection = pipe.text_encoder_2.text_projection.weight
+    assert torch.equal(projection, store.clip("demo-sdxl", encoder=1).model.text_projection.weight.to(projection.dtype))
 
 
 def test_second_encoder_pools_at_the_end_token_with_new_tokens(pipe):

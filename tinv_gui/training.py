@@ -276,8 +276,11 @@ class EmbeddingWriter:
         if self.ema_decay:
             from diffusers.training_utils import EMAModel
 
-            self.ema = self.ema or EMAModel([vectors], decay=self.ema_decay)
-            self.ema.step([vectors])
+            # EMAModel averages only tensors that require grad (it copies the others), and the whole
+            # token handed here may be a detached join of its parts: averaged as a trainable view.
+            trainable = vectors.detach().requires_grad_(True)
+            self.ema = self.ema or EMAModel([trainable], decay=self.ema_decay)
+            self.ema.step([trainable])
         if self._writes and self.save_every and step % self.save_every == 0:
             numbered = self._write(self.output_dir / f"learned_embeds-step{step:05d}.safetensors", vectors, step, optimizer)
             self.save(vectors, step, optimizer)
