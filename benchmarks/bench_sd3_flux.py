@@ -1,6 +1,6 @@
 """What a textual-inversion step costs on SD 3.5 Medium, per choice of the text encoders that learn.
 
-    flock /work/coord/bigmem.lock python benchmarks/bench_sd3_flux.py [--resolution 1024] [--steps 2]
+    python benchmarks/bench_sd3_flux.py [--resolution 1024] [--steps 2]
 
 Runs our own step (methods.textual_inversion.DiffusionLoss with the family's conditioning and
 flow matching, then the backward pass to the token's vectors) on a StableDiffusion3Pipeline with
