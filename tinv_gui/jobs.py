@@ -56,8 +56,9 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
-    metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
     family = store.family(settings.model)
+    # The family, because the parts' keys alone may not tell it (see formats.FAMILY_KEY).
+    metadata = {"base_model": settings.model, "family": family.name, "method": settings.method, "init": settings.init}
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
         Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,

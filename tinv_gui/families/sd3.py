@@ -28,7 +28,8 @@ class TransformerFamily(Family):
     tensor of its first block, CLIP text encoders beside a T5, flow matching, drawing with the
     model's own scheduler from a prompt."""
 
-    checkpoint_tensor = ""
+    checkpoint_tensor = ""  # the tensor (of its first block) only its single-file checkpoints hold
+    partial_embeddings = True  # OneTrainer's files for these families hold only the parts of the text encoders it loaded
     evaluates = False  # evaluation and prompt search do not handle T5's part yet
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
 
