@@ -53,6 +53,8 @@ def test_the_recommended_checkpoint_balances_likeness_and_editability():
     assert recommend(rising_likeness).step == 200  # not the likest (300) nor the most editable (100)
     assert recommend([score(100, 0.5, 0.3), score(200, 0.5, 0.3)]).step == 100  # a tie: the earlier
     assert recommend([]) is None
+    assert recommend([score(100, float("nan"), 0.3), score(200, 0.5, 0.2)]).step == 200  # a figure that is no number
+    assert recommend([score(100, 0.5, float("nan"))]) is None
     assert "**Recommended checkpoint: step 200**" in score_text(rising_likeness)
 
 
