@@ -151,7 +151,7 @@ def build_flux_dev(blocks: dict[str, int]):
     )
 
 
-def child(model: str, choice: str, blocks: dict[str, int], resolution: int, steps: int) -> None:
+def child(model: str, choice: str, blocks: dict[str, int], resolution: int, steps: int, warmup: int) -> None:
     import torch
 
     from tinv_gui.device import choose_placement
@@ -184,11 +184,11 @@ def child(model: str, choice: str, blocks: dict[str, int], resolution: int, step
         encoded.append([encode_with_placeholder(tokenizer, f"a photo of {token}", token, [new_id], length)])
     parts = TokenParts.of(starting_vectors(pipe, "cat", 1, 0), pipeline_text_widths(pipe), family.trained_encoders(choice), placement.device)
     sampler = RssSampler()
-    clock = StepClock(warmup=1, sampler=sampler)
+    clock = StepClock(warmup=warmup, sampler=sampler)
     with extended_vocabularies_from(family.text_encoders(pipe), parts.sources()):
         compute_loss = DiffusionLoss(pipe, placement, latents, encoded, False, 1, False, 0, None, None, parts.trains, 1)
         clock.start()
-        for _ in range(steps + 1):
+        for _ in range(steps + warmup):
             compute_loss().backward()
             parts.trained.grad = None
             clock.tick()
@@ -281,13 +281,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=(*FULL_BLOCKS, "all"), default="all")
     parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: the first step is timed, its one-time setup included)")
     parser.add_argument("--results", type=Path, help="keep each configuration's result in this file and reuse those already there")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "CHOICE", "BLOCKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         model, choice, blocks = args.child
-        child(model, choice, {k: int(v) for k, v in (item.split("=") for item in blocks.split(","))}, args.resolution, args.steps)
+        child(model, choice, {k: int(v) for k, v in (item.split("=") for item in blocks.split(","))}, args.resolution, args.steps, args.warmup)
         return
     measured = read_results(args.results)
     models = list(FULL_BLOCKS) if args.model == "all" else [args.model]
@@ -296,7 +297,7 @@ def main() -> None:
         for name, (choice, blocks) in configurations(model).items():
             if name not in measured:
                 blocks_arg = ",".join(f"{kind}={count}" for kind, count in blocks.items())
-                result = run_child(Path(__file__), ["--child", model, choice, blocks_arg, "--resolution", str(args.resolution), "--steps", str(args.steps)], 7200)
+                result = run_child(Path(__file__), ["--child", model, choice, blocks_arg, "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)], 7200)
                 print(f"{name}: {result}", file=sys.stderr, flush=True)
                 if "error" in result:
                     rows[name] = result
