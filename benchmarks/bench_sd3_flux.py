@@ -36,7 +36,7 @@ either way), nor a T5 block's when T5 learns (all, t5). When it does not (clip),
 before the steps: its blocks cost no step time, and only their fp32 weights stay in memory.
 Each configuration runs in its own process; the figures are CPU seconds (wall seconds swing
 with the other work of a shared machine) and the peak resident memory of the timed steps after
-one warm-up step.
+`--warmup` untimed ones (with none, the first step's one-time setup is in its figures).
 
 The peak memory a GPU user would see, in bf16, is estimated, not measured: the weights on the
 GPU in bf16 (2 bytes a parameter, counted from the built modules and extrapolated like the
