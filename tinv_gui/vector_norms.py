@@ -57,6 +57,7 @@ class NormWatch:
         self._warned: set[tuple[str, int]] = set()
 
     def __call__(self, vectors: torch.Tensor) -> None:
+        """After a step: measure `vectors` when this step is one to send, and warn of new strays."""
         step = self.reporter.steps_done
         if step % self.every and step < self.reporter.total_steps:
             return
