@@ -42,7 +42,12 @@ def test_norms_are_measured_per_encoder_against_its_own_words_with_one_warning_p
     warnings = [e.message for e in events if isinstance(e, Log)]
     assert len(warnings) == 1 and "vector 2 (clip_l)" in warnings[0] and "overcooked" in warnings[0]
     assert norm_warning(norms) and not norm_warning(norms[:1])
-    assert watch.summary()["final"] == norms[-1].norms
+    assert watch.summary(outside)["final"] == norms[-1].norms
+    # A long run (measured every 5th step) stopped at step 3: the result still has its final lengths.
+    stopped = NormWatch([small, large], ["clip_l", "clip_g"], Reporter(total_steps=1000))
+    stopped.reporter.steps_done = 3
+    stopped(outside)
+    assert stopped.history == [] and stopped.summary(outside)["final"] == norms[-1].norms
 
 
 def test_the_recommended_checkpoint_balances_likeness_and_editability():

@@ -145,7 +145,7 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
         "model": settings.model,
         "steps": int(metadata.get("steps", 0)),
         "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
-        "vector_norms": norms.summary(),
+        "vector_norms": norms.summary(embedding.joined()),
         "checkpoint_scores": scorer.summary() if scorer is not None else None,
         "outputs": outputs,
     }
