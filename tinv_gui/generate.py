@@ -40,7 +40,7 @@ def load_prompt_embeds(path: str | Path, family: Family, text_widths: tuple[int,
     found = tensors["prompt_embeds"].shape[-1]
     if found != width:
         raise ValueError(
-            f"{name} was made for a conditioning of width {found}, but this model's is {width}; use the model it was made with"
+            f"{name} was made for text encoders of total width {found}, but this model's is {width}; use the model it was made with"
         )
     pooled = family.pooled_in_prompt_embeds
     if pooled and "pooled_prompt_embeds" not in tensors:
