@@ -123,17 +123,20 @@ def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, 
     return watch
 
 
+RESULT_FILE = "result.json"
+
+
 def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, scorer, reporter: Reporter) -> str:
     """result.json beside the embedding: what the run made and what was measured of it (the
     prompt tokens the word takes, its vectors' norms against the model's words, the scores of
     its checkpoints when they were scored)."""
     import json
 
-    from .embeddings import read_metadata
+    from .formats import read_embedding
     from .vector_norms import PROMPT_TOKENS, tokens_used_text
 
-    metadata = read_metadata(outputs["embedding"])
-    vectors = len(next(iter(norms.history[-1].norms.values()))) if norms.history else 0  # the learned vectors, one prompt token each
+    embedding = read_embedding(outputs["embedding"])
+    metadata, vectors = embedding.metadata, embedding.count  # the learned vectors, one prompt token each
     reporter.log(f"The embedding has {vectors} vector{'s' if vectors != 1 else ''}: {tokens_used_text(vectors)}")
     reporter.metrics["prompt_tokens"] = float(vectors)
     record = {
@@ -142,11 +145,28 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
         "model": settings.model,
         "steps": int(metadata.get("steps", 0)),
         "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
-        "vector_norms": norms.summary(),
+        "vector_norms": norms.summary(embedding.joined()),
         "checkpoint_scores": scorer.summary() if scorer is not None else None,
         "outputs": outputs,
     }
-    return str(atomic_write_text(Path(settings.output_dir) / "result.json", json.dumps(record, indent=2)))
+    return str(atomic_write_text(Path(settings.output_dir) / RESULT_FILE, json.dumps(record, indent=2)))
+
+
+def recommended_file(run_folder) -> Path | None:
+    """The file of the checkpoint the scores recommend in a run's folder (from its result.json):
+    the final embedding when the pick is the last step (its numbered copy holds the same
+    vectors), else the numbered copy; None when the run was not scored or the file is gone."""
+    import json
+
+    folder = Path(run_folder)
+    try:
+        result = json.loads((folder / RESULT_FILE).read_text())
+        pick = result["checkpoint_scores"]["recommended"]
+        chosen = result["outputs"]["embedding"] if pick["step"] == result["steps"] else pick["path"]
+    except (OSError, ValueError, KeyError, TypeError):  # no result, or no scores (an unscored or older run)
+        return None
+    path = folder / Path(chosen).name  # by name: the visitors' folders may have moved since
+    return path if path.is_file() else None
 
 
 # The other tools' files written beside a run's embedding, in the order the page lists them.
