@@ -134,7 +134,8 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
     import json
 
     from .formats import read_embedding
-    from .vector_norms import PROMPT_TOKENS, tokens_used_text
+    from .settings import MAX_PROMPT_LENGTH
+    from .vector_norms import tokens_used_text
 
     embedding = read_embedding(outputs["embedding"])
     metadata, vectors = embedding.metadata, embedding.count  # the learned vectors, one prompt token each
@@ -145,7 +146,7 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
         "method": settings.method,
         "model": settings.model,
         "steps": int(metadata.get("steps", 0)),
-        "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
+        "prompt_tokens": {"used": vectors, "of": MAX_PROMPT_LENGTH},
         "vector_norms": norms.summary(embedding.joined()),
         "checkpoint_scores": scorer.summary() if scorer is not None else None,
         "outputs": outputs,

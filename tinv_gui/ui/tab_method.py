@@ -12,7 +12,8 @@ from ..demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME
 from ..device import choose_placement
 from ..methods import METHODS, method_with_label
 from ..models import DEFAULT_MODEL
-from ..vector_norms import PROMPT_TOKENS, tokens_used_text
+from ..settings import MAX_PROMPT_LENGTH
+from ..vector_norms import tokens_used_text
 from .options import option_component, option_defaults, option_fields
 from .progress import format_seconds
 
@@ -95,7 +96,7 @@ class MethodTab:
     def token_room(label: str, vectors) -> str:
         """How many of a prompt's tokens the new word will take."""
         if method_with_label(label).name == "caption-init":
-            return f"The new word takes one of a prompt's {PROMPT_TOKENS} tokens per word of the caption (the log says how many)."
+            return f"The new word takes one of a prompt's {MAX_PROMPT_LENGTH} tokens per word of the caption (the log says how many)."
         try:
             count = int(vectors)
         except (TypeError, ValueError):
