@@ -571,6 +571,15 @@ def test_a_visitor_is_admitted_again_when_the_window_moves_and_idle_visitors_are
     assert set(limits._started) == {"b"}  # "a" has nothing in flight and no call in the window
 
 
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_a_visitor_limit_that_is_no_positive_number_is_refused_naming_its_variable(monkeypatch, value):
+    from tinv_gui.ui.limits import VisitorLimits
+
+    monkeypatch.setenv("TINV_GUI_VISITOR_CALLS", value)
+    with pytest.raises(ValueError, match=f"TINV_GUI_VISITOR_CALLS must be a positive number, not '{value}'"):
+        VisitorLimits.from_env()
+
+
 def test_a_generation_waiting_in_the_queue_shows_its_place_and_is_dropped_when_its_visitor_leaves(tmp_path, monkeypatch, picture_dir):
     app, ws = _shared_page(tmp_path, monkeypatch, picture_dir)
     release = threading.Event()

@@ -239,10 +239,20 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         if names[0] not in tokenizer.get_vocab():
             continue
         _loader(pipe).unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _decode_as_before(tokenizer)
         _restore_rows_past_the_tokenizer(text_encoder, tokenizer)
         table = text_encoder.get_input_embeddings()
         table.requires_grad_(False)
         text_encoder.config.vocab_size = table.num_embeddings
+
+
+def _decode_as_before(tokenizer) -> None:
+    """diffusers' unload gives a fast tokenizer a new backend (built from its JSON), which loses
+    what the tokenizer's class put on the old one: CLIP's turns the "</w>" ending a word back into
+    a space when decoding (without it, decoded prompts read 'cat</w>')."""
+    rewrap = getattr(tokenizer, "_wrap_decode_method_backend_tokenizer", None)
+    if rewrap is not None:
+        rewrap()
 
 
 def _loader(pipe):

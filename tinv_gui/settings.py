@@ -320,6 +320,7 @@ class EvalSettings:
     seed: int = setting(0, label="Seed", help="picture i uses seed + i, for the token and the baseline alike", ge=0, le=MAX_SEED - 1000)
     steps: int = setting(30, label="Steps", help="denoising steps per picture", ge=1, le=1000)
     guidance: float = setting(7.5, label="Guidance", help="how closely the pictures follow the prompt", ge=0, le=100)
+    size: str | None = setting(None, label="Size", help="WIDTHxHEIGHT of the pictures drawn, e.g. 512x512 (default: the model's own size)", max_length=32)
     init: str | None = setting(None, label="Baseline word", help="baseline word (default: the initializer the file records)")
     clip_model: str | None = _clip_model("CLIP model to score with (default: the one matching --model)")
     device: str = _device()
@@ -335,6 +336,12 @@ class EvalSettings:
         check_fields(self)
         if self.images is None:
             raise SettingsError("images", "give the training pictures to compare with")
+        self.dimensions  # noqa: B018 - checks the size
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) of `size`, or None for the model's own."""
+        return parse_size(self.size) if self.size else None
 
 
 def parse_size(text: str) -> tuple[int, int]:

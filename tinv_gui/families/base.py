@@ -20,7 +20,6 @@ class Family:
     demo_model: str = ""  # the offline demo model of this family
     t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
     trainable: bool = True  # whether tinv-gui's methods handle it
-    evaluates: bool = True  # whether evaluation and prompt-from-image handle it (not yet SD 3.x and Flux.1)
     size_multiple: int = 8  # training pictures' sides are multiples of it (the VAE's scale, times a transformer's patch)
 
     # ------------------------------------------------------------------------- recognising it
@@ -65,9 +64,9 @@ class Family:
             raise SettingsError("train_encoders", f"{self.title} has no T5 text encoder, only CLIP ones: choose 'all'")
         return tuple(choice == "all" or (t5 if choice == "t5" else not t5) for t5 in is_t5)
 
-    def check_generation(self, negative: str | None, custom_sampler: bool, with_prompt_file: bool) -> None:
+    def check_generation(self, negative: str | None, custom_sampler: bool) -> None:
         """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
-        other than the model's own, a prompt_embeds file instead of a prompt)."""
+        other than the model's own)."""
 
     def vae_needs_upcast(self, vae) -> bool:
         """Whether its VAE must run in float32 where its weights are float16."""
@@ -125,6 +124,11 @@ class Family:
     def pooled_in_prompt_embeds(self) -> bool:
         """Whether a saved prompt_embeds file must hold pooled embeddings too."""
         return False
+
+    def conditioning_width(self, text_widths: tuple[int, ...]) -> int:
+        """The width of the hidden states the denoiser is conditioned on (a prompt_embeds file's):
+        the text encoders' widths side by side (SDXL: both CLIPs')."""
+        return sum(text_widths)
 
     # ------------------------------------------------------------------------- training objective
     def objective(self, scheduler_config, device: torch.device):

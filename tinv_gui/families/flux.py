@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .sd3 import TransformerFamily, refuse_beyond_a_plain_prompt
+from .sd3 import TransformerFamily, refuse_other_samplers
 
 
 class Flux(TransformerFamily):
@@ -32,8 +32,8 @@ class Flux(TransformerFamily):
     def native_resolution(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)  # the pipeline's default, 1024 px
 
-    def check_generation(self, negative, custom_sampler, with_prompt_file):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_prompt_file)
+    def check_generation(self, negative, custom_sampler):
+        refuse_other_samplers(self.title, custom_sampler)
         if negative:
             raise ValueError(
                 "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "

@@ -16,7 +16,7 @@ from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
 from ..formats import read_embedding
-from ..jobs import EXPORTS
+from ..jobs import EXPORTS, recommended_file
 from ..methods import method_with_label
 from ..models import ModelLoadError
 from ..settings import SettingsError, TrainSettings
@@ -160,8 +160,10 @@ class TrainTab:
             files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
         if outputs.get("ema"):  # the moving average of the vectors (--ema-decay), the same layout
             files.append((ws.inside(outputs["ema"]), f"the vectors' moving average (EMA), as the embedding: type `{token}`"))
-        recommended = ws.inside(outputs["recommended"]) if outputs.get("recommended") else None
-        if recommended is not None and recommended != embedding:  # the scores' pick comes first
+        recommended = recommended_file(embedding.parent)  # the scores' pick comes first, listed once
+        if recommended == embedding:
+            files[0] = (embedding, f"the recommended checkpoint (step {run.metadata.get('steps', '?')}, the last; see the scores); {files[0][1]}")
+        elif recommended is not None:
             step = read_embedding(recommended).metadata.get("steps", "?")
             files.insert(0, (recommended, f"the recommended checkpoint (step {step}, see the scores); diffusers, this app: type `{token}`"))
         return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
@@ -189,7 +191,7 @@ class TrainTab:
             c["score_plot"]: gr.update(value=view.score_frame(), visible=bool(view.scores)),
             c["score_text"]: score_text(view.scores),
             c["try_it"]: gr.update(interactive=bool(files)),
-            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(ws.inside(embedding).relative_to(ws.root))) if files else gr.update(),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
         }
 
     def stop_training(self, request: gr.Request) -> str:
