@@ -155,7 +155,7 @@ def test_wrong_width_is_explained(tmp_path, store):
     assert "sd2.safetensors" in str(error.value)
 
     sdxl = write_embedding(EmbeddingFile("<x>", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}), tmp_path / "xl.safetensors", "kohya")
-    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(Stable Diffusion XL\); the chosen model has 768 \(SD 1.x\)"):
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(Stable Diffusion XL, or Stable Diffusion 3 without its t5 part\); the chosen model has 768 \(SD 1.x\)"):
         check_fits(read_embedding(sdxl), 768, sdxl.name)
 
     pipe = store.pipeline("demo")
