@@ -63,6 +63,15 @@ def test_the_recommended_checkpoint_balances_likeness_and_editability():
     assert "**Recommended checkpoint: step 200**" in score_text(rising_likeness)
 
 
+def test_a_validation_prompt_without_the_word_is_refused_naming_it():
+    from tinv_gui.settings import SettingsError
+
+    settings = dict(images="photos", token=TOKEN, method="textual-inversion", score_checkpoints="after")
+    with pytest.raises(SettingsError, match=r"preview_prompts: 'a watercolor' does not use the word: put \{\}"):
+        TrainSettings(**settings, preview_prompts=["a photo of {}", "a watercolor"]).resolved()
+    TrainSettings(**settings, preview_prompts=[f"a watercolor of {TOKEN}", "{} on a beach", " "]).resolved()  # the word itself is fine
+
+
 @pytest.fixture(scope="module")
 def scored_run(store, tmp_path_factory):
     """One short QuickEmbedding run, saving every 2 steps, scored after the run."""

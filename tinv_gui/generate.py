@@ -108,7 +108,9 @@ def generate(
             pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler.config)
         # Embeddings are called by their names in the prompts; diffusers' SDXL two-file output is one.
         with embeddings_in_pipeline(pipe, read_embeddings(embeddings), scale=strength) as rewrite:
-            kwargs.update(prompt=rewrite(kwargs.get("prompt")), negative_prompt=rewrite(kwargs["negative_prompt"]))
+            for prefix, text in (("", kwargs.get("prompt")), ("negative_", negative)):
+                if text is not None:  # each text encoder's own prompt: a file may lack some encoders' parts
+                    kwargs.update({argument: rewrite(text, i) for i, argument in enumerate(family_of(pipe).prompt_arguments(prefix))})
             with autocast:
                 return pipe(generator=generator, **kwargs).images
     finally:

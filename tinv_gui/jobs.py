@@ -56,8 +56,9 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
-    metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
     family = store.family(settings.model)
+    # The family, because the parts' keys alone may not tell it (see formats.FAMILY_KEY).
+    metadata = {"base_model": settings.model, "family": family.name, "method": settings.method, "init": settings.init}
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
         Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,
@@ -133,7 +134,8 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
     import json
 
     from .formats import read_embedding
-    from .vector_norms import PROMPT_TOKENS, tokens_used_text
+    from .settings import MAX_PROMPT_LENGTH
+    from .vector_norms import tokens_used_text
 
     embedding = read_embedding(outputs["embedding"])
     metadata, vectors = embedding.metadata, embedding.count  # the learned vectors, one prompt token each
@@ -144,7 +146,7 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
         "method": settings.method,
         "model": settings.model,
         "steps": int(metadata.get("steps", 0)),
-        "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
+        "prompt_tokens": {"used": vectors, "of": MAX_PROMPT_LENGTH},
         "vector_norms": norms.summary(embedding.joined()),
         "checkpoint_scores": scorer.summary() if scorer is not None else None,
         "outputs": outputs,

@@ -235,7 +235,13 @@ class TrainSettings:
         return self.lr * self.batch_size * self.grad_accum if self.scale_lr else self.lr
 
     def check(self) -> None:
+        from .embeddings import mentions
+
         check_fields(self)
+        # A preview without the word shows nothing of training, and scores nothing of the checkpoint.
+        wordless = [p for p in self.preview_prompts if p.strip() and "{}" not in p and not mentions(p, (self.token or "").strip())]
+        if wordless:
+            raise SettingsError("preview_prompts", f"{wordless[0]!r} does not use the word: put {{}} where it goes, e.g. 'a photo of {{}} on a beach'")
         if self.resume is not None and not method_named(self.method).resumable:
             raise SettingsError(
                 "resume", "QuickEmbedding runs start afresh (they take about a minute); resuming continues textual-inversion, "

@@ -15,10 +15,10 @@ import torch
 
 from .embeddings import split_columns
 from .events import Reporter, VectorNorms
+from .settings import MAX_PROMPT_LENGTH
 
 ORDINARY_PERCENTILES = (1.0, 99.0)  # the band of "ordinary words" in the vocabulary's norms
 MAX_NORM_EVENTS = 200  # per run: enough for a smooth curve, few enough for the page to redraw
-PROMPT_TOKENS = 75  # a prompt's room: 77 positions less the start and end markers
 
 
 def ordinary_range(table: torch.Tensor) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def encoder_names(count: int, keys: tuple[str, ...] = ()) -> list[str]:
 
 def tokens_used_text(vectors: int) -> str:
     """How much of a prompt the word takes, said plainly."""
-    return f"the word takes {vectors} of a prompt's {PROMPT_TOKENS} tokens ({PROMPT_TOKENS - vectors} left for the rest of the prompt)"
+    return f"the word takes {vectors} of a prompt's {MAX_PROMPT_LENGTH} tokens ({MAX_PROMPT_LENGTH - vectors} left for the rest of the prompt)"
 
 
 class NormWatch:

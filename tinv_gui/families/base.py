@@ -16,6 +16,10 @@ class Family:
     text_encoder_attributes: tuple[str, ...] = ("text_encoder",)  # the pipeline's attributes, in order
     tokenizer_attributes: tuple[str, ...] = ("tokenizer",)
     embedding_keys: tuple[str, ...] = ()  # an embedding file's key per text encoder; () : {token: tensor}
+    # Whether its embedding files may hold only some text encoders' parts: OneTrainer writes a part
+    # only for the text encoders it loaded (SD 3.x without T5: clip_l and clip_g), and the word is
+    # left out of the prompt of an encoder without its part (as OneTrainer and ComfyUI do).
+    partial_embeddings: bool = False
     default_clips: dict[int, str] = {}  # the CLIP each text encoder comes from, by its width
     demo_model: str = ""  # the offline demo model of this family
     t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
@@ -46,6 +50,11 @@ class Family:
 
     def tokenizers(self, pipe) -> list:
         return [getattr(pipe, name) for name in self.tokenizer_attributes]
+
+    def prompt_arguments(self, prefix: str = "") -> list[str]:
+        """The pipeline's argument for each text encoder's prompt, in order: prompt, prompt_2,
+        prompt_3 (with `prefix` "negative_", the negative prompts')."""
+        return [f"{prefix}prompt" + (f"_{i + 1}" if i else "") for i in range(self.text_encoder_count)]
 
     usual_resolution: int = 512  # its models' usual native resolution, before one is loaded to tell (the Dataset tab's crops)
 

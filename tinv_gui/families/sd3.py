@@ -25,7 +25,8 @@ class TransformerFamily(Family):
     tensor of its first block, CLIP text encoders beside a T5, flow matching, drawing with the
     model's own scheduler."""
 
-    checkpoint_tensor = ""
+    checkpoint_tensor = ""  # the tensor (of its first block) only its single-file checkpoints hold
+    partial_embeddings = True  # OneTrainer's files for these families hold only the parts of the text encoders it loaded
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
 
     def matches_checkpoint(self, keys):
