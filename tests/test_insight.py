@@ -42,7 +42,12 @@ def test_norms_are_measured_per_encoder_against_its_own_words_with_one_warning_p
     warnings = [e.message for e in events if isinstance(e, Log)]
     assert len(warnings) == 1 and "vector 2 (clip_l)" in warnings[0] and "overcooked" in warnings[0]
     assert norm_warning(norms) and not norm_warning(norms[:1])
-    assert watch.summary()["final"] == norms[-1].norms
+    assert watch.summary(outside)["final"] == norms[-1].norms
+    # A long run (measured every 5th step) stopped at step 3: the result still has its final lengths.
+    stopped = NormWatch([small, large], ["clip_l", "clip_g"], Reporter(total_steps=1000))
+    stopped.reporter.steps_done = 3
+    stopped(outside)
+    assert stopped.history == [] and stopped.summary(outside)["final"] == norms[-1].norms
 
 
 def test_the_recommended_checkpoint_balances_likeness_and_editability():
@@ -53,7 +58,18 @@ def test_the_recommended_checkpoint_balances_likeness_and_editability():
     assert recommend(rising_likeness).step == 200  # not the likest (300) nor the most editable (100)
     assert recommend([score(100, 0.5, 0.3), score(200, 0.5, 0.3)]).step == 100  # a tie: the earlier
     assert recommend([]) is None
+    assert recommend([score(100, float("nan"), 0.3), score(200, 0.5, 0.2)]).step == 200  # a figure that is no number
+    assert recommend([score(100, 0.5, float("nan"))]) is None
     assert "**Recommended checkpoint: step 200**" in score_text(rising_likeness)
+
+
+def test_a_validation_prompt_without_the_word_is_refused_naming_it():
+    from tinv_gui.settings import SettingsError
+
+    settings = dict(images="photos", token=TOKEN, method="textual-inversion", score_checkpoints="after")
+    with pytest.raises(SettingsError, match=r"preview_prompts: 'a watercolor' does not use the word: put \{\}"):
+        TrainSettings(**settings, preview_prompts=["a photo of {}", "a watercolor"]).resolved()
+    TrainSettings(**settings, preview_prompts=[f"a watercolor of {TOKEN}", "{} on a beach", " "]).resolved()  # the word itself is fine
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +142,48 @@ def test_scoring_that_fails_is_given_up_with_a_warning_not_the_run(tmp_path):
     warnings = [e.message for e in events if isinstance(e, Log) and e.message.startswith("warning")]
     assert len(warnings) == 1 and "cannot be scored: openai/clip-vit-large-patch14 is not in the cache" in warnings[0]
     assert scorer.recommended is None and scorer.summary()["recommended"] is None
+
+
+def test_the_recommended_checkpoint_is_offered_once_and_opened_in_the_playground(scored_run, tmp_path):
+    import shutil
+
+    from tinv_gui.jobs import export_for_other_tools
+    from tinv_gui.ui.tab_playground import PlaygroundTab
+    from tinv_gui.ui.tab_train import TrainTab
+    from tinv_gui.ui.workspace import Workspaces
+
+    outputs, _, result = scored_run
+    ws = Workspaces(tmp_path / "visitors").get("visitor-r")
+    run = ws.runs / "run"
+    shutil.copytree(Path(outputs["embedding"]).parent, run)
+    copied = {"embedding": str(run / "learned_embeds.safetensors")}
+    copied.update(export_for_other_tools(copied["embedding"]))
+
+    class Playground(PlaygroundTab):
+        def workspace(self, request):
+            return ws
+
+    def recommend_step(step: int, name: str) -> None:
+        result["checkpoint_scores"]["recommended"] = {"step": step, "path": str(run / name)}
+        (run / "result.json").write_text(json.dumps(result))
+
+    # The pick is the last step, which save_every also kept as a numbered copy: one file, labelled.
+    shutil.copy(run / "learned_embeds.safetensors", run / "learned_embeds-step00005.safetensors")
+    recommend_step(5, "learned_embeds-step00005.safetensors")
+    files = TrainTab.download_files(ws, copied)
+    names = [path.name for path, _ in files]
+    assert "learned_embeds-step00005.safetensors" not in names and names[0] == "learned_embeds.safetensors"
+    assert files[0][1].startswith("the recommended checkpoint (step 5, the last")
+    _, chosen, prompt = Playground().try_in_playground(None)
+    assert chosen["value"] == "runs/run/learned_embeds.safetensors" and prompt == f"a photo of {TOKEN}"
+
+    # An earlier pick comes first in the downloads, and the Playground opens it, saying so.
+    recommend_step(2, "learned_embeds-step00002.safetensors")
+    files = TrainTab.download_files(ws, copied)
+    assert [path.name for path, _ in files][:2] == ["learned_embeds-step00002.safetensors", "learned_embeds.safetensors"]
+    assert files[0][1].startswith("the recommended checkpoint (step 2,") and "recommended" not in files[1][1]
+    _, chosen, _ = Playground().try_in_playground(None)
+    assert chosen["value"] == "runs/run/learned_embeds-step00002.safetensors"
+    labels = dict((value, label) for label, value in chosen["choices"])
+    assert "2 steps, the recommended checkpoint" in labels["runs/run/learned_embeds-step00002.safetensors"]
+    assert "recommended" not in labels["runs/run/learned_embeds.safetensors"]

@@ -13,6 +13,7 @@ is set aside while a checkpoint draws (embeddings.plain_vocabularies).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from .clip_space import image_features
@@ -27,7 +28,7 @@ RULE = (
     "the best balance of likeness and editability: each is scaled from the worst checkpoint (0) to the best (1), "
     "and the checkpoint with the highest sum is recommended (the earlier one on a tie)"
 )
-GUIDANCE = 7.5
+GUIDANCE = 7.5  # evaluate's default: a checkpoint is drawn as the Playground and `evaluate` draw it
 
 
 def scored_saves(choice: str) -> tuple[str, int]:
@@ -43,7 +44,9 @@ def scaled(values: list[float]) -> list[float]:
 
 
 def recommend(scores: list[CheckpointScore]) -> CheckpointScore | None:
-    """The checkpoint with the best balance of likeness and editability (RULE); None for none."""
+    """The checkpoint with the best balance of likeness and editability (RULE); None for none.
+    A checkpoint with a figure that is not a number (NaN) is never the one."""
+    scores = [s for s in scores if math.isfinite(s.image_similarity) and math.isfinite(s.text_similarity)]
     if not scores:
         return None
     likeness = scaled([s.image_similarity for s in scores])
@@ -76,17 +79,20 @@ class CheckpointScorer:
         if self.when == "during" and self._saves % self.every == 0:
             self.score(path, step)
 
-    def finish(self, checkpoints: list[tuple[int, str]], final: str | None, final_step: int) -> None:
+    def finish(self, checkpoints: list[tuple[int, str]], final: str, final_step: int) -> None:
         """After the run: score what is left (after: every checkpoint and the final embedding;
-        during: the final one), then log the table. `checkpoints` are (step, path) pairs."""
+        during: the final one), then log the table. `checkpoints` are (step, path) pairs. A
+        stopped run scores nothing more."""
         candidates = dict(checkpoints)
-        if final:
-            candidates.setdefault(final_step, final)  # a numbered copy of the same step is the same vectors
-        wanted = candidates if self.when == "after" else {final_step: candidates[final_step]} if final else {}
+        candidates.setdefault(final_step, final)  # a numbered copy of the same step is the same vectors
+        wanted = candidates if self.when == "after" else {final_step: candidates[final_step]}
         scored = {s.step for s in self.scores}
-        for step, path in sorted(wanted.items()):
-            if step not in scored and not self.reporter.should_stop():
-                self.score(path, step)
+        left = [(step, path) for step, path in sorted(wanted.items()) if step not in scored]
+        for done, (step, path) in enumerate(left):
+            if self.reporter.should_stop():
+                self.reporter.log(f"Stopped: {len(left) - done} checkpoint(s) left unscored.")
+                break
+            self.score(path, step)
         if self.scores:
             for line in self.table().splitlines():
                 self.reporter.log(line)
@@ -135,6 +141,7 @@ class CheckpointScorer:
 
     @property
     def recommended(self) -> CheckpointScore | None:
+        """The checkpoint recommended so far (recommend), None before any is scored."""
         return recommend(self.scores)
 
     def table(self) -> str:

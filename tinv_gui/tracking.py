@@ -47,6 +47,10 @@ class RunTrackers:
         return cls(started, reporter)
 
     def on_event(self, event: Event) -> None:
+        """Log what `event` carries (a step's loss and learning rate, the vectors' norms, a
+        checkpoint's scores, a preview picture) to every tracker still logging."""
+        if not self.trackers:  # none asked for, or all given up: not even a preview to read
+            return
         if isinstance(event, Progress):
             self._each("log", {"loss": event.loss, "lr": event.lr}, event.step)
         elif isinstance(event, VectorNorms):
@@ -59,8 +63,12 @@ class RunTrackers:
             import numpy as np
             from PIL import Image
 
-            with Image.open(event.path) as picture:
-                pixels = np.asarray(picture.convert("RGB"))[None]
+            try:
+                with Image.open(event.path) as picture:
+                    pixels = np.asarray(picture.convert("RGB"))[None]
+            except OSError as error:  # the preview is the page's; the trackers can do without it
+                self.reporter.log(f"preview {event.path} not logged ({error})")
+                return
             self._each("log_images", {f"preview/{event.prompt}": pixels}, event.step)
 
     def _each(self, method: str, values: dict, step: int) -> None:
@@ -72,6 +80,7 @@ class RunTrackers:
                 self.reporter.log(f"stopped logging to {tracker.name} ({type(error).__name__}: {error}); training goes on")
 
     def finish(self) -> None:
+        """Close every tracker (flushing what it holds); a tracker that fails to close is left be."""
         for tracker in self.trackers:
             try:
                 tracker.finish()
@@ -81,19 +90,19 @@ class RunTrackers:
 
 
 def _make(name: str, run: str, log_folder: Path, config: dict):
-    """An accelerate tracker, started."""
+    """An accelerate tracker, started, with the run's settings `config` recorded (TensorBoard's
+    HPARAMS, W&B's config)."""
     from accelerate import tracking
 
     if name == "tensorboard":
-        try:
-            import torch.utils.tensorboard  # noqa: F401 - accelerate's tracker writes with it (it needs the tensorboard package)
-        except ImportError:
-            raise ModuleNotFoundError("the tensorboard package is not installed") from None
+        if not tracking.is_tensorboard_available():
+            raise ModuleNotFoundError("the tensorboard package is not installed")
         tracker = tracking.TensorBoardTracker(run, str(log_folder))
     else:
         if not tracking.is_wandb_available():
             raise ModuleNotFoundError("the wandb package is not installed")
-        tracker = tracking.WandBTracker("tinv-gui", name=run, config=config)
+        tracker = tracking.WandBTracker("tinv-gui", name=run)
     if hasattr(tracker, "start"):  # accelerate >= 1.x opens the writer here; earlier ones did in __init__
         tracker.start()
+    tracker.store_init_configuration(config)  # the run's settings, as Accelerator.init_trackers records them
     return tracker

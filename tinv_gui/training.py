@@ -111,12 +111,16 @@ def load_optimizer_state(path, vectors: torch.Tensor, steps: int) -> tuple[dict 
     except Exception as error:  # noqa: BLE001 - a damaged state costs the moments, not the run
         return None, f"{path.name} cannot be read ({type(error).__name__})"
     if saved_at != str(steps):
-        return None, f"{path.name} was saved at step {saved_at}, the embedding at step {steps}, so they are not a pair"
+        return None, _not_a_pair(path, saved_at, steps)
     if tensors.get("exp_avg") is None or tensors["exp_avg"].shape != vectors.shape or tensors.get("exp_avg_sq") is None:
         return None, f"{path.name} does not fit these vectors"
     fresh = torch.optim.AdamW([vectors]).state_dict()
     fresh["state"] = {0: {"step": tensors["step"].reshape(()), "exp_avg": tensors["exp_avg"], "exp_avg_sq": tensors["exp_avg_sq"]}}
     return fresh, ""
+
+
+def _not_a_pair(path: Path, saved_at, steps: int) -> str:
+    return f"{path.name} was saved at step {saved_at}, the embedding at step {steps}, so they are not a pair"
 
 
 def optimize(
@@ -236,7 +240,8 @@ class EmbeddingWriter:
     With `ema_decay`, it also keeps an exponential moving average of the vectors (diffusers'
     EMAModel: the decay at the run's n-th step is min(ema_decay, n / (n + 9)), 0 at the first, so
     a short run's average is not stuck near its start) and saves it beside every embedding it
-    writes (`learned_embeds.ema.safetensors`); `averaged` lends it to previews."""
+    writes (`learned_embeds.ema.safetensors`, with how many steps it averaged); `averaged` lends
+    it to previews, and `continue_average` takes it up again when a run is resumed."""
 
     def __init__(
         self, output_dir, token: str, save_every: int, metadata: dict, reporter: Reporter,
@@ -289,6 +294,32 @@ class EmbeddingWriter:
             if self.on_saved is not None:
                 self.on_saved(str(numbered), step)
 
+    def continue_average(self, embedding_path, vectors: torch.Tensor, steps: int) -> str:
+        """Take up the moving average saved beside the embedding `embedding_path` (of `steps`
+        steps), so that a resumed run goes on averaging where the earlier one stopped; returns ""
+        or why the average starts afresh. `vectors` (the run's, on its device) give the shape."""
+        from diffusers.training_utils import EMAModel
+
+        from .formats import read_embedding
+
+        if not self.ema_decay:
+            return ""
+        path = ema_path(embedding_path)
+        if not path.is_file():
+            return "no moving average was saved beside it"
+        try:
+            saved = read_embedding(path)
+            average = saved.joined()
+        except (OSError, ValueError) as error:  # a damaged average costs the average, not the run
+            return f"{path.name} cannot be read ({type(error).__name__})"
+        if saved.metadata.get("steps") != str(steps):
+            return _not_a_pair(path, saved.metadata.get("steps"), steps)
+        if "ema_steps" not in saved.metadata or average.shape != vectors.shape:
+            return f"{path.name} does not fit these vectors"
+        self.ema = EMAModel([average.to(vectors.device, torch.float32).requires_grad_(True)], decay=self.ema_decay)
+        self.ema.optimization_step = int(saved.metadata["ema_steps"])  # its decay warms up from there, not from 0
+        return ""
+
     @contextlib.contextmanager
     def averaged(self, vectors: torch.Tensor):
         """Within the block `vectors` hold their moving average (when there is one), e.g. to draw
@@ -320,5 +351,7 @@ class EmbeddingWriter:
         metadata = {**self.metadata, "steps": step}
         if self.ema is not None:
             average = self.ema.shadow_params[0]
-            save_embedding(ema_path(path), self.token, average, {**metadata, "ema_decay": self.ema_decay}, self.widths, self.keys)
+            # ema_steps: how many steps it averaged (its decay depends on it), for --resume to go on from.
+            ema_metadata = {**metadata, "ema_decay": self.ema_decay, "ema_steps": self.ema.optimization_step}
+            save_embedding(ema_path(path), self.token, average, ema_metadata, self.widths, self.keys)
         return save_embedding(path, self.token, vectors, metadata, self.widths, self.keys)

@@ -352,8 +352,9 @@ def activation_recomputation(denoiser, partial_layers: list, everywhere: bool):
 
 @dataclass
 class Resumed:
-    """What an earlier run left: its vectors, its steps (over all phases) and its optimizer state."""
+    """What an earlier run left: its file, vectors, steps (over all phases) and optimizer state."""
 
+    path: Path
     vectors: torch.Tensor
     steps_done: int
     optimizer_state_file: Path
@@ -367,7 +368,7 @@ def read_resume(path: str, pipe) -> Resumed:
         steps = int(read_metadata(path).get("steps", 0))
     except (OSError, ValueError) as error:
         raise SettingsError("resume", f"{Path(path).name} is not an embedding saved by tinv-gui for this model ({error})") from None
-    return Resumed(embedding.joined(), steps, optimizer_state_path(path))
+    return Resumed(Path(path), embedding.joined(), steps, optimizer_state_path(path))
 
 
 def train_diffusion(
@@ -405,6 +406,9 @@ def train_diffusion(
         optimizer_state, why_not = load_optimizer_state(resumed.optimizer_state_file, parts.trained, resumed.steps_done)
         reporter.resume_at(resumed.steps_done)
         reporter.log(f"Resuming after step {resumed.steps_done}" + (f" ({why_not}: the optimizer starts afresh)" if why_not else ""))
+        why_not = writer.continue_average(resumed.path, parts.full(), resumed.steps_done)
+        if why_not:
+            reporter.log(f"The moving average (EMA) starts afresh: {why_not}")
 
     reporter.log(f"Encoding {len(images)} pictures{' and their mirror images' if settings.flip else ''} with the VAE, once: {describe_sizes(images)}")
     latents = encode_latents(pipe, images, placement, settings.flip)
@@ -423,8 +427,9 @@ def train_diffusion(
     seed = settings.seed + reporter.steps_done
     if not all(trains):
         kept = ", ".join(name for name, t in zip(family.embedding_keys, trains) if not t)
-        reporter.log(f"Only the {settings.train_encoders.upper() if settings.train_encoders == 't5' else 'CLIP'} part trains; "
-                     f"{kept} keeps its start, and its prompt states are computed once")
+        learning = ", ".join(name for name, t in zip(family.embedding_keys, trains) if t)
+        reporter.log(f"--train-encoders {settings.train_encoders}: the vectors for {learning} train; those for {kept} keep their start, "
+                     "and those text encoders' prompt states are computed once")
 
     def on_step(_step: int, optimizer) -> None:
         release_freed_memory()

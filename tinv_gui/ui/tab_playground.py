@@ -11,6 +11,7 @@ import gradio as gr
 from ..data import open_image
 from ..embeddings import mentions
 from ..formats import read_embedding, read_embeddings, write_embedding
+from ..jobs import recommended_file
 from ..settings import SAMPLERS, GenerateSettings, SettingsError
 from ..training import EMBEDDING_FILE
 from . import dataset
@@ -42,7 +43,8 @@ def _embedding_label(ws: Workspace, path: Path) -> str:
         where = "trained " + time.strftime("%H:%M:%S", time.localtime(path.stat().st_mtime))
     else:
         where = f"loaded from {meta.get('loaded_from', path.name)}"
-    details = ", ".join(x for x in (meta.get("method"), f"{meta['steps']} steps" if meta.get("steps") else None) if x)
+    recommended = "the recommended checkpoint" if path == recommended_file(path.parent) else None
+    details = ", ".join(x for x in (meta.get("method"), f"{meta['steps']} steps" if meta.get("steps") else None, recommended) if x)
     return f"{name} · {where}" + (f" ({details})" if details else "")
 
 
@@ -50,10 +52,12 @@ class PlaygroundTab:
     """The Playground tab's controls and handlers (a part of TinvApp)."""
 
     def embedding_files(self, ws: Workspace) -> list[Path]:
-        """The visitor's embeddings, newest first: trained here or loaded from a file."""
+        """The visitor's embeddings, newest first: trained here (each run's final one, and the
+        checkpoint its scores recommend when that is an earlier one) or loaded from a file."""
         loaded = [p for p in ws.embeddings.iterdir() if p.is_file() and not p.name.startswith(".")]  # not scaled copies
-        files = list(ws.runs.glob(f"*/{EMBEDDING_FILE}")) + loaded
-        return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
+        finals = list(ws.runs.glob(f"*/{EMBEDDING_FILE}"))
+        picks = {recommended_file(final.parent) for final in finals} - {None, *finals}
+        return sorted([*finals, *picks, *loaded], key=lambda p: p.stat().st_mtime, reverse=True)
 
     def embedding_choices(self, ws: Workspace) -> list[tuple[str, str]]:
         return [("No embedding (the model alone)", NO_EMBEDDING)] + [
@@ -110,16 +114,22 @@ class PlaygroundTab:
         )
 
     def try_in_playground(self, request: gr.Request):
-        """Carry the visitor's latest embedding to the Playground, with a prompt that uses it."""
+        """Carry the visitor's latest training to the Playground (the checkpoint its scores
+        recommend, else its final embedding), with a prompt that uses it."""
         ws = self.workspace(request)
-        files = [p for p in self.embedding_files(ws) if p.parent.parent == ws.runs]
-        if not files:
+        finals = sorted(ws.runs.glob(f"*/{EMBEDDING_FILE}"), key=lambda p: p.stat().st_mtime)
+        if not finals:
             raise gr.Error("Train an embedding first.")
-        token = read_embedding(files[0]).token
+        run = finals[-1].parent
+        chosen = recommended_file(run)
+        if chosen is not None:
+            step = read_embedding(chosen).metadata.get("steps", "?")
+            gr.Info(f"The Playground has the checkpoint the scores recommend: step {step} of your training.")
+        chosen = chosen or run / EMBEDDING_FILE
         return (
             gr.Tabs(selected="playground"),
-            gr.update(choices=self.embedding_choices(ws), value=str(files[0].relative_to(ws.root))),
-            f"a photo of {token}",
+            gr.update(choices=self.embedding_choices(ws), value=str(chosen.relative_to(ws.root))),
+            f"a photo of {read_embedding(chosen).token}",
         )
 
     def generate(self, model, embedding, prompt, negative, steps, guidance, seed, sampler, size, count, strength, compare, request: gr.Request):

@@ -4,21 +4,19 @@ previews, log), stop it, and offer its files for download."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
 
-from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
 from ..formats import read_embedding
-from ..jobs import EXPORTS
+from ..jobs import EXPORTS, recommended_file
 from ..methods import method_with_label
-from ..models import ModelLoadError
+from ..models import ModelLoadError, is_hub_name
 from ..settings import SettingsError, TrainSettings
 from ..vector_norms import tokens_used_text
 from . import dataset
@@ -40,7 +38,6 @@ from .workspace import Workspace
 # be away from a running job of theirs before it is stopped (a reload within it rejoins the job).
 MAX_STEPS = int(os.environ.get("TINV_GUI_MAX_STEPS", "3000"))
 LEFT_GRACE_S = float(os.environ.get("TINV_GUI_LEFT_GRACE_SECONDS", "120"))
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
@@ -65,7 +62,7 @@ class TrainTab:
 
     def _submit_training(self, ws: Workspace, model, token, init, preset, captions, options) -> Job:
         model = (model or "").strip()
-        if self.shared and model not in (*DEMO_NAMES, SDXL_DEMO_NAME) and (not HUB_ID.match(model) or Path(model).exists()):
+        if self.shared and not is_hub_name(model):
             raise gr.Error("On this shared server, models come from the Hugging Face Hub (owner/name) or are the demo model.")
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
@@ -160,8 +157,10 @@ class TrainTab:
             files = [(embedding, f"diffusers' load_textual_inversion, this app: type `{token}`")]
         if outputs.get("ema"):  # the moving average of the vectors (--ema-decay), the same layout
             files.append((ws.inside(outputs["ema"]), f"the vectors' moving average (EMA), as the embedding: type `{token}`"))
-        recommended = ws.inside(outputs["recommended"]) if outputs.get("recommended") else None
-        if recommended is not None and recommended != embedding:  # the scores' pick comes first
+        recommended = recommended_file(embedding.parent)  # the scores' pick comes first, listed once
+        if recommended == embedding:
+            files[0] = (embedding, f"the recommended checkpoint (step {run.metadata.get('steps', '?')}, the last; see the scores); {files[0][1]}")
+        elif recommended is not None:
             step = read_embedding(recommended).metadata.get("steps", "?")
             files.insert(0, (recommended, f"the recommended checkpoint (step {step}, see the scores); diffusers, this app: type `{token}`"))
         return files + [(ws.inside(outputs[fmt]), tools[fmt]) for fmt in EXPORTS if fmt in outputs]
@@ -189,7 +188,7 @@ class TrainTab:
             c["score_plot"]: gr.update(value=view.score_frame(), visible=bool(view.scores)),
             c["score_text"]: score_text(view.scores),
             c["try_it"]: gr.update(interactive=bool(files)),
-            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(ws.inside(embedding).relative_to(ws.root))) if files else gr.update(),
+            c["embedding"]: gr.update(choices=self.embedding_choices(ws), value=str(files[0][0].relative_to(ws.root))) if files else gr.update(),
         }
 
     def stop_training(self, request: gr.Request) -> str:
