@@ -141,9 +141,10 @@ class Family:
 
     # ------------------------------------------------------------------------- training objective
     def objective(self, scheduler_config, device: torch.device):
-        """What the denoiser is trained to predict from noised latents: an object with
-        `num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)` and
-        `noisy_and_target(latents, noise, timesteps)` (flow matching would be another such object)."""
+        """What the denoiser is trained to predict from noised latents: an objectives.Objective
+        (`num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)`,
+        `noisy_and_target(latents, noise, timesteps)`, `loss_weights`): here the noise schedule
+        (TransformerFamily: flow matching)."""
         from ..objectives import NoiseSchedule
 
         return NoiseSchedule(scheduler_config, device)

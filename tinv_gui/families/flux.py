@@ -28,6 +28,7 @@ class Flux(TransformerFamily):
     embedding_keys = ("clip_l", "t5")  # OneTrainer's layout for Flux.1
     default_clips = {768: "openai/clip-vit-large-patch14"}
     demo_model = "demo-flux"
+    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the guidance-distilled dev
 
     def native_resolution(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)  # the pipeline's default, 1024 px
@@ -39,8 +40,6 @@ class Flux(TransformerFamily):
                 "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "
                 "leave the negative empty and set the guidance (about 3.5 for dev)"
             )
-
-    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the guidance-distilled dev
 
     def prompt_lengths(self, pipe):
         return [77, 512]  # the pipeline's max_sequence_length for T5
