@@ -328,13 +328,15 @@ def main() -> None:
             rows.update(model_rows)
             costs.update({f"{TITLES[model]}, {kind} block": cost for kind, cost in kinds.items()})
     print(f"{args.resolution} px, batch 1, fp32, CPU; whole models extrapolated per kind of block (one more block of a kind, every encoder learning); GB = 2**30 bytes; GPU figures: bf16, estimated")
-    print_table(costs, [("cpu_s", "CPU s/step", "{:.1f}"), ("rss_gb", "peak GB", "{:.2f}"), ("weights_fp32_gb", "fp32 weights GB", "{:.2f}"),
-                        ("activations_fp32_gb", "activations GB", "{:.2f}")])
-    print()
-    print_table(rows, [("base_s", "CPU s/step base", "{:.1f}"), ("base_gb", "peak GB base", "{:.1f}"), ("cpu_s", "CPU s/step whole", "{:.0f}"),
-                       ("rss_gb", "peak GB whole", "{:.0f}"), ("all_weights_bf16_gb", "bf16 weights, all", "{:.1f}"),
-                       ("weights_bf16_gb", "on GPU in steps", "{:.1f}"), ("gpu_gb", "GPU peak (est.)", "{:.0f}"),
-                       ("gpu_checkpointed_gb", "checkpointed (est.)", "{:.0f}")])
+    if costs:
+        print_table(costs, [("cpu_s", "CPU s/step", "{:.1f}"), ("rss_gb", "peak GB", "{:.2f}"), ("weights_fp32_gb", "fp32 weights GB", "{:.2f}"),
+                            ("activations_fp32_gb", "activations GB", "{:.2f}")])
+    if rows:
+        print()
+        print_table(rows, [("base_s", "CPU s/step base", "{:.1f}"), ("base_gb", "peak GB base", "{:.1f}"), ("cpu_s", "CPU s/step whole", "{:.0f}"),
+                           ("rss_gb", "peak GB whole", "{:.0f}"), ("all_weights_bf16_gb", "bf16 weights, all", "{:.1f}"),
+                           ("weights_bf16_gb", "on GPU in steps", "{:.1f}"), ("gpu_gb", "GPU peak (est.)", "{:.0f}"),
+                           ("gpu_checkpointed_gb", "checkpointed (est.)", "{:.0f}")])
 
 
 if __name__ == "__main__":
