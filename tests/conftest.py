@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run offline on the demo model, built once per test session."""
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +31,21 @@ def make_picture(seed: int, size=(96, 80)) -> Image.Image:
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
     draw.rectangle((0, h - h // 6, w, h), fill=tuple(int(c) for c in rng.randint(0, 255, 3)))
     return image
+
+
+def cli_here(capsys, *args) -> subprocess.CompletedProcess:
+    """`python -m tinv_gui ARGS` run in this process, through the same cli.main that __main__
+    calls: its exit status and what it printed. A subprocess costs seconds of imports each
+    time; the tests of the process itself (signals, the exit of a failed job) keep theirs."""
+    from tinv_gui import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as exit:  # argparse refusing a flag ends the process
+        code = exit.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "tinv_gui", *args], code, out, err)
 
 
 @pytest.fixture

@@ -216,3 +216,32 @@ def test_prompt_from_image_finds_words_and_draws_them(app_server):
     assert "continuous prompt" in prompt
     (picture,) = client.predict(model="demo-sdxl", api_name="/generate_found")
     assert Path(picture["image"]).is_file()
+
+
+def test_sd3_trains_in_the_app_and_its_download_holds_a_part_per_text_encoder(app_server):
+    """SD 3.x through the app on demo-sd3: textual inversion, the downloads (ours and OneTrainer's,
+    which ComfyUI reads) with each text encoder's part at its width, and the Playground drawing
+    with the new word."""
+    from PIL import Image
+
+    from tinv_gui.demo_sd3_flux import SD3_TEXT_WIDTHS
+    from tinv_gui.families import StableDiffusion3
+
+    url, _ = app_server
+    client = visitor(url)
+    client.predict(api_name="/add_examples")
+    final = _train(client, model="demo-sd3", token="<sd3-robot>", preset="Thorough", steps=2, batch_size=1, grad_accum=1, resolution=64).result()
+    assert "Done: step 2 / 2" in final[0], final[0]
+    downloads = {Path(p).name: p for p in final[4]}
+    assert set(downloads) == {"learned_embeds.safetensors", "sd3-robot.safetensors"}  # no A1111, kohya or InvokeAI file for SD 3.x
+    for name, path in downloads.items():
+        back = read_embedding(path)
+        assert back.keys == StableDiffusion3.embedding_keys and back.widths == SD3_TEXT_WIDTHS and back.count == 1, name
+        assert [f.name for f in back.families] == ["sd3"] and back.step == 2, name
+    assert "ComfyUI: type `embedding:sd3-robot`" in final[5]
+
+    embedding = final[6]["value"]
+    with_it, without, _ = client.predict(
+        model="demo-sd3", embedding=embedding, prompt="a photo of <sd3-robot>", steps=1, compare=True, api_name="/generate"
+    )
+    assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()

@@ -68,6 +68,42 @@ def test_concept_folders_and_repeats_set_how_often_each_picture_counts(tmp_path)
         TrainSettings(images=str(tmp_path), token="<t>", method="textual-inversion", repeats=0).resolved()
 
 
+def test_the_dataset_tab_keeps_a_zips_concept_folders_with_their_repeats(tmp_path):
+    import io
+    import zipfile
+
+    from tinv_gui.ui import dataset
+    from tinv_gui.ui.workspace import Workspaces
+
+    def png(seed: int) -> bytes:
+        buffer = io.BytesIO()
+        make_picture(seed).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    ws = Workspaces(tmp_path / "visitors").get("visitor-c")
+    with zipfile.ZipFile(tmp_path / "set.zip", "w") as zf:
+        zf.writestr("set/10_closeups/a.png", png(1))
+        zf.writestr("set/10_closeups/a.txt", "a close-up of {}")
+        zf.writestr("set/10_closeups/b.png", png(2))
+        zf.writestr("set/2024_holiday/c.png", png(3))  # not a concept: 2024 repeats are out of range
+        zf.writestr("set/d.png", png(4))
+    dataset.add_files(ws, [str(tmp_path / "set.zip")])
+
+    pictures = {p.name: p for p in dataset.list_pictures(ws)}
+    assert {name: p.repeats for name, p in pictures.items()} == {"c.png": 1, "d.png": 1, "10_closeups/a.png": 10, "10_closeups/b.png": 10}
+    assert pictures["10_closeups/a.png"].caption == "a close-up of {}"
+    assert dataset.concepts_text(list(pictures.values())) == "10_closeups: 2 picture(s), each counting 10 times"
+    assert any(label.startswith("10_closeups/b.png ×10 →") for _, label in dataset.gallery_items(ws, size=32))
+    # What training reads from the visitor's folder: the same pictures, with the same repeats.
+    assert {p.path.split("visitor-c/pictures/")[-1]: p.repeats for p in load_dataset(ws.pictures, 64)} == {
+        name: p.repeats for name, p in pictures.items()
+    }
+    dataset.save_captions(ws, [["10_closeups/b.png", "a close-up of {} again"], ["../../escape.png", "no"]])
+    assert (ws.pictures / "10_closeups" / "b.txt").read_text() == "a close-up of {} again\n"
+    dataset.clear(ws)
+    assert dataset.list_pictures(ws) == [] and not any(ws.pictures.iterdir())
+
+
 def test_an_epoch_draws_each_picture_its_repeats_and_a_batch_from_one_bucket():
     shapes = [(4, 8, 8), (4, 8, 8), (4, 4, 8), (4, 4, 8), (4, 4, 8)]
     repeats = [10, 1, 2, 2, 5]

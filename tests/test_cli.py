@@ -1,4 +1,5 @@
-"""End to end through the command line, as a user runs it."""
+"""End to end through the command line, as a user runs it: the quick run in a process of its own
+(`python -m tinv_gui`), the other commands through the same cli.main in this process."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import cli_here
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,16 +54,16 @@ def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path
         unload_from_pipeline(pipe, ["<cli-toy>"])
 
 
-def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path):
-    done = run_cli("train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "2")
+def test_bad_input_exits_non_zero_with_one_clear_line(tmp_path, capsys):
+    done = cli_here(capsys, "train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "2")
     assert done.returncode != 0
     assert "error: no pictures" in done.stderr and "Traceback" not in done.stderr
-    done = run_cli("train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "-3")
+    done = cli_here(capsys, "train", "--images", str(tmp_path), "--token", "<x>", "--output", str(tmp_path / "o"), "--steps", "-3")
     assert done.returncode != 0 and "steps" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_demo_model_command_writes_both_folders(tmp_path):
-    done = run_cli("demo-model", str(tmp_path / "demo"))
+def test_demo_model_command_writes_both_folders(tmp_path, capsys):
+    done = cli_here(capsys, "demo-model", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "demo" / "sd" / "model_index.json").exists()
     assert (tmp_path / "demo" / "clip" / "config.json").exists()

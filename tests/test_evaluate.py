@@ -2,13 +2,10 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_here
 from PIL import Image
 
 from tinv_gui.clip_space import image_features
@@ -19,7 +16,6 @@ from tinv_gui.engine import Engine
 from tinv_gui.evaluate import EvalSettings, clip_similarities, without_token
 from tinv_gui.events import Failed, Finished
 
-ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("clip_image_similarity", "clip_text_similarity", "baseline_clip_image_similarity", "baseline_clip_text_similarity")
 
 
@@ -72,14 +68,12 @@ def test_evaluation_job_reports_figures_and_leaves_the_cached_pipeline_clean(tmp
     assert isinstance(missing, Failed) and "'<my-cat>'" in missing.message
 
 
-def test_evaluate_command_writes_both_figures(tmp_path, picture_dir):
+def test_evaluate_command_writes_both_figures(tmp_path, picture_dir, capsys):
     embedding = save_embedding(tmp_path / "e.safetensors", "<my-cat>", torch.randn(1, 64) * 0.02, {"init": "cat"})
     out = tmp_path / "eval.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "tinv_gui", "evaluate", "--model", "demo", "--embedding", str(embedding),
-         "--images", str(picture_dir), "--prompt", "a photo of <my-cat> on a beach", "--n", "1", "--steps", "2",
-         "--seed", "3", "--device", "cpu", "--json", str(out)],
-        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300,
+    done = cli_here(
+        capsys, "evaluate", "--model", "demo", "--embedding", str(embedding), "--images", str(picture_dir),
+        "--prompt", "a photo of <my-cat> on a beach", "--n", "1", "--steps", "2", "--seed", "3", "--device", "cpu", "--json", str(out),
     )
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())

@@ -3,12 +3,11 @@
 import itertools
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_here
 from safetensors.torch import save_file
 
 from tinv_gui import formats
@@ -21,7 +20,6 @@ from tinv_gui.formats import (
     write_embedding,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 # Every file layout the app writes: (format, file name).
 LAYOUTS = [
     ("diffusers", "learned_embeds.safetensors"),
@@ -157,7 +155,7 @@ def test_wrong_width_is_explained(tmp_path, store):
     assert "sd2.safetensors" in str(error.value)
 
     sdxl = write_embedding(EmbeddingFile("<x>", {"clip_l": torch.randn(1, 768), "clip_g": torch.randn(1, 1280)}), tmp_path / "xl.safetensors", "kohya")
-    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(Stable Diffusion XL\); the chosen model has 768 \(SD 1.x\)"):
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 768 \+ 1280 \(Stable Diffusion XL, or Stable Diffusion 3 without its t5 part\); the chosen model has 768 \(SD 1.x\)"):
         check_fits(read_embedding(sdxl), 768, sdxl.name)
 
     pipe = store.pipeline("demo")
@@ -235,15 +233,11 @@ def test_export_all_writes_every_format_a_tool_can_pick_up(tmp_path):
         assert oct(Path(path).stat().st_mode & 0o777) == oct(0o644)  # shareable, not private
 
 
-def test_convert_command(tmp_path):
+def test_convert_command(tmp_path, capsys):
     source = save_embedding(tmp_path / "learned_embeds.safetensors", "<my-cat>", odd_vectors())
     out = tmp_path / "a1111"
     out.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tinv_gui", "convert", str(source), "--format", "a1111-pt", "--output", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
+    done = cli_here(capsys, "convert", str(source), "--format", "a1111-pt", "--output", str(out))
     assert done.returncode == 0, done.stderr
     assert str(out / "my-cat.pt") in done.stdout
     back = read_embedding(out / "my-cat.pt")

@@ -1,20 +1,14 @@
 """Generating pictures from learned embeddings and saved prompt embeddings, on the demo model."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import cli_here
 from PIL import Image
 
 from tinv_gui.embeddings import save_embedding
 from tinv_gui.files import atomic_save_safetensors
 from tinv_gui.generate import generate, parse_size
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +70,11 @@ def test_bad_requests_are_explained(pipe, tmp_path):
             parse_size(bad)
 
 
-def test_cli_generate_with_an_embedding(tmp_path):
+def test_cli_generate_with_an_embedding(tmp_path, capsys):
     embedding = vector_file(tmp_path / "e.safetensors", "<thing>", 1)
     output = tmp_path / "out" / "picture.png"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "tinv_gui", "generate", "--model", "demo", "--embedding", str(embedding),
-               "--prompt", "a photo of <thing>", "--steps", "2", "--seed", "1", "--output", str(output)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = cli_here(capsys, "generate", "--model", "demo", "--embedding", str(embedding),
+                    "--prompt", "a photo of <thing>", "--steps", "2", "--seed", "1", "--output", str(output))
     assert done.returncode == 0, done.stderr[-2000:]
     assert Image.open(output).size == (64, 64)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_here
 from safetensors.torch import load_file, save_file
 
 from tinv_gui.embeddings import read_metadata, save_embedding
@@ -24,10 +25,6 @@ from tinv_gui.training import EMBEDDING_FILE, optimizer_state_path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tinv_gui", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def ti_settings(picture_dir, out, **overrides):
@@ -82,13 +79,13 @@ def test_closing_the_engine_stops_its_jobs_and_its_thread():
 
 # ----------------------------------------------------------------------------- 12: unwritable --output
 @pytest.mark.parametrize("kind", ["existing file", "/dev/null", "inside a file"])
-def test_an_unwritable_output_is_refused_before_anything_loads(tmp_path, picture_dir, kind):
+def test_an_unwritable_output_is_refused_before_anything_loads(tmp_path, picture_dir, kind, capsys):
     blocker = tmp_path / "taken.txt"
     blocker.write_text("mine")
     output = {"existing file": blocker, "/dev/null": Path("/dev/null"), "inside a file": blocker / "out"}[kind]
     # A model that cannot be loaded: had the run got as far as loading, that is what it would say.
-    done = run_cli("train", "--model", "nobody/no-such-model", "--images", str(picture_dir), "--token", "<x>",
-                   "--output", str(output), "--steps", "2", timeout=120)
+    done = cli_here(capsys, "train", "--model", "nobody/no-such-model", "--images", str(picture_dir), "--token", "<x>",
+                    "--output", str(output), "--steps", "2")
     assert done.returncode == 2
     assert "output" in done.stderr and str(output) in done.stderr and "no-such-model" not in done.stderr, done.stderr
     assert "kept" not in done.stderr and "Traceback" not in done.stderr
@@ -206,10 +203,10 @@ def test_ctrl_c_while_starting_up_prints_no_traceback(picture_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------- 9: a full disk
-def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp_path):
+def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp_path, capsys):
     # /dev/full: every write fails with ENOSPC, as on a full disk.
-    done = run_cli("train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<log>",
-                   "--init", "toy", "--steps", "4", "--batch-size", "4", "--output", str(tmp_path / "out"), "--log-jsonl", "/dev/full")
+    done = cli_here(capsys, "train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<log>",
+                    "--init", "toy", "--steps", "4", "--batch-size", "4", "--output", str(tmp_path / "out"), "--log-jsonl", "/dev/full")
     assert done.returncode == 0, done.stderr
     assert "cannot write the log /dev/full (the disk is full)" in done.stderr and "Traceback" not in done.stderr
     assert (tmp_path / "out" / EMBEDDING_FILE).is_file()
@@ -572,6 +569,15 @@ def test_a_visitor_is_admitted_again_when_the_window_moves_and_idle_visitors_are
     now[0] += 61
     limits.take("b")
     assert set(limits._started) == {"b"}  # "a" has nothing in flight and no call in the window
+
+
+@pytest.mark.parametrize("value", ["0", "many"])
+def test_a_visitor_limit_that_is_no_positive_number_is_refused_naming_its_variable(monkeypatch, value):
+    from tinv_gui.ui.limits import VisitorLimits
+
+    monkeypatch.setenv("TINV_GUI_VISITOR_CALLS", value)
+    with pytest.raises(ValueError, match=f"TINV_GUI_VISITOR_CALLS must be a positive number, not '{value}'"):
+        VisitorLimits.from_env()
 
 
 def test_a_generation_waiting_in_the_queue_shows_its_place_and_is_dropped_when_its_visitor_leaves(tmp_path, monkeypatch, picture_dir):

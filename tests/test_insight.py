@@ -42,7 +42,12 @@ def test_norms_are_measured_per_encoder_against_its_own_words_with_one_warning_p
     warnings = [e.message for e in events if isinstance(e, Log)]
     assert len(warnings) == 1 and "vector 2 (clip_l)" in warnings[0] and "overcooked" in warnings[0]
     assert norm_warning(norms) and not norm_warning(norms[:1])
-    assert watch.summary()["final"] == norms[-1].norms
+    assert watch.summary(outside)["final"] == norms[-1].norms
+    # A long run (measured every 5th step) stopped at step 3: the result still has its final lengths.
+    stopped = NormWatch([small, large], ["clip_l", "clip_g"], Reporter(total_steps=1000))
+    stopped.reporter.steps_done = 3
+    stopped(outside)
+    assert stopped.history == [] and stopped.summary(outside)["final"] == norms[-1].norms
 
 
 def test_the_recommended_checkpoint_balances_likeness_and_editability():
@@ -56,6 +61,15 @@ def test_the_recommended_checkpoint_balances_likeness_and_editability():
     assert recommend([score(100, float("nan"), 0.3), score(200, 0.5, 0.2)]).step == 200  # a figure that is no number
     assert recommend([score(100, 0.5, float("nan"))]) is None
     assert "**Recommended checkpoint: step 200**" in score_text(rising_likeness)
+
+
+def test_a_validation_prompt_without_the_word_is_refused_naming_it():
+    from tinv_gui.settings import SettingsError
+
+    settings = dict(images="photos", token=TOKEN, method="textual-inversion", score_checkpoints="after")
+    with pytest.raises(SettingsError, match=r"preview_prompts: 'a watercolor' does not use the word: put \{\}"):
+        TrainSettings(**settings, preview_prompts=["a photo of {}", "a watercolor"]).resolved()
+    TrainSettings(**settings, preview_prompts=[f"a watercolor of {TOKEN}", "{} on a beach", " "]).resolved()  # the word itself is fine
 
 
 @pytest.fixture(scope="module")

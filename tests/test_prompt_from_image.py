@@ -1,15 +1,12 @@
 """Prompt from an image, continuous and hard, on the demo model."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_picture
+from conftest import cli_here, make_picture
 from safetensors.torch import load_file
 
 from tinv_gui.clip_space import image_features
@@ -22,8 +19,6 @@ from tinv_gui.methods.prompt_from_image import (
     text_features,
 )
 from tinv_gui.settings import PromptSettings, SettingsError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -142,18 +137,17 @@ def test_picture_and_weight_counts_must_match(store, tmp_path, picture):
     assert isinstance(event, Failed) and "image_weights" in event.message
 
 
-def _cli(*args, cwd):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tinv_gui", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def _cli(capsys, *args):
+    done = cli_here(capsys, *args)
     assert done.returncode == 0, done.stderr[-2000:]
     return done
 
 
-def test_cli_continuous_prompt_then_generate(tmp_path, picture, store):
+def test_cli_continuous_prompt_then_generate(tmp_path, picture, store, capsys):
     picture.save(tmp_path / "p.png")
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
-    _cli("optimize-prompt", "--model", "demo", "--image", str(tmp_path / "p.png"), "--prompt", "a photo",
-         "--steps", "4", "--output", str(out), "--log-jsonl", str(log), "--device", "cpu", "--precision", "fp32", cwd=tmp_path)
+    _cli(capsys, "optimize-prompt", "--model", "demo", "--image", str(tmp_path / "p.png"), "--prompt", "a photo",
+         "--steps", "4", "--output", str(out), "--log-jsonl", str(log), "--device", "cpu", "--precision", "fp32")
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert all({"loss", "elapsed_s"} <= set(line) for line in lines)
@@ -164,18 +158,18 @@ def test_cli_continuous_prompt_then_generate(tmp_path, picture, store):
     pooled = clip.model.text_projection(saved["prompt_embeds"][0, result["length"] + 1])
     target = image_features(clip, [picture], 1)[0]
     assert float(F.normalize(pooled, dim=-1) @ target) == pytest.approx(result["metrics"]["clip_similarity"], abs=1e-4)
-    _cli("generate", "--model", "demo", "--prompt-embeds", str(out / "prompt_embeds.safetensors"), "--steps", "2",
-         "--size", "64x48", "--output", str(tmp_path / "image.png"), cwd=tmp_path)
+    _cli(capsys, "generate", "--model", "demo", "--prompt-embeds", str(out / "prompt_embeds.safetensors"), "--steps", "2",
+         "--size", "64x48", "--output", str(tmp_path / "image.png"))
     from PIL import Image
 
     assert Image.open(tmp_path / "image.png").size == (64, 48)
 
 
-def test_cli_hard_prompt_writes_readable_text(tmp_path, picture):
+def test_cli_hard_prompt_writes_readable_text(tmp_path, picture, capsys):
     picture.save(tmp_path / "p.png")
     out = tmp_path / "out"
-    done = _cli("optimize-prompt", "--model", "demo", "--image", str(tmp_path / "p.png"), "--hard", "--steps", "5",
-                "--length", "6", "--output", str(out), cwd=tmp_path)
+    done = _cli(capsys, "optimize-prompt", "--model", "demo", "--image", str(tmp_path / "p.png"), "--hard", "--steps", "5",
+                "--length", "6", "--output", str(out))
     text = (out / "prompt.txt").read_text().strip()
     assert len(text.split()) == 6 and f"prompt: {text}" in done.stderr
     assert json.loads((out / "result.json").read_text())["prompt"] == text

@@ -334,7 +334,3 @@ def test_t5s_token_table_is_read_alone_from_the_weights(flux):
     # A store with no warm pipeline reads the table from the component's file, without loading T5.
     assert torch.equal(ModelStore().word_table("demo-flux", 1), flux.text_encoder_2.get_input_embeddings().weight.float())
 
-
-def test_evaluating_and_prompt_search_are_refused_on_these_families_with_a_message(picture_dir, tmp_path, capsys):
-    code = cli.main(["optimize-prompt", "--model", "demo-flux", "--image", str(next(picture_dir.iterdir())), "--output", str(tmp_path)])
-    assert code != 0 and "not supported yet" in capsys.readouterr().err

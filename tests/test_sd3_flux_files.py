@@ -112,10 +112,44 @@ def test_generation_uses_every_part_and_the_strength(tmp_path, store, model):
         generate(pipe, embeddings=[save_embedding(tmp_path / "sd.safetensors", "<sd>", torch.zeros(1, 64))], **kwargs)
 
 
-def test_a_file_for_one_family_is_refused_by_the_other(tmp_path, store):
-    flux_file = write_embedding(formats.EmbeddingFile("<f>", {"clip_l": torch.zeros(1, 32), "t5": torch.zeros(1, 128)}), tmp_path / "f.safetensors", "onetrainer")
+def test_the_pipelines_family_decides_what_parts_without_our_metadata_are_for(tmp_path, store):
+    """OneTrainer writes a part only for the text encoders it loaded: its SD 3.x file without T5
+    holds clip_l and clip_g, as an SDXL file does, and its Flux.1 file without T5 clip_l alone."""
+    from safetensors.torch import save_file
+
+    from tinv_gui.embeddings import embeddings_in_pipeline
+    from tinv_gui.families import StableDiffusionXL
+
+    sd3 = store.pipeline("demo-sd3")
+    clip_l, clip_g = torch.randn(2, 32) * 3, torch.randn(2, 64) * 3
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, tmp_path / "no-t5.safetensors")
+    no_t5 = read_embedding(tmp_path / "no-t5.safetensors")
+    assert [f.name for f in no_t5.families] == ["sdxl", "sd3"]
+    assert "Stable Diffusion XL, or Stable Diffusion 3 without its t5 part" in no_t5.describe_width()
+    assert set(formats.check_fits(no_t5, (32, 64), "x", StableDiffusionXL())) == {"clip_l", "clip_g"}  # demo-sdxl's widths
+    # Into SD 3.x: the CLIP parts only; T5's prompt goes without the word, as OneTrainer and ComfyUI leave it out.
+    with embeddings_in_pipeline(sd3, [no_t5]) as rewrite:
+        assert [len(t) for t in (sd3.tokenizer, sd3.tokenizer_2, sd3.tokenizer_3)][2] == len(store.pipeline("demo-sd3").tokenizer_3)
+        assert "<tinv-embedding-0>" in rewrite("a photo of no-t5", 0) and rewrite("a photo of no-t5 now", 2) == "a photo of  now"
+        assert "<tinv-embedding-0>" not in sd3.tokenizer_3.get_vocab()
+    kwargs = dict(prompt="a photo of no-t5", steps=1, seed=1, size=(64, 64), guidance=3.5)
+    with_it, without = (np.asarray(generate(sd3, embeddings=e, **kwargs)[0]) for e in ([tmp_path / "no-t5.safetensors"], []))
+    assert not np.array_equal(with_it, without)
+    # Its metadata decides where it has some: our SDXL file is not SD 3.x's, our Flux.1 file not SD 3.x's.
+    ours = save_embedding(tmp_path / "xl.safetensors", "<xl>", torch.cat([clip_l, clip_g], 1), None, (32, 64), ("clip_l", "clip_g"))
+    assert [f.name for f in read_embedding(ours).families] == ["sdxl"]
+    with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 64 \(Stable Diffusion XL\); the chosen model has text widths 32 \+ 64 \+ 128"):
+        generate(sd3, embeddings=[ours], **kwargs)
+    flux_file = save_embedding(tmp_path / "f.safetensors", "<f>", torch.zeros(1, 160), None, FLUX_TEXT_WIDTHS, Flux.embedding_keys)
     with pytest.raises(EmbeddingFormatError, match=r"text widths 32 \+ 128 \(Flux.1\); the chosen model has text widths 32 \+ 64 \+ 128 \(Stable Diffusion 3\)"):
-        generate(store.pipeline("demo-sd3"), prompt="f", embeddings=[flux_file], steps=1, size=(64, 64))
+        generate(sd3, prompt="f", embeddings=[flux_file], steps=1, size=(64, 64))
+    # A file holding clip_l alone (SD 1.x's, for ComfyUI; or OneTrainer's Flux.1 without T5) goes into Flux.1's CLIP-L.
+    save_file({"clip_l": clip_l}, tmp_path / "lone.safetensors")
+    assert set(formats.check_fits(read_embedding(tmp_path / "lone.safetensors"), FLUX_TEXT_WIDTHS, "x", Flux())) == {"clip_l"}
+    # convert keeps it as it is: the CLIP parts, still for either family (A1111 reads SDXL's clip_l + clip_g).
+    for fmt in ("onetrainer", "a1111-safetensors"):
+        back = read_embedding(formats.convert(tmp_path / "no-t5.safetensors", fmt, f"{tmp_path}/{fmt}/"))
+        assert back.keys == ("clip_l", "clip_g") and torch.equal(back.joined(), no_t5.joined()) and len(back.families) == 2, fmt
 
 
 def test_cli_generates_with_and_without_a_flux_embedding_as_the_playground_does(tmp_path, store):

@@ -1,16 +1,15 @@
-"""Textual inversion, quick-then-ti and caption-init on the demo model: through the CLI (as a
-user runs them) and in-process for the parts a subprocess cannot see."""
+"""Textual inversion, quick-then-ti and caption-init on the demo model: through the CLI's flags (as a
+user runs them, through cli.main in this process) and through the engine for what the CLI does not show."""
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli_here
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,14 +22,13 @@ from tinv_gui.jobs import run_training
 from tinv_gui.settings import SettingsError, TrainSettings
 from tinv_gui.training import ema_path, optimizer_state_path
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "<tst-thing>"
 
 
-def train_cli(*args: str) -> subprocess.CompletedProcess:
-    """`python -m tinv_gui train ...` in a subprocess, as a user runs it."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "tinv_gui", "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+def train_cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m tinv_gui train ...` as a user runs it, in this process (test_cli runs it in a
+    subprocess of its own)."""
+    proc = cli_here(capsys, "train", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -84,10 +82,10 @@ def run_in_process(store, **overrides) -> tuple[dict, list]:
     return outputs, events
 
 
-def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_changes_the_image(picture_dir, tmp_path, fresh_pipe):
+def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_changes_the_image(picture_dir, tmp_path, fresh_pipe, capsys):
     out = tmp_path / "out"
     train_cli(
-        "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
+        capsys, "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
         "--steps", "3", "--batch-size", "1", "--grad-accum", "1", "--lr", "0.05", "--save-every", "2",
         "--output", str(out), "--log-jsonl", str(tmp_path / "log.jsonl"),
     )
@@ -101,14 +99,14 @@ def test_textual_inversion_cli_saves_numbered_files_with_optimizer_state_and_cha
     assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
 
 
-def test_resume_continues_from_the_saved_step_with_the_saved_optimizer_state_and_moving_average(store, picture_dir, tmp_path):
+def test_resume_continues_from_the_saved_step_with_the_saved_optimizer_state_and_moving_average(store, picture_dir, tmp_path, capsys):
     outputs, _ = run_in_process(
         store, method="textual-inversion", images=str(picture_dir), output_dir=str(tmp_path / "first"), save_every=1, ema_decay=0.5,
         precision="fp32",
     )
     second = tmp_path / "second"
     proc = train_cli(
-        "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--batch-size", "1", "--save-every", "1",
+        capsys, "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--batch-size", "1", "--save-every", "1",
         "--ema-decay", "0.5", "--precision", "fp32",
         "--steps", "4", "--resume", outputs["embedding"], "--output", str(second), "--log-jsonl", str(tmp_path / "log.jsonl"),
     )
@@ -128,10 +126,10 @@ def test_resume_continues_from_the_saved_step_with_the_saved_optimizer_state_and
     torch.testing.assert_close(read_embedding(ema_path(second / "learned_embeds.safetensors")).vectors, average)
 
 
-def test_quick_then_ti_is_one_job_with_two_phases(picture_dir, tmp_path, fresh_pipe):
+def test_quick_then_ti_is_one_job_with_two_phases(picture_dir, tmp_path, fresh_pipe, capsys):
     out = tmp_path / "out"
     train_cli(
-        "--method", "quick-then-ti", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
+        capsys, "--method", "quick-then-ti", "--images", str(picture_dir), "--token", TOKEN, "--init", "dog",
         "--quick-steps", "2", "--steps", "2", "--batch-size", "1", "--lr", "0.05",
         "--output", str(out), "--log-jsonl", str(tmp_path / "log.jsonl"),
     )
@@ -142,11 +140,11 @@ def test_quick_then_ti_is_one_job_with_two_phases(picture_dir, tmp_path, fresh_p
     assert_changes_image(fresh_pipe, out / "learned_embeds.safetensors", word_vectors(fresh_pipe, "dog"))
 
 
-def test_caption_init_makes_one_vector_per_caption_token_starting_at_each_word(picture_dir, tmp_path, fresh_pipe):
+def test_caption_init_makes_one_vector_per_caption_token_starting_at_each_word(picture_dir, tmp_path, fresh_pipe, capsys):
     caption = "a red ball on the grass"
     out = tmp_path / "out"
     train_cli(
-        "--method", "caption-init", "--images", str(picture_dir), "--token", TOKEN, "--caption", caption,
+        capsys, "--method", "caption-init", "--images", str(picture_dir), "--token", TOKEN, "--caption", caption,
         "--steps", "2", "--batch-size", "1", "--output", str(out),
     )
     read = read_embedding(out / "learned_embeds.safetensors")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tinv_gui import formats
 from tinv_gui.formats import (
+    FAMILY_NAMES,
     EmbeddingFile,
     EmbeddingFormatError,
     read_embedding,
@@ -419,9 +420,11 @@ def test_onetrainer_reads_each_encoders_part_of_our_sd3_and_flux_files(tmp_path)
     assert torch.equal(back.parts["t5"], FLUX.parts["t5"])
     save_file(dict(SD3.parts), tmp_path / "otsd3.safetensors")
     assert read_embedding(tmp_path / "otsd3.safetensors").widths == (768, 1280, 4096)
+    # OneTrainer writes a part only for the text encoders it loaded: such a file is SD 3.x's.
     save_file({"clip_g": SD3.parts["clip_g"], "t5": SD3.parts["t5"]}, tmp_path / "not-all.safetensors")
-    with pytest.raises(EmbeddingFormatError, match="holds clip_g and t5 without clip_l: an embedding for Stable Diffusion 3 holds clip_l, clip_g, t5"):
-        read_embedding(tmp_path / "not-all.safetensors")
+    back = read_embedding(tmp_path / "not-all.safetensors")
+    assert back.keys == ("clip_g", "t5") and [f.name for f in back.families] == ["sd3"]
+    assert "Stable Diffusion 3 without its clip_l part" in back.describe_width()
 
 
 def test_tools_without_sd3_and_flux_embeddings_are_not_offered_them(tmp_path):
@@ -476,6 +479,8 @@ def test_sd_concepts_bin_kohya_pt_and_a_lone_clip_g(tmp_path):
     assert read_embedding(tmp_path / "kohyacat.pt").token == "kohyacat"
     save_file({"clip_l": SD1.vectors}, tmp_path / "lonel.safetensors")  # ComfyUI reads clip_l for SD 1.x
     assert read_embedding(tmp_path / "lonel.safetensors").widths == (768,)
-    save_file({"clip_g": SDXL.parts["clip_g"]}, tmp_path / "loneg.safetensors")
-    with pytest.raises(EmbeddingFormatError, match="holds clip_g without clip_l: an embedding for Stable Diffusion XL holds clip_l, clip_g"):
-        read_embedding(tmp_path / "loneg.safetensors")
+    save_file({"clip_g": SDXL.parts["clip_g"]}, tmp_path / "loneg.safetensors")  # SD 3.x's, as OneTrainer writes it with bigG alone
+    lone = read_embedding(tmp_path / "loneg.safetensors")
+    assert [f.name for f in lone.families] == ["sd3"]
+    with pytest.raises(EmbeddingFormatError, match="If it is the second of diffusers' two SDXL files"):  # not SDXL's
+        formats.check_fits(lone, (768, 1280), "loneg.safetensors", FAMILY_NAMES["sdxl"])

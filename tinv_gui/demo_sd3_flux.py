@@ -147,6 +147,8 @@ def _with_projection(clip):
 
 
 def _write(out_dir: Path, pipe, clips: dict) -> Path:
+    """Write `pipe` to `out_dir/sd` (a diffusers folder) and each CLIP model with its processor
+    to `out_dir/<name>` ({name: (CLIPModel, processor)})."""
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir / "sd")
     for name, (clip, processor) in clips.items():

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .formats import EmbeddingFile, check_fits, write_embedding
+from .formats import (
+    FAMILY_KEY,
+    FAMILY_OF_KEYS,
+    EmbeddingFile,
+    check_fits,
+    write_embedding,
+)
 
 MAX_TOKEN_LENGTH = 64
 _FORBIDDEN_IN_TOKEN = re.compile(r"[\s/\\\x00]|\.\.")
@@ -190,6 +196,8 @@ def save_embedding(
     per text encoder (Family.embedding_keys: SDXL clip_l, clip_g; SD 3.x + t5; Flux.1 clip_l,
     t5), `vectors` holds the parts side by side, of `widths`, saved in one file as {key: part}
     (OneTrainer's layout), the token in the metadata."""
+    if keys:  # the family these keys are all of: a run knows its family, which the keys alone may not tell
+        metadata = {FAMILY_KEY: FAMILY_OF_KEYS[tuple(keys)].name, **(metadata or {})}
     embedding = EmbeddingFile.from_joined(token, vectors, widths, keys, metadata)
     return write_embedding(embedding, path, "diffusers", one_file=True)
 
@@ -207,24 +215,26 @@ def load_into_pipeline(pipe, token: str, vectors: torch.Tensor | dict[str, torch
     (which names several vectors token, token_1, ...); `scale` multiplies the vectors.
     `vectors` is a tensor [n, dim] for a model with one text encoder, or the parts of an
     EmbeddingFile ({key: [n, width]}, the family's embedding_keys): each part goes into its own
-    text encoder and tokenizer, one call each, as diffusers documents for SDXL. Returns the
-    names added; `unload_from_pipeline(pipe, names)` removes them again."""
+    text encoder and tokenizer, one call each, as diffusers documents for SDXL; a text encoder
+    without a part (formats.check_fits: SD 3.x, Flux.1) gets nothing. Returns the names added;
+    `unload_from_pipeline(pipe, names)` removes them again."""
     from .families import family_of
+    from .formats import ONE_ENCODER
     from .models import pipeline_text_widths, text_encoders, tokenizers
 
-    embedding = EmbeddingFile(token, vectors)
-    check_fits(embedding, pipeline_text_widths(pipe), f"the embedding of {token!r}", family_of(pipe).embedding_keys)
-    names = token_names(token, embedding.count)
-    encoders = text_encoders(pipe)
-    for part, tokenizer, text_encoder in zip(embedding.parts.values(), tokenizers(pipe), encoders):
+    family = family_of(pipe)
+    parts = check_fits(EmbeddingFile(token, vectors), pipeline_text_widths(pipe), f"the embedding of {token!r}", family)
+    names = token_names(token, next(iter(parts.values())).shape[0])
+    for key, tokenizer, text_encoder in zip(family.embedding_keys or (ONE_ENCODER,), tokenizers(pipe), text_encoders(pipe)):
+        if key not in parts:
+            continue
         try:
             _keep_rows_past_the_tokenizer(text_encoder, tokenizer)
             _loader(pipe).load_textual_inversion(
-                (part.float() * scale).to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
+                (parts[key].float() * scale).to(text_encoder.dtype), token=token, tokenizer=tokenizer, text_encoder=text_encoder
             )
         except BaseException:
-            if text_encoder is not encoders[0]:  # leave no half-loaded token behind
-                unload_from_pipeline(pipe, names)
+            unload_from_pipeline(pipe, names)  # leave no half-loaded token behind
             raise
     return names
 
@@ -239,10 +249,20 @@ def unload_from_pipeline(pipe, names: list[str]) -> None:
         if names[0] not in tokenizer.get_vocab():
             continue
         _loader(pipe).unload_textual_inversion(names, tokenizer=tokenizer, text_encoder=text_encoder)
+        _decode_as_before(tokenizer)
         _restore_rows_past_the_tokenizer(text_encoder, tokenizer)
         table = text_encoder.get_input_embeddings()
         table.requires_grad_(False)
         text_encoder.config.vocab_size = table.num_embeddings
+
+
+def _decode_as_before(tokenizer) -> None:
+    """diffusers' unload gives a fast tokenizer a new backend (built from its JSON), which loses
+    what the tokenizer's class put on the old one: CLIP's turns the "</w>" ending a word back into
+    a space when decoding (without it, decoded prompts read 'cat</w>')."""
+    rewrap = getattr(tokenizer, "_wrap_decode_method_backend_tokenizer", None)
+    if rewrap is not None:
+        rewrap()
 
 
 def _loader(pipe):
@@ -314,30 +334,41 @@ def replace_name(text: str | None, name: str, replacement: str) -> str | None:
 @contextlib.contextmanager
 def embeddings_in_pipeline(pipe, embeddings: list, scale: float = 1.0):
     """Within the block, `pipe` knows `embeddings` (formats.EmbeddingFile); yields a function
-    that rewrites a prompt to use them. Each is loaded under a made-up token of its own and
-    the prompt's uses of its name become that token, so a name that is an ordinary word
-    ('fresh', as A1111 users name files) works as in A1111. Unloaded again at the end."""
+    `rewrite(text, encoder=None)` that rewrites a prompt to use them. Each is loaded under a
+    made-up token of its own and the prompt's uses of its name become that token, so a name that
+    is an ordinary word ('fresh', as A1111 users name files) works as in A1111. For the prompt of
+    text encoder number `encoder`, the name of an embedding without a part for that encoder (an
+    SD 3.x file without T5) is left out, as OneTrainer and ComfyUI leave it out. Unloaded again at
+    the end."""
     from .families import family_of
+    from .formats import ONE_ENCODER
     from .models import pipeline_text_widths
 
+    family = family_of(pipe)
     added: list[str] = []
     internal: dict[str, str] = {}
+    absent: dict[str, set[int]] = {}  # the encoders each name is left out for
     try:
         for i, embedding in enumerate(embeddings):
             where = embedding.path.name if embedding.path is not None else repr(embedding.token)
-            check_fits(embedding, pipeline_text_widths(pipe), where, family_of(pipe).embedding_keys)
+            parts = check_fits(embedding, pipeline_text_widths(pipe), where, family)
             token = f"<tinv-embedding-{i}>"
-            loaded = load_into_pipeline(pipe, token, embedding.parts, scale)
+            loaded = load_into_pipeline(pipe, token, parts, scale)
             added += loaded
             internal[embedding.token] = token if expands_names_itself(pipe) else " ".join(loaded)
+            absent[embedding.token] = {e for e, key in enumerate(family.embedding_keys or (ONE_ENCODER,)) if key not in parts}
 
         # One pass over the prompt, longest name first ('my-cat-2' before 'my-cat'), so that no
         # name is found inside another's replacement.
         names = sorted(internal, key=len, reverse=True)
         pattern = re.compile("|".join(f"(?P<n{i}>{_name_regex(name)})" for i, name in enumerate(names)), re.IGNORECASE)
 
-        def rewrite(text):
-            return pattern.sub(lambda m: internal[names[int(m.lastgroup[1:])]], text) if text and names else text
+        def rewrite(text, encoder: int | None = None):
+            def replacement(match):
+                name = names[int(match.lastgroup[1:])]
+                return "" if encoder in absent[name] else internal[name]
+
+            return pattern.sub(replacement, text) if text and names else text
 
         yield rewrite
     finally:

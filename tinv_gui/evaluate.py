@@ -44,7 +44,8 @@ def _draw_each_seed(pipe, prompt: str, embeddings: list, settings: EvalSettings,
             break
         reporter.step_started()
         picture = generate(
-            pipe, prompt, embeddings=embeddings, steps=settings.steps, guidance=settings.guidance, seed=settings.seed + i, placement=placement
+            pipe, prompt, embeddings=embeddings, steps=settings.steps, guidance=settings.guidance, seed=settings.seed + i,
+            size=settings.dimensions, placement=placement,
         )
         images.append(picture[0])
         reporter.step_finished(0.0, 0.0, phase)
@@ -109,6 +110,7 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
         "seed": settings.seed,
         "steps": settings.steps,
         "guidance": settings.guidance,
+        "size": settings.size,
         "training_pictures": len(pictures),
         "model": settings.model,
         "clip_model": clip.name,

@@ -60,6 +60,11 @@ SUFFIXES = {
 # embedding_keys, in order), and every such key in that order: clip_l, clip_g, t5.
 FAMILY_OF_KEYS = {family.embedding_keys: family for family in FAMILIES if family.embedding_keys}
 ENCODER_KEYS = tuple(dict.fromkeys(key for keys in FAMILY_OF_KEYS for key in keys))
+FAMILY_NAMES = {family.name: family for family in FAMILIES}
+# The metadata key naming the family a file was made for (tinv-gui writes it): the parts' keys
+# alone do not always tell, since OneTrainer leaves out the part of a text encoder it did not load
+# (an SD 3.x file without T5 holds clip_l and clip_g, as an SDXL file does).
+FAMILY_KEY = "family"
 # The key of the one part of an embedding for a model with one text encoder (SD 1.x/2.x), whose
 # family has no embedding_keys. '*' as in A1111's string_to_param; no file stores it.
 ONE_ENCODER = "*"
@@ -124,7 +129,7 @@ class EmbeddingFile:
             self.parts = {ONE_ENCODER: self.parts}
         self.parts = dict(self.parts)
         keys = tuple(self.parts)
-        if keys != (ONE_ENCODER,) and keys not in FAMILY_OF_KEYS:
+        if keys != (ONE_ENCODER,) and not families_holding(keys):
             known = "; ".join(f"{family.title}: {', '.join(k)}" for k, family in FAMILY_OF_KEYS.items())
             raise EmbeddingFormatError(f"{self.token!r}: parts {', '.join(keys) or 'none'} are no model family's text encoders ({known})")
         counts = {key: part.shape[0] for key, part in self.parts.items()}
@@ -169,10 +174,23 @@ class EmbeddingFile:
         return torch.cat(list(self.parts.values()), dim=1)
 
     @property
+    def families(self) -> list:
+        """The families (families.Family) it can be for: the one its metadata names (tinv-gui's
+        files), else every family whose text encoders its parts' keys fit, a family with exactly
+        these keys first ([] for one text encoder: its width tells SD 1.x from SD 2.x)."""
+        named = FAMILY_NAMES.get(self.metadata.get(FAMILY_KEY, ""))
+        candidates = families_holding(self.keys) if self.keys else []
+        return [named] if named in candidates else candidates
+
+    @property
     def family_title(self) -> str | None:
-        """The family its keys belong to ('Stable Diffusion XL'), None for one text encoder."""
-        family = FAMILY_OF_KEYS.get(self.keys)
-        return family.title if family else None
+        """The family it was made for ('Stable Diffusion XL'), or the families it may be for
+        ('Stable Diffusion XL, or Stable Diffusion 3 without its t5 part'); None for one text
+        encoder."""
+        if not self.families:
+            return None
+        return ", or ".join(f.title + (f" without its {' and '.join(missing)} part" if (missing := _missing(f, self.keys)) else "")
+                            for f in self.families)
 
     @property
     def step(self) -> int | None:
@@ -185,7 +203,25 @@ class EmbeddingFile:
         return tuple(part.shape[1] for part in self.parts.values())
 
     def describe_width(self) -> str:
-        return describe_widths(self.widths, self.keys)
+        """'text width 768 (SD 1.x)', 'text widths 768 + 1280 (Stable Diffusion XL)', ..."""
+        if len(self.widths) == 1 or not self.family_title:
+            return describe_widths(self.widths)
+        return f"text widths {' + '.join(str(w) for w in self.widths)} ({self.family_title})"
+
+
+def families_holding(keys: tuple[str, ...]) -> list:
+    """The families an embedding with parts under `keys` can be for: the family whose
+    embedding_keys these are, then those whose files may leave some text encoders' parts out
+    (Family.partial_embeddings: OneTrainer writes a part only for the text encoders it loaded)
+    and hold the rest, in the order of their keys."""
+    exact = [f for f in FAMILY_OF_KEYS.values() if f.embedding_keys == keys]
+    partial = [f for f in FAMILY_OF_KEYS.values() if f.partial_embeddings and f not in exact and keys
+               and [k for k in f.embedding_keys if k in keys] == list(keys)]
+    return exact + partial
+
+
+def _missing(family, keys: tuple[str, ...]) -> list[str]:
+    return [key for key in family.embedding_keys if key not in keys]
 
 
 def width_label(width: int) -> str:
@@ -204,16 +240,33 @@ def describe_widths(widths: tuple[int, ...], keys: tuple[str, ...] = ()) -> str:
 
 
 
-def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], name: str = "the embedding",
-               model_keys: tuple[str, ...] | None = None) -> None:
-    """Raise EmbeddingFormatError unless `embedding` was made for text encoders of `model_widths`
-    (one width for SD 1.x/2.x), and, when `model_keys` (the family's embedding_keys) are given,
-    holds a part under each of those keys."""
+def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], name: str = "the embedding", family=None) -> dict[str, torch.Tensor]:
+    """The parts of `embedding` that go into a model with text encoders of `model_widths` (one
+    width for SD 1.x/2.x); raises EmbeddingFormatError unless it was made for such a model.
+
+    Without the model's `family` (families.Family) the embedding must hold a part for each of
+    its text encoders. With it, the family decides what a file's keys mean: a file its metadata
+    names another family for is refused; a family whose files may lack parts
+    (Family.partial_embeddings: SD 3.x, Flux.1, as OneTrainer writes them without the text
+    encoders it did not load) takes the parts present, {clip_l, clip_g} into SD 3.x's CLIPs as an
+    SDXL model takes them, and a file holding clip_l alone into Flux.1's CLIP-L."""
     model_widths = (model_widths,) if isinstance(model_widths, int) else tuple(model_widths)
-    if embedding.widths == model_widths and (model_keys is None or embedding.keys == tuple(model_keys)):
-        return
+    parts = embedding.parts
+    model_keys = family.embedding_keys if family is not None else ()
+    if family is not None and family.partial_embeddings and embedding.layout == "clip_l":  # OneTrainer's Flux.1 file without T5
+        parts = {"clip_l": embedding.vectors}
+    if family is None:
+        fits = embedding.widths == model_widths
+    elif not model_keys:
+        fits = embedding.widths == model_widths and not embedding.keys
+    else:
+        fits = family.name in {f.name for f in embedding.families or families_holding(tuple(parts))} and all(
+            key in model_keys and part.shape[1] == model_widths[model_keys.index(key)] for key, part in parts.items()
+        )
+    if fits:
+        return parts
     hint = ""
-    per_encoder_files = len(model_widths) == 2 and (model_keys is None or tuple(model_keys) in DIFFUSERS_FILE_PER_ENCODER)
+    per_encoder_files = len(model_widths) == 2 and (not model_keys or tuple(model_keys) in DIFFUSERS_FILE_PER_ENCODER)
     if per_encoder_files and embedding.widths in ((model_widths[0],), (model_widths[1],)):
         hint = (
             f" If it is the {'first' if embedding.widths[0] == model_widths[0] else 'second'} of diffusers' two SDXL files "
@@ -222,7 +275,7 @@ def check_fits(embedding: EmbeddingFile, model_widths: int | tuple[int, ...], na
         )
     raise EmbeddingFormatError(
         f"{name} was made for a model with {embedding.describe_width()}; the chosen model has "
-        f"{describe_widths(model_widths, model_keys or ()) if len(model_widths) > 1 else width_label(model_widths[0])}. "
+        f"{describe_widths(model_widths, model_keys) if len(model_widths) > 1 else width_label(model_widths[0])}. "
         "Use it with a model of the family it was made for, or train it again on this one." + hint
     )
 
@@ -309,7 +362,7 @@ def join_sdxl_halves(first: EmbeddingFile, second: EmbeddingFile) -> EmbeddingFi
             f"and {second.token!r} ({second.count} vectors). Give learned_embeds and learned_embeds_2 of the same training"
         )
     (keys,) = DIFFUSERS_FILE_PER_ENCODER
-    metadata = {**second.metadata, **first.metadata}
+    metadata = {**second.metadata, **first.metadata, FAMILY_KEY: FAMILY_OF_KEYS[keys].name}  # only diffusers' SDXL script writes these
     return EmbeddingFile(first.token, dict(zip(keys, (first.vectors, second.vectors))), metadata, "diffusers-sdxl", first.path)
 
 
@@ -396,16 +449,17 @@ def _interpret(data, metadata: dict[str, str], path: Path) -> EmbeddingFile:
             tensors.setdefault(key, tensors.pop(alias))
     # A part per text encoder (OneTrainer's clip_l_out, t5_out, ... are output embeddings: not used).
     keys = tuple(key for key in ENCODER_KEYS if key in tensors)
-    if keys in FAMILY_OF_KEYS:
-        parts = {key: _matrix(tensors[key], path, key) for key in keys}
-        return EmbeddingFile(own_token or path.stem, parts, metadata=extra, layout=FAMILY_OF_KEYS[keys].name)
     if keys and keys != ("clip_l",):  # clip_l alone: ComfyUI's name for SD 1.x's one part, read below
-        family = min((f for k, f in FAMILY_OF_KEYS.items() if set(keys) <= set(k)), key=lambda f: len(f.embedding_keys))
-        missing = [key for key in family.embedding_keys if key not in keys]
-        raise EmbeddingFormatError(
-            f"{path.name} holds {' and '.join(keys)} without {' and '.join(missing)}: an embedding for {family.title} holds "
-            f"{', '.join(family.embedding_keys)}, a part per text encoder. Use a file holding all of them"
-        )
+        families = families_holding(keys)
+        if not families:
+            family = min((f for k, f in FAMILY_OF_KEYS.items() if set(keys) <= set(k)), key=lambda f: len(f.embedding_keys))
+            raise EmbeddingFormatError(
+                f"{path.name} holds {' and '.join(keys)} without {' and '.join(_missing(family, keys))}: an embedding for "
+                f"{family.title} holds {', '.join(family.embedding_keys)}, a part per text encoder. Use a file holding all of them"
+            )
+        parts = {key: _matrix(tensors[key], path, key) for key in keys}
+        # The layout is named after the family its keys are all of (sdxl for clip_l + clip_g, whatever model it is for).
+        return EmbeddingFile(own_token or path.stem, parts, metadata=extra, layout=families[0].name)
     for key, layout in ((KOHYA_KEY, "kohya"), (ONETRAINER_KEY, "onetrainer"), ("clip_l", "clip_l")):
         if key in tensors:  # OneTrainer's emp_params_out, beside emp_params, is an output embedding: not used
             return EmbeddingFile(path.stem, _matrix(tensors[key], path, key), metadata=extra, layout=layout)
@@ -511,7 +565,7 @@ def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, pictur
         raise EmbeddingFormatError(f"{fmt} files end in {' or '.join(SUFFIXES[fmt])}, not {path.name!r}")
     if not format_takes(fmt, embedding):
         raise EmbeddingFormatError(
-            f"{fmt} files ({FORMATS[fmt]}) have no {embedding.family_title} embeddings: those tools do not load a T5 part. "
+            f"{fmt} files ({FORMATS[fmt]}) have no {embedding.families[0].title} embeddings: those tools do not load a T5 part. "
             f"Write it as {' or '.join(FORMATS_WITH_T5)} (ComfyUI reads the onetrainer file too)"
         )
     name = embedding.token if fmt == "diffusers" else path.stem
@@ -520,7 +574,7 @@ def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, pictur
 
         data = card_bytes(_a1111_dict(embedding, name), picture if picture is not None else plain_picture(name))
         return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-    if fmt == "diffusers" and embedding.keys in DIFFUSERS_FILE_PER_ENCODER and not one_file:
+    if fmt == "diffusers" and _file_per_encoder(embedding) and not one_file:
         first, second = embedding.parts.values()
         _write_tensors({name: second}, path.with_name(path.stem + SDXL_SECOND_FILE_SUFFIX + path.suffix), _header(embedding, fmt, name))
         return _write_tensors({name: first}, path, _header(embedding, fmt, name))
@@ -535,9 +589,18 @@ def write_embedding(embedding: EmbeddingFile, path: str | Path, fmt: str, pictur
     return _write_tensors(tensors, path, _header(embedding, fmt, name))
 
 
+def _file_per_encoder(embedding: EmbeddingFile) -> bool:
+    """Whether diffusers' files of `embedding` are one per text encoder (SDXL's, or clip_l +
+    clip_g that may be SDXL's; not SD 3.x's, even without its T5 part)."""
+    return bool(embedding.families) and embedding.families[0].embedding_keys in DIFFUSERS_FILE_PER_ENCODER
+
+
 def format_takes(fmt: str, embedding: EmbeddingFile) -> bool:
-    """Whether the tools of format `fmt` load `embedding`'s family (see FORMATS_WITH_T5)."""
-    return "t5" not in embedding.parts or fmt in FORMATS_WITH_T5
+    """Whether the tools of format `fmt` load `embedding`'s family (see FORMATS_WITH_T5): any
+    format for a file that may be for a model without T5 (clip_l + clip_g without our metadata
+    may be SDXL's), only FORMATS_WITH_T5 for one that is for SD 3.x or Flux.1 alone."""
+    without_t5 = [f for f in embedding.families if f.t5_encoder is None]
+    return fmt in FORMATS_WITH_T5 or not embedding.families or bool(without_t5)
 
 
 def _write_tensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
@@ -549,6 +612,8 @@ def _write_tensors(tensors: dict, path: Path, header: dict[str, str]) -> Path:
 def _header(embedding: EmbeddingFile, fmt: str, name: str) -> dict[str, str]:
     header = {k: str(v) for k, v in embedding.metadata.items() if v is not None and k != "stored_name"}
     header.update(format=fmt, token=name, vectors=str(embedding.count), dim="+".join(str(w) for w in embedding.widths))
+    if len(embedding.families) == 1:  # known: say it, since the parts' keys alone may not (FAMILY_KEY)
+        header[FAMILY_KEY] = embedding.families[0].name
     if fmt.startswith("a1111"):  # A1111's own field names, for tools that show them
         header["name"] = name
         if embedding.step is not None:
@@ -598,7 +663,7 @@ def export_all(embedding_path: str | Path, out_dir: str | Path | None = None, pi
         if format_takes(fmt, embedding)
     }
     written["diffusers-bin"] = str(write_embedding(embedding, out_dir / "diffusers" / "learned_embeds.bin", "diffusers"))
-    if embedding.keys in DIFFUSERS_FILE_PER_ENCODER:
+    if _file_per_encoder(embedding):
         for key in ("diffusers", "diffusers-bin"):
             first = Path(written[key])
             written[key + "-2"] = str(first.with_name(first.stem + SDXL_SECOND_FILE_SUFFIX + first.suffix))

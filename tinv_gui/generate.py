@@ -17,17 +17,18 @@ from safetensors.torch import load_file
 
 from .device import Placement
 from .embeddings import embeddings_in_pipeline
-from .families import family_of
+from .families import Family, family_of
 from .formats import read_embeddings
 from .models import pipeline_text_widths
 from .settings import SAMPLERS, GenerateSettings, parse_size  # noqa: F401 - described once in settings.py
 
 
-def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...], pooled: bool = False) -> dict[str, torch.Tensor]:
+def load_prompt_embeds(path: str | Path, family: Family, text_widths: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The pipeline arguments saved in a prompt_embeds.safetensors file, checked against a model's
-    text encoder widths (pipeline_text_widths): `prompt_embeds` and, when saved,
-    `negative_prompt_embeds`; for a family with `pooled` parts (SDXL: Family.pooled_in_prompt_embeds)
-    also `pooled_prompt_embeds` (required) and `negative_pooled_prompt_embeds`."""
+    family and text encoder widths (pipeline_text_widths): `prompt_embeds` and, when saved,
+    `negative_prompt_embeds`; for a family with pooled parts (SDXL, SD 3.x, Flux.1:
+    Family.pooled_in_prompt_embeds) also `pooled_prompt_embeds` (required) and
+    `negative_pooled_prompt_embeds`."""
     name = Path(path).name
     try:
         tensors = load_file(str(path))
@@ -35,15 +36,15 @@ def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...], pooled: b
         raise ValueError(f"{name} is not a prompt_embeds.safetensors file made by optimize-prompt ({error})") from None
     if "prompt_embeds" not in tensors:
         raise ValueError(f"{name} holds no 'prompt_embeds' tensor; make one with optimize-prompt")
-    # SDXL conditions on both encoders' hidden states side by side.
-    width = sum(text_widths)
+    width = family.conditioning_width(text_widths)
     found = tensors["prompt_embeds"].shape[-1]
     if found != width:
         raise ValueError(
             f"{name} was made for text encoders of total width {found}, but this model's is {width}; use the model it was made with"
         )
+    pooled = family.pooled_in_prompt_embeds
     if pooled and "pooled_prompt_embeds" not in tensors:
-        raise ValueError(f"{name} holds no 'pooled_prompt_embeds', which SDXL needs; make it again with optimize-prompt on this model")
+        raise ValueError(f"{name} holds no 'pooled_prompt_embeds', which {family.title} needs; make it again with optimize-prompt on this model")
     out = {"prompt_embeds": tensors["prompt_embeds"].reshape(1, -1, width)}
     if "negative_prompt_embeds" in tensors:
         out["negative_prompt_embeds"] = tensors["negative_prompt_embeds"].reshape(1, -1, width)
@@ -51,7 +52,7 @@ def load_prompt_embeds(path: str | Path, text_widths: tuple[int, ...], pooled: b
         out["pooled_prompt_embeds"] = tensors["pooled_prompt_embeds"].reshape(1, -1)
         if "negative_prompt_embeds" in out:
             if "negative_pooled_prompt_embeds" not in tensors:
-                raise ValueError(f"{name} holds a negative without its 'negative_pooled_prompt_embeds', which SDXL needs")
+                raise ValueError(f"{name} holds a negative without its 'negative_pooled_prompt_embeds', which {family.title} needs")
             out["negative_pooled_prompt_embeds"] = tensors["negative_pooled_prompt_embeds"].reshape(1, -1)
     return out
 
@@ -72,7 +73,7 @@ def generate(
     sampler: str = "Model default",
     strength: float = 1.0,
 ) -> list[Image.Image]:
-    """Generate `count` pictures with `pipe` (a StableDiffusionPipeline or StableDiffusionXLPipeline)
+    """Generate `count` pictures with `pipe` (a pipeline of any family in tinv_gui.families)
     and return them.
 
     `embeddings` are embedding files whose tokens the prompt may use, their vectors multiplied by
@@ -83,14 +84,15 @@ def generate(
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
-    family_of(pipe).check_generation(negative, bool(SAMPLERS.get(sampler)), prompt_embeds is not None)
+    family = family_of(pipe)
+    family.check_generation(negative, bool(SAMPLERS.get(sampler)))
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
-        saved = load_prompt_embeds(prompt_embeds, pipeline_text_widths(pipe), family_of(pipe).pooled_in_prompt_embeds)
+        saved = load_prompt_embeds(prompt_embeds, family, pipeline_text_widths(pipe))
         if negative is not None:  # a typed negative replaces the saved one
             saved = {k: v for k, v in saved.items() if not k.startswith("negative_")}
-        # SDXL hands the pooled tensors to the UNet as they are: give them the UNet's dtype.
-        kwargs.update({k: v.to(pipe.unet.dtype) for k, v in saved.items()})
+        # SDXL hands the pooled tensors to the UNet as they are: give them the denoiser's dtype.
+        kwargs.update({k: v.to(family.denoiser(pipe).dtype) for k, v in saved.items()})
     else:
         kwargs["prompt"] = prompt
     if size is not None:
@@ -106,7 +108,9 @@ def generate(
             pipe.scheduler = getattr(diffusers, SAMPLERS[sampler]).from_config(scheduler.config)
         # Embeddings are called by their names in the prompts; diffusers' SDXL two-file output is one.
         with embeddings_in_pipeline(pipe, read_embeddings(embeddings), scale=strength) as rewrite:
-            kwargs.update(prompt=rewrite(kwargs.get("prompt")), negative_prompt=rewrite(kwargs["negative_prompt"]))
+            for prefix, text in (("", kwargs.get("prompt")), ("negative_", negative)):
+                if text is not None:  # each text encoder's own prompt: a file may lack some encoders' parts
+                    kwargs.update({argument: rewrite(text, i) for i, argument in enumerate(family_of(pipe).prompt_arguments(prefix))})
             with autocast:
                 return pipe(generator=generator, **kwargs).images
     finally:

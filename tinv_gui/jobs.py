@@ -56,8 +56,9 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
-    metadata = {"base_model": settings.model, "method": settings.method, "init": settings.init}
     family = store.family(settings.model)
+    # The family, because the parts' keys alone may not tell it (see formats.FAMILY_KEY).
+    metadata = {"base_model": settings.model, "family": family.name, "method": settings.method, "init": settings.init}
     widths = store.text_widths(settings.model)  # one set of vectors per text encoder, side by side
     writer = EmbeddingWriter(
         Path(settings.output_dir), settings.token.strip(), settings.save_every, metadata, reporter, widths, family.embedding_keys,
@@ -133,7 +134,8 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
     import json
 
     from .formats import read_embedding
-    from .vector_norms import PROMPT_TOKENS, tokens_used_text
+    from .settings import MAX_PROMPT_LENGTH
+    from .vector_norms import tokens_used_text
 
     embedding = read_embedding(outputs["embedding"])
     metadata, vectors = embedding.metadata, embedding.count  # the learned vectors, one prompt token each
@@ -144,8 +146,8 @@ def _write_run_result(settings: TrainSettings, outputs: dict[str, str], norms, s
         "method": settings.method,
         "model": settings.model,
         "steps": int(metadata.get("steps", 0)),
-        "prompt_tokens": {"used": vectors, "of": PROMPT_TOKENS},
-        "vector_norms": norms.summary(),
+        "prompt_tokens": {"used": vectors, "of": MAX_PROMPT_LENGTH},
+        "vector_norms": norms.summary(embedding.joined()),
         "checkpoint_scores": scorer.summary() if scorer is not None else None,
         "outputs": outputs,
     }
@@ -210,11 +212,10 @@ def export_for_other_tools(embedding: str) -> dict[str, str]:
     return {fmt: written[fmt] for fmt in EXPORTS if fmt in written}
 
 
-def _refuse_untrained_family(store: ModelStore, model: str, what: str, needs: str = "trainable") -> None:
-    """Refuse a job the model's family does not support: training (`trainable`), or evaluating and
-    finding prompts (`evaluates`: not yet for SD 3.x and Flux.1, whose T5 they do not handle)."""
+def _refuse_untrained_family(store: ModelStore, model: str, what: str) -> None:
+    """Refuse training on a family tinv-gui's methods do not handle (Family.trainable)."""
     family = store.family(model)
-    if not getattr(family, needs):
+    if not family.trainable:
         raise ModelLoadError(f"{what} on {family.title} ({model}) is not supported yet; generating pictures with it is")
 
 
@@ -241,7 +242,6 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
 
     from .evaluate import evaluate_embedding
 
-    _refuse_untrained_family(store, settings.model, "evaluating embeddings", "evaluates")
     result = evaluate_embedding(settings, store, reporter)
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
@@ -281,13 +281,15 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     import json
 
     from .data import find_images, open_image
-    from .methods.prompt_from_image import optimize_prompt, save_prompt_result
+    from .methods.prompt_from_image import optimize_prompt, save_prompt_result, t5_words
 
-    _refuse_untrained_family(store, settings.model, "finding a prompt from pictures", "evaluates")
+    family = store.family(settings.model)
+    family.check_generation(settings.negative, custom_sampler=False)  # Flux.1 has no negative prompt to optimize
     placement = choose_placement(settings.device, settings.precision)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
-    # saved conditioning holds both; a readable prompt is words, found with the first CLIP alone.
+    # saved conditioning holds both (SD 3.x likewise, T5 reading words); a readable prompt is
+    # words, found with the first CLIP alone, which every text encoder reads.
     clips = _load_clips(settings, store, placement, reporter, count=1 if settings.hard else None)
     # The pipeline's own text encoders make the saved prompt_embeds; a hard prompt is plain text.
     pipe = None if settings.hard else store.pipeline(settings.model, placement)
@@ -296,10 +298,12 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
 
     result = optimize_prompt(clips, images, settings, reporter)
     metadata = {"base_model": settings.model, "clip_model": ", ".join(clip.name for clip in clips), "steps": result.steps_done}
-    outputs = save_prompt_result(result, settings.output_dir, pipe, metadata)
+    # T5 (SD 3.x, Flux.1) has no image tower: beside a continuous prompt it reads the nearest words.
+    words = t5_words(clips[0], result) if family.t5_encoder is not None and not settings.hard else []
+    outputs = save_prompt_result(result, settings.output_dir, pipe, metadata, words)
     reporter.outputs.update(outputs)
     reporter.metrics.update(clip_similarity=result.similarity, steps=float(result.steps_done))
-    keys = store.family(settings.model).embedding_keys
+    keys = family.embedding_keys
     if len(clips) > 1:  # each CLIP's own figure (SDXL: clip_l, clip_g), the headline being their mean
         reporter.metrics.update({f"{key}_similarity": value for key, value in zip(keys, result.similarities)})
     if result.loss is not None:
@@ -310,6 +314,8 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
         reporter.log(f"prompt: {result.texts[0]}")
         if len(result.texts) > 1:
             reporter.log(f"negative prompt: {result.texts[1]}")
+    if words:
+        reporter.log(f"T5 reads the words nearest to the continuous prompt: {words[0]}")
     reporter.log(f"CLIP similarity with the picture(s): {result.similarity:.4f}")
 
     texts = result.texts or []
@@ -320,6 +326,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
         "length": result.length,
         "prompt": texts[0] if texts else None,
         "negative_prompt": texts[1] if len(texts) > 1 else None,
+        **({"t5_prompt": words[0]} if words else {}),
         "metrics": reporter.metrics,
     }
     summary = atomic_write_text(Path(settings.output_dir) / "result.json", json.dumps(record, indent=2))

@@ -101,6 +101,7 @@ class NoiseSchedule(Objective):
             return noisy, signal * noise - noise_scale * latents
         return noisy, latents
 
+
 class FlowMatching(Objective):
     """Rectified flow as SD 3.x and Flux.1 were trained, written as diffusers' train_dreambooth_sd3
     and train_dreambooth_flux scripts write it: sigma drawn with the scripts' density (logit-normal,
@@ -120,8 +121,7 @@ class FlowMatching(Objective):
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.timesteps = scheduler.timesteps.to(device, torch.float32)  # num_timesteps * sigma, descending
-        self.sigmas = scheduler.sigmas[: self.num_timesteps].to(device, torch.float32)
-        self.shift = float(scheduler.config.shift)
+        self.shift = float(scheduler.config.shift)  # what the table is shifted by (3.0 for SD 3.x), for the log
         self.weighting_scheme, self.logit_mean, self.logit_std, self.mode_scale = weighting_scheme, logit_mean, logit_std, mode_scale
 
     def sample_timesteps(self, count: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

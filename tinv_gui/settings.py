@@ -235,7 +235,13 @@ class TrainSettings:
         return self.lr * self.batch_size * self.grad_accum if self.scale_lr else self.lr
 
     def check(self) -> None:
+        from .embeddings import mentions
+
         check_fields(self)
+        # A preview without the word shows nothing of training, and scores nothing of the checkpoint.
+        wordless = [p for p in self.preview_prompts if p.strip() and "{}" not in p and not mentions(p, (self.token or "").strip())]
+        if wordless:
+            raise SettingsError("preview_prompts", f"{wordless[0]!r} does not use the word: put {{}} where it goes, e.g. 'a photo of {{}} on a beach'")
         if self.resume is not None and not method_named(self.method).resumable:
             raise SettingsError(
                 "resume", "QuickEmbedding runs start afresh (they take about a minute); resuming continues textual-inversion, "
@@ -320,6 +326,7 @@ class EvalSettings:
     seed: int = setting(0, label="Seed", help="picture i uses seed + i, for the token and the baseline alike", ge=0, le=MAX_SEED - 1000)
     steps: int = setting(30, label="Steps", help="denoising steps per picture", ge=1, le=1000)
     guidance: float = setting(7.5, label="Guidance", help="how closely the pictures follow the prompt", ge=0, le=100)
+    size: str | None = setting(None, label="Size", help="WIDTHxHEIGHT of the pictures drawn, e.g. 512x512 (default: the model's own size)", max_length=32)
     init: str | None = setting(None, label="Baseline word", help="baseline word (default: the initializer the file records)")
     clip_model: str | None = _clip_model("CLIP model to score with (default: the one matching --model)")
     device: str = _device()
@@ -335,6 +342,12 @@ class EvalSettings:
         check_fields(self)
         if self.images is None:
             raise SettingsError("images", "give the training pictures to compare with")
+        self.dimensions  # noqa: B018 - checks the size
+
+    @property
+    def dimensions(self) -> tuple[int, int] | None:
+        """(width, height) of `size`, or None for the model's own."""
+        return parse_size(self.size) if self.size else None
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -15,10 +15,10 @@ import torch
 
 from .embeddings import split_columns
 from .events import Reporter, VectorNorms
+from .settings import MAX_PROMPT_LENGTH
 
 ORDINARY_PERCENTILES = (1.0, 99.0)  # the band of "ordinary words" in the vocabulary's norms
 MAX_NORM_EVENTS = 200  # per run: enough for a smooth curve, few enough for the page to redraw
-PROMPT_TOKENS = 75  # a prompt's room: 77 positions less the start and end markers
 
 
 def ordinary_range(table: torch.Tensor) -> tuple[float, float]:
@@ -38,7 +38,7 @@ def encoder_names(count: int, keys: tuple[str, ...] = ()) -> list[str]:
 
 def tokens_used_text(vectors: int) -> str:
     """How much of a prompt the word takes, said plainly."""
-    return f"the word takes {vectors} of a prompt's {PROMPT_TOKENS} tokens ({PROMPT_TOKENS - vectors} left for the rest of the prompt)"
+    return f"the word takes {vectors} of a prompt's {MAX_PROMPT_LENGTH} tokens ({MAX_PROMPT_LENGTH - vectors} left for the rest of the prompt)"
 
 
 class NormWatch:
@@ -61,8 +61,7 @@ class NormWatch:
         step = self.reporter.steps_done
         if step % self.every and step < self.reporter.total_steps:
             return
-        parts = split_columns(vectors.detach().float(), self.widths)
-        event = VectorNorms(step, {name: part.norm(dim=1).tolist() for name, part in zip(self.names, parts)}, self.ordinary)
+        event = VectorNorms(step, self.measure(vectors), self.ordinary)
         self.history.append(event)
         self.reporter.emit(event)
         for name, norms in event.norms.items():
@@ -73,13 +72,18 @@ class NormWatch:
                 self._warned.add((name, i))
                 self.reporter.log(f"warning: {out_of_range_text(name, i, norm, low, high, len(norms))}")
 
-    def summary(self) -> dict:
-        """The norms for the run's result file: the band, the last norms and the curve."""
-        last = self.history[-1] if self.history else None
+    def measure(self, vectors: torch.Tensor) -> dict[str, list[float]]:
+        """The length of each vector ([n, sum of the encoders' widths]), per text encoder."""
+        parts = split_columns(vectors.detach().float(), self.widths)
+        return {name: part.norm(dim=1).tolist() for name, part in zip(self.names, parts)}
+
+    def summary(self, final: torch.Tensor) -> dict:
+        """The norms for the run's result file: the band, those of the `final` vectors (as saved:
+        a run stopped between two measured steps, or before any, has them too) and the curve."""
         return {
             "ordinary_range": self.ordinary,
             "ordinary_percentiles": list(ORDINARY_PERCENTILES),
-            "final": last.norms if last else {},
+            "final": self.measure(final),
             "curve": [{"step": e.step, "norms": e.norms} for e in self.history],
         }
 

@@ -4,11 +4,10 @@ A family knows its pipeline class and how to tell it from a folder's model_index
 checkpoint's keys; its text encoders and tokenizers; how a prompt becomes the UNet's
 conditioning (hidden states, pooled parts, extra ids such as SDXL's sizes); the keys of an
 embedding file per text encoder; its training objective (the noise schedule's prediction
-target); its native resolution; and its offline demo model. Methods and jobs ask the family
-instead of counting text encoders.
+target, or flow matching for SD 3.x and Flux.1); its native resolution; and its offline demo
+model. Methods and jobs ask the family instead of counting text encoders.
 
-To add a family (SD3: CLIP-L, bigG and T5 with flow matching; Flux: CLIP-L pooled and T5 with
-packed latents), write one module with a Family subclass and put it in FAMILIES below, before
+To add a family, write one module with a Family subclass and put it in FAMILIES below, before
 the families it is more specific than.
 """
 
@@ -20,7 +19,7 @@ from .sd import StableDiffusion
 from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
-# The first that matches wins. SD 3.x and Flux.1 load and draw; their training is not built yet.
+# The first that matches wins.
 FAMILIES: tuple[Family, ...] = (StableDiffusion3(), Flux(), StableDiffusionXL(), StableDiffusion())
 
 

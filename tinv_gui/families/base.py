@@ -16,11 +16,14 @@ class Family:
     text_encoder_attributes: tuple[str, ...] = ("text_encoder",)  # the pipeline's attributes, in order
     tokenizer_attributes: tuple[str, ...] = ("tokenizer",)
     embedding_keys: tuple[str, ...] = ()  # an embedding file's key per text encoder; () : {token: tensor}
+    # Whether its embedding files may hold only some text encoders' parts: OneTrainer writes a part
+    # only for the text encoders it loaded (SD 3.x without T5: clip_l and clip_g), and the word is
+    # left out of the prompt of an encoder without its part (as OneTrainer and ComfyUI do).
+    partial_embeddings: bool = False
     default_clips: dict[int, str] = {}  # the CLIP each text encoder comes from, by its width
     demo_model: str = ""  # the offline demo model of this family
     t5_encoder: int | None = None  # which text encoder is T5 (SD 3.x, Flux.1): T5's tokenizer and config, no CLIP
     trainable: bool = True  # whether tinv-gui's methods handle it
-    evaluates: bool = True  # whether evaluation and prompt-from-image handle it (not yet SD 3.x and Flux.1)
     size_multiple: int = 8  # training pictures' sides are multiples of it (the VAE's scale, times a transformer's patch)
 
     # ------------------------------------------------------------------------- recognising it
@@ -48,6 +51,11 @@ class Family:
     def tokenizers(self, pipe) -> list:
         return [getattr(pipe, name) for name in self.tokenizer_attributes]
 
+    def prompt_arguments(self, prefix: str = "") -> list[str]:
+        """The pipeline's argument for each text encoder's prompt, in order: prompt, prompt_2,
+        prompt_3 (with `prefix` "negative_", the negative prompts')."""
+        return [f"{prefix}prompt" + (f"_{i + 1}" if i else "") for i in range(self.text_encoder_count)]
+
     usual_resolution: int = 512  # its models' usual native resolution, before one is loaded to tell (the Dataset tab's crops)
 
     def native_resolution(self, pipe) -> int:
@@ -65,9 +73,9 @@ class Family:
             raise SettingsError("train_encoders", f"{self.title} has no T5 text encoder, only CLIP ones: choose 'all'")
         return tuple(choice == "all" or (t5 if choice == "t5" else not t5) for t5 in is_t5)
 
-    def check_generation(self, negative: str | None, custom_sampler: bool, with_prompt_file: bool) -> None:
+    def check_generation(self, negative: str | None, custom_sampler: bool) -> None:
         """Raise ValueError naming what this family cannot draw with (a negative prompt, a sampler
-        other than the model's own, a prompt_embeds file instead of a prompt)."""
+        other than the model's own)."""
 
     def vae_needs_upcast(self, vae) -> bool:
         """Whether its VAE must run in float32 where its weights are float16."""
@@ -126,11 +134,17 @@ class Family:
         """Whether a saved prompt_embeds file must hold pooled embeddings too."""
         return False
 
+    def conditioning_width(self, text_widths: tuple[int, ...]) -> int:
+        """The width of the hidden states the denoiser is conditioned on (a prompt_embeds file's):
+        the text encoders' widths side by side (SDXL: both CLIPs')."""
+        return sum(text_widths)
+
     # ------------------------------------------------------------------------- training objective
     def objective(self, scheduler_config, device: torch.device):
-        """What the denoiser is trained to predict from noised latents: an object with
-        `num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)` and
-        `noisy_and_target(latents, noise, timesteps)` (flow matching would be another such object)."""
+        """What the denoiser is trained to predict from noised latents: an objectives.Objective
+        (`num_timesteps`, `prediction_type`, `sample_timesteps(count, generator, device)`,
+        `noisy_and_target(latents, noise, timesteps)`, `loss_weights`): here the noise schedule
+        (TransformerFamily: flow matching)."""
         from ..objectives import NoiseSchedule
 
         return NoiseSchedule(scheduler_config, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .sd3 import TransformerFamily, refuse_beyond_a_plain_prompt
+from .sd3 import TransformerFamily, refuse_other_samplers
 
 
 class Flux(TransformerFamily):
@@ -28,19 +28,18 @@ class Flux(TransformerFamily):
     embedding_keys = ("clip_l", "t5")  # OneTrainer's layout for Flux.1
     default_clips = {768: "openai/clip-vit-large-patch14"}
     demo_model = "demo-flux"
+    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the guidance-distilled dev
 
     def native_resolution(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)  # the pipeline's default, 1024 px
 
-    def check_generation(self, negative, custom_sampler, with_prompt_file):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_prompt_file)
+    def check_generation(self, negative, custom_sampler):
+        refuse_other_samplers(self.title, custom_sampler)
         if negative:
             raise ValueError(
                 "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "
                 "leave the negative empty and set the guidance (about 3.5 for dev)"
             )
-
-    training_guidance = 3.5  # diffusers' Flux training scripts' --guidance_scale, for the guidance-distilled dev
 
     def prompt_lengths(self, pipe):
         return [77, 512]  # the pipeline's max_sequence_length for T5

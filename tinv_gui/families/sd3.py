@@ -14,11 +14,8 @@ import torch.nn.functional as F
 from .base import Family, has_tensor
 
 
-def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_prompt_file: bool) -> None:
-    """SD 3.x and Flux.1 draw from a prompt (with embeddings or without) with their own
-    flow-matching scheduler for now."""
-    if with_prompt_file:
-        raise ValueError(f"prompt files for {title} are not supported yet: generate from a prompt (embeddings work)")
+def refuse_other_samplers(title: str, custom_sampler: bool) -> None:
+    """SD 3.x and Flux.1 draw with their own flow-matching scheduler for now."""
     if custom_sampler:
         raise ValueError(f"{title} samples with its own flow-matching scheduler: choose the sampler 'Model default'")
 
@@ -26,10 +23,10 @@ def refuse_beyond_a_plain_prompt(title: str, custom_sampler: bool, with_prompt_f
 class TransformerFamily(Family):
     """What SD 3.x and Flux.1 share: a transformer as the denoiser, told in a single file by one
     tensor of its first block, CLIP text encoders beside a T5, flow matching, drawing with the
-    model's own scheduler from a prompt."""
+    model's own scheduler."""
 
-    checkpoint_tensor = ""
-    evaluates = False  # evaluation and prompt search do not handle T5's part yet
+    checkpoint_tensor = ""  # the tensor (of its first block) only its single-file checkpoints hold
+    partial_embeddings = True  # OneTrainer's files for these families hold only the parts of the text encoders it loaded
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
 
     def matches_checkpoint(self, keys):
@@ -63,8 +60,11 @@ class TransformerFamily(Family):
     def pooled_in_prompt_embeds(self) -> bool:
         return True
 
-    def check_generation(self, negative, custom_sampler, with_prompt_file):
-        refuse_beyond_a_plain_prompt(self.title, custom_sampler, with_prompt_file)
+    def conditioning_width(self, text_widths):
+        return text_widths[self.t5_encoder]  # the CLIP states are zero-padded to T5's width (SD 3.x) or pooled (Flux.1)
+
+    def check_generation(self, negative, custom_sampler):
+        refuse_other_samplers(self.title, custom_sampler)
 
 
 class StableDiffusion3(TransformerFamily):

@@ -21,10 +21,10 @@ from ..demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME
 from ..embeddings import tokenize_words
 from ..models import ModelLoadError, ModelSource, _explain
 from ..schema import SettingsError
+from ..settings import MAX_PROMPT_LENGTH
 from .textual_inversion import read_resume, starting_vectors, train_diffusion
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
-MAX_PROMPT_TOKENS = 75  # 77 minus the start and end markers
 
 
 def captioner_for(model: str, caption_model: str | None) -> str:
@@ -54,7 +54,7 @@ def caption_picture(image: Image.Image, captioner: str, device: torch.device) ->
 def caption_room(tokenizer, style: str) -> int:
     """How many caption tokens fit in the longest training prompt of the style."""
     longest = max(len(tokenize_words(tokenizer, t.replace("{}", " "))) for t in TEMPLATES[style])
-    return MAX_PROMPT_TOKENS - longest
+    return MAX_PROMPT_LENGTH - longest
 
 
 def train_caption_init(pipe, placement, images, settings, reporter, writer) -> torch.Tensor:

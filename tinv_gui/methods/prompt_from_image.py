@@ -18,6 +18,13 @@ OpenCLIP bigG). Every free token then has one input embedding per encoder, side 
 QuickEmbedding; each CLIP scores its own part against its own image embeddings, and the loss is
 the mean of the two. The saved result is SDXL's conditioning: both encoders' penultimate hidden
 states side by side, and the second encoder's pooled projection.
+
+SD 3.x and Flux.1 condition on T5 as well, which has no image tower. A continuous prompt learns
+its CLIP parts as SDXL's (SD 3.x: CLIP-L and bigG; Flux.1: CLIP-L, whose pooled vector is all
+Flux.1 takes from CLIP), and T5 reads words: the readable words nearest to the free CLIP-L
+vectors, as a hard prompt snaps them (`t5_words`), so the prompt's content reaches T5 too. The
+saved result is the family's conditioning from those (hidden states and pooled vectors) and the
+words are written beside it. A readable prompt is plain text, which every encoder reads.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from ..training import LoopSettings, optimize
 
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 PROMPT_FILE = "prompt.txt"
+T5_PROMPT_FILE = "t5_prompt.txt"  # what T5 reads beside a continuous prompt (SD 3.x, Flux.1)
 NEGATIVE_PROMPT_FILE = "negative_prompt.txt"
 # spherical_distance of opposite directions: a negative prompt's loss is this minus its distance
 MAX_DISTANCE = math.pi**2 / 2
@@ -77,10 +85,21 @@ def readable_token_ids(tokenizer) -> torch.Tensor:
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     candidates = [i for i, t in enumerate(tokens) if t.endswith("</w>") and i not in special]
     texts = [tokenizer.decode([i]) for i in candidates]
-    encoded = tokenizer(texts, add_special_tokens=False).input_ids
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's own batch: the same ids, 3x quicker
+    encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] if backend else tokenizer(texts, add_special_tokens=False).input_ids
     ids = torch.tensor([i for i, got in zip(candidates, encoded) if got == [i]], dtype=torch.long)
     _readable_cache[tokenizer] = ids
     return ids
+
+
+def readable_directions(table: torch.Tensor, readable: torch.Tensor) -> torch.Tensor:
+    """Unit-length rows of the token `table` for the `readable` ids, to snap to by cosine."""
+    return F.normalize(table.detach()[readable].float(), dim=-1)
+
+
+def nearest_readable(free: torch.Tensor, readable: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """The readable id nearest (by cosine) to each free vector [n, width]: ids [n]."""
+    return readable[(F.normalize(free.float(), dim=-1) @ directions.T).argmax(-1)]
 
 
 def _pad_id(tokenizer) -> int:
@@ -172,11 +191,11 @@ def optimize_prompt(
 
     snapped = {"ids": None}
     best = {"loss": math.inf, "ids": None}
-    readable_directions = F.normalize(table.detach()[readable].float(), dim=-1) if settings.hard else None
+    directions = readable_directions(table, readable) if settings.hard else None
 
     def project(free: torch.Tensor) -> torch.Tensor:
         """Nearest readable token (by cosine) for every free embedding; their table rows."""
-        snapped["ids"] = readable[(F.normalize(free, dim=-1) @ readable_directions.T).argmax(-1)]
+        snapped["ids"] = nearest_readable(free, readable, directions)
         return table.detach()[snapped["ids"]].float()
 
     def compute_loss(_micro: int) -> torch.Tensor:
@@ -221,28 +240,51 @@ def optimize_prompt(
 
 
 @torch.no_grad()
-def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor]:
-    """The pipeline's own conditioning for the optimized prompt and negative, padded to 77 as
-    diffusers pads, ready for `pipe(**tensors)`: `prompt_embeds` [1, 77, dim] and
-    `negative_prompt_embeds`; on SDXL [1, 77, dim_l + dim_g] (both encoders' penultimate hidden
-    states) plus `pooled_prompt_embeds` and `negative_pooled_prompt_embeds` [1, proj] (the second
-    encoder's). Without an optimized negative, the negative is what diffusers' own `encode_prompt`
-    gives when none is typed (SDXL models may make it zeros)."""
+def t5_words(clip: ClipBundle, result: PromptResult) -> list[str]:
+    """What T5 reads beside a continuous prompt (SD 3.x, Flux.1), one text per row: the readable
+    words nearest to each free vector's part in `clip` (the first CLIP's, CLIP-L), by cosine, as a
+    hard prompt snaps them."""
+    table = clip.model.text_model.get_input_embeddings().weight
+    readable = readable_token_ids(clip.tokenizer).to(table.device)
+    free = result.vectors[:, : table.shape[1]].to(table.device)
+    ids = nearest_readable(free, readable, readable_directions(table, readable)).view(result.rows, result.length)
+    return [clip.tokenizer.decode(row) for row in ids.tolist()]
+
+
+@torch.no_grad()
+def pipeline_prompt_embeds(pipe, result: PromptResult, words: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The pipeline's own conditioning for the optimized prompt and negative, padded as diffusers
+    pads, ready for `pipe(**tensors)`: `prompt_embeds` [1, 77, dim] and `negative_prompt_embeds`;
+    on SDXL [1, 77, dim_l + dim_g] (both encoders' penultimate hidden states) plus
+    `pooled_prompt_embeds` and `negative_pooled_prompt_embeds` [1, proj] (the second encoder's).
+    Without an optimized negative, the negative is what diffusers' own `encode_prompt` gives when
+    none is typed (SDXL models may make it zeros). SD 3.x and Flux.1: T5 reads `words` (one text
+    per row, see t5_words); no negative is saved without an optimized one (SD 3.x's pipeline
+    encodes the typed or empty negative itself; Flux.1 has none)."""
     from .textual_inversion import pad_prompts
 
     family = family_of(pipe)
+    if family.t5_encoder is not None and words is None:
+        raise ValueError(f"{family.title}'s T5 needs the words it reads beside the continuous prompt (t5_words)")
     encoders = family.text_encoders(pipe)
-    device = encoders[0].device
     prompts = []
-    for tokenizer, encoder in zip(family.tokenizers(pipe), encoders):
-        ids = _prompt_ids(tokenizer, encoder.get_input_embeddings().num_embeddings, result.length, result.rows)
-        prompts.append(pad_prompts(tokenizer, ids.tolist(), device))
-    with extended_vocabularies(encoders, result.vectors.to(device)):
+    for index, (tokenizer, encoder, length) in enumerate(zip(family.tokenizers(pipe), encoders, family.prompt_lengths(pipe))):
+        if index == family.t5_encoder:
+            tokens = tokenizer(words, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            prompts.append((tokens.input_ids.to(encoder.device), tokens.attention_mask.to(encoder.device)))
+        else:
+            ids = _prompt_ids(tokenizer, encoder.get_input_embeddings().num_embeddings, result.length, result.rows)
+            prompts.append(pad_prompts(tokenizer, ids.tolist(), encoder.device, length))
+    clip_encoders = [encoder for index, encoder in enumerate(encoders) if index != family.t5_encoder]
+    with extended_vocabularies(clip_encoders, result.vectors.to(encoders[0].device)):
         hidden, pooled = family.encode_prompts(encoders, prompts)
     row = (lambda t, i: None if t is None else t[i : i + 1])  # noqa: E731
     out = family.pipeline_conditioning(hidden[0:1], row(pooled, 0))
+    device = encoders[0].device
     if result.rows == 2:
         out.update(family.pipeline_conditioning(hidden[1:2], row(pooled, 1), prefix="negative_"))
+    elif family.t5_encoder is not None:
+        pass  # SD 3.x encodes the negative prompt itself; Flux.1 has none
     elif pooled is None:
         out["negative_prompt_embeds"] = pipe.encode_prompt("", device, 1, False)[0]
     else:
@@ -252,10 +294,10 @@ def pipeline_prompt_embeds(pipe, result: PromptResult) -> dict[str, torch.Tensor
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
-def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: dict | None = None) -> dict[str, str]:
+def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: dict | None = None, words: list[str] | None = None) -> dict[str, str]:
     """Write the result into `output_dir`: prompt.txt (and negative_prompt.txt) for a hard prompt,
     prompt_embeds.safetensors (needs the pipeline; see pipeline_prompt_embeds) for a continuous
-    one. Returns what -> path."""
+    one, and on SD 3.x and Flux.1 t5_prompt.txt, the `words` T5 reads (t5_words). Returns what -> path."""
     from pathlib import Path
 
     output_dir = Path(output_dir)
@@ -267,5 +309,9 @@ def save_prompt_result(result: PromptResult, output_dir, pipe=None, metadata: di
         return outputs
     meta = {"format": "prompt_embeds", "similarity": f"{result.similarity:.6f}", "length": str(result.length)}
     meta.update({k: str(v) for k, v in (metadata or {}).items() if v is not None})
-    path = atomic_save_safetensors(pipeline_prompt_embeds(pipe, result), output_dir / PROMPT_EMBEDS_FILE, meta)
-    return {"prompt_embeds": str(path)}
+    outputs = {}
+    if words:
+        meta.update(zip(("t5_prompt", "t5_negative_prompt"), words))
+        outputs["t5_prompt"] = str(atomic_write_text(output_dir / T5_PROMPT_FILE, "\n".join(words) + "\n"))
+    path = atomic_save_safetensors(pipeline_prompt_embeds(pipe, result, words), output_dir / PROMPT_EMBEDS_FILE, meta)
+    return {"prompt_embeds": str(path), **outputs}

@@ -427,8 +427,9 @@ def train_diffusion(
     seed = settings.seed + reporter.steps_done
     if not all(trains):
         kept = ", ".join(name for name, t in zip(family.embedding_keys, trains) if not t)
-        reporter.log(f"Only the {settings.train_encoders.upper() if settings.train_encoders == 't5' else 'CLIP'} part trains; "
-                     f"{kept} keeps its start, and its prompt states are computed once")
+        learning = ", ".join(name for name, t in zip(family.embedding_keys, trains) if t)
+        reporter.log(f"--train-encoders {settings.train_encoders}: the vectors for {learning} train; those for {kept} keep their start, "
+                     "and those text encoders' prompt states are computed once")
 
     def on_step(_step: int, optimizer) -> None:
         release_freed_memory()

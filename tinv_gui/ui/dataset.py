@@ -1,12 +1,18 @@
 """The Dataset tab's work: taking uploads into a visitor's folder, checking every picture, and
 showing each one as the model will see it (whole, with the part training crops away dimmed and
-what its mask leaves out darkened), with its problem next to it when it has one."""
+what its mask leaves out darkened), with its problem next to it when it has one.
+
+A zip's kohya concept folders (N_name: its pictures count N times) are kept as such, inside the
+visitor's pictures folder, where training finds them (data.find_pictures); a picture's name is
+then "N_name/picture.png"."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +23,9 @@ from ..data import (
     IMAGE_SUFFIXES,
     MASK_SUFFIX,
     ImageError,
+    concept_repeats,
     crop_box,
-    is_picture_name,
+    find_pictures,
     mask_path,
     open_image,
     open_mask,
@@ -59,6 +66,7 @@ class Picture:
     problem: str | None = None  # why it is refused; None when it will be trained on
     note: str | None = None  # a warning that does not stop training
     caption: str = ""
+    repeats: int = 1  # how often it counts per epoch: N in its concept folder N_name
 
 
 def _fingerprint(image: Image.Image) -> np.ndarray:
@@ -95,10 +103,20 @@ def _refuse(ws: Workspace, source: Path, name: str, problem: str) -> Picture:
     return Picture(name, ws.rejected / name, problem=problem)
 
 
+def _concept_folder(member: str) -> str:
+    """The kohya concept folder (N_name) a zip member lies in, sanitized; "" for any other
+    folder (its pictures join the visitor's own, as "2024_holiday" with N past 1000 does)."""
+    parent = sanitize_filename(Path(member).parent.name, "")
+    try:
+        return parent if parent and concept_repeats(Path(parent)) is not None else ""
+    except ValueError:  # a number out of range: a name that only looks like a concept's
+        return ""
+
+
 def _unpack_zip(archive: Path, into: Path, budget: list[int]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Pictures and caption files of a zip, written under sanitized names, within `budget[0]`
-    bytes (what is left of the upload's allowance, updated); and (name, problem) of members
-    left packed."""
+    """Pictures and caption files of a zip, written under sanitized names (in their concept
+    folder N_name, when in one), within `budget[0]` bytes (what is left of the upload's
+    allowance, updated); and (name, problem) of members left packed."""
     out, skipped = [], []
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -107,7 +125,7 @@ def _unpack_zip(archive: Path, into: Path, budget: list[int]) -> tuple[list[Path
                 suffix = Path(member.filename).suffix.lower()
                 if suffix not in IMAGE_SUFFIXES + (".txt",) or Path(member.filename).name.startswith("."):
                     continue
-                name = sanitize_filename(member.filename)
+                name, folder = sanitize_filename(member.filename), _concept_folder(member.filename)
                 limit = min(MAX_MEMBER_BYTES, budget[0])
                 with zf.open(member) as src:  # read at most the limit: a member's declared size can lie
                     data = src.read(limit + 1)
@@ -116,7 +134,8 @@ def _unpack_zip(archive: Path, into: Path, budget: list[int]) -> tuple[list[Path
                     skipped.append((name, why))
                     continue
                 budget[0] -= len(data)
-                target = unique_path(into, name)
+                (into / folder).mkdir(exist_ok=True)
+                target = unique_path(into / folder, name)
                 target.write_bytes(data)
                 out.append(target)
     except (zipfile.BadZipFile, OSError) as error:
@@ -164,14 +183,17 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
         target.write_bytes(upload.read_bytes())
         staged.append(target)
 
-    captions = {p.stem: p for p in staged if p.suffix == ".txt"}
-    masks = {p.name[: -len(MASK_SUFFIX)]: p for p in staged if p.name.lower().endswith(MASK_SUFFIX)}
-    known = {p.name: _fingerprint(open_image(p)) for p in sorted(ws.pictures.iterdir()) if is_picture_name(p.name)}
-    kept = {Path(name).stem: ws.pictures / name for name in known}  # a mask may come after its picture
+    def stem(path: Path) -> str:  # "N_name/photo" in a concept folder, else "photo"
+        return path.relative_to(incoming).with_suffix("").as_posix()
+
+    captions = {stem(p): p for p in staged if p.suffix == ".txt"}
+    masks = {stem(p)[: -len(Path(MASK_SUFFIX).stem)]: p for p in staged if p.name.lower().endswith(MASK_SUFFIX)}
+    known = {picture.name: _fingerprint(open_image(picture.path)) for picture in _kept(ws)}
+    kept = {Path(name).with_suffix("").as_posix(): ws.pictures / name for name in known}  # a mask may come after its picture
     for path in staged:
         if path.suffix == ".txt" or path.name.lower().endswith(MASK_SUFFIX):
             continue
-        name = path.name
+        name = path.relative_to(incoming).as_posix()
         if len(known) >= MAX_PICTURES:
             added.append(_refuse(ws, path, name, f"not added: at most {MAX_PICTURES} pictures can be kept; remove some first"))
             continue
@@ -188,21 +210,22 @@ def add_files(ws: Workspace, uploads: list[str]) -> list[Picture]:
         if original:
             added.append(_refuse(ws, path, name, f"duplicate of {original}"))
             continue
-        target = _keep(image, path, unique_path(ws.pictures, name))
-        known[target.name] = fingerprint
-        kept[path.stem] = target
-        if path.stem in captions:
-            captions[path.stem].replace(target.with_suffix(".txt"))
-        added.append(describe(target))
-    for stem, mask in masks.items():
-        if stem not in kept:
-            added.append(_refuse(ws, mask, mask.name, f"a mask without its picture: upload {stem}.png (or .jpg...) with it"))
+        folder = ws.pictures / path.parent.relative_to(incoming)
+        folder.mkdir(exist_ok=True)
+        target = _keep(image, path, unique_path(folder, path.name))
+        known[target.relative_to(ws.pictures).as_posix()] = fingerprint
+        kept[stem(path)] = target
+        if stem(path) in captions:
+            captions[stem(path)].replace(target.with_suffix(".txt"))
+        added.append(describe(ws, target))
+    for picture, mask in masks.items():
+        if picture not in kept:
+            added.append(_refuse(ws, mask, mask.name, f"a mask without its picture: upload {picture}.png (or .jpg...) with it"))
             continue
-        problem = _keep_mask(mask, kept[stem])
+        problem = _keep_mask(mask, kept[picture])
         if problem:
             added.append(_refuse(ws, mask, mask.name, problem))
-    for leftover in incoming.iterdir():
-        leftover.unlink()
+    shutil.rmtree(incoming, ignore_errors=True)  # what was not kept
     return added
 
 
@@ -230,9 +253,11 @@ def masked_view(image: Image.Image, mask: Image.Image | None) -> Image.Image:
     return Image.composite(image, darkened, mask)
 
 
-def describe(path: Path) -> Picture:
-    """A picture in the training folder, with its caption and any warning."""
-    picture = Picture(path.name, path, caption=read_caption(path) or "")
+def describe(ws: Workspace, path: Path) -> Picture:
+    """A picture in the training folder (or one of its concept folders), with its caption, its
+    repeats and any warning."""
+    name = path.relative_to(ws.pictures).as_posix()
+    picture = Picture(name, path, caption=read_caption(path) or "", repeats=concept_repeats(path.parent) or 1)
     with Image.open(path) as probe:
         if min(probe.size) < SOFT_SIDE:
             picture.note = f"small ({probe.size[0]}x{probe.size[1]}): details will be soft"
@@ -241,9 +266,25 @@ def describe(path: Path) -> Picture:
     return picture
 
 
+def _kept(ws: Workspace) -> list[Picture]:
+    """The pictures training will find in the visitor's folder (data.find_pictures: its own,
+    then those of its concept folders)."""
+    try:
+        found = find_pictures(ws.pictures)
+    except ValueError:  # no pictures yet
+        return []
+    return [describe(ws, path) for path, _ in found]
+
+
+def concepts_text(pictures: list[Picture]) -> str:
+    """The concept folders among `pictures` and how often each one's pictures count, said plainly."""
+    folders = Counter((p.name.split("/")[0], p.repeats) for p in pictures if "/" in p.name and not p.problem)
+    return "; ".join(f"{folder}: {count} picture(s), each counting {repeats} times" for (folder, repeats), count in sorted(folders.items()))
+
+
 def list_pictures(ws: Workspace) -> list[Picture]:
     """Every picture of the visitor: those to train on first, then the refused ones."""
-    usable = [describe(p) for p in sorted(ws.pictures.iterdir()) if is_picture_name(p.name)]
+    usable = _kept(ws)
     refused = [Picture(name, ws.rejected / name, problem=problem) for name, problem in sorted(_problems(ws).items())]
     return usable + refused
 
@@ -283,7 +324,8 @@ def gallery_items(ws: Workspace, size: int = 256, buckets: bool = True, resoluti
             image = Image.new("RGB", (size, size), (235, 220, 220))
         else:
             image, (width, height) = seen
-            label = f"{picture.name} → {width}x{height}" + (f" ⚠ {picture.note}" if picture.note else "")
+            counted = f" ×{picture.repeats}" if picture.repeats > 1 else ""
+            label = f"{picture.name}{counted} → {width}x{height}" + (f" ⚠ {picture.note}" if picture.note else "")
         items.append((image, label))
     return items
 
@@ -296,11 +338,10 @@ def caption_rows(ws: Workspace) -> list[list[str]]:
 def save_captions(ws: Workspace, rows) -> int:
     """Write each edited caption next to its picture (photo.jpg -> photo.txt); returns how many."""
     saved = 0
+    pictures = {p.name: p.path for p in _kept(ws)}  # a row names one of them, never a path of its own
     for row in rows or []:
-        if len(row) < 2 or not row[0]:
-            continue
-        picture = ws.pictures / sanitize_filename(str(row[0]))
-        if not picture.exists():
+        picture = pictures.get(str(row[0])) if len(row) >= 2 and row[0] else None
+        if picture is None:
             continue
         caption = str(row[1] or "").strip()
         sidecar = picture.with_suffix(".txt")
@@ -316,7 +357,10 @@ def clear(ws: Workspace) -> None:
     """Remove every picture, caption and refused upload of the visitor."""
     for folder in (ws.pictures, ws.rejected):
         for path in folder.iterdir():
-            path.unlink()
+            if path.is_dir():  # a concept folder
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def picture_paths(ws: Workspace) -> list[Path]:

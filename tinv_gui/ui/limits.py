@@ -53,11 +53,23 @@ class VisitorLimits:
 
     @classmethod
     def from_env(cls) -> VisitorLimits:
-        """The limits a host set (README, Spaces), else defaults that suit a Space."""
+        """The limits a host set (README, Spaces), else defaults that suit a Space. A value that
+        is not a positive number is refused, naming its variable (0 would refuse every call)."""
+
+        def positive(name: str, default: str) -> float:
+            text = os.environ.get(name, default)
+            try:
+                value = float(text)
+            except ValueError:
+                value = 0.0
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number, not {text!r}")
+            return value
+
         return cls(
-            at_once=int(os.environ.get("TINV_GUI_VISITOR_AT_ONCE", "2")),
-            per_window=int(os.environ.get("TINV_GUI_VISITOR_CALLS", "60")),
-            window_s=float(os.environ.get("TINV_GUI_VISITOR_WINDOW_MINUTES", "10")) * 60,
+            at_once=max(1, int(positive("TINV_GUI_VISITOR_AT_ONCE", "2"))),
+            per_window=max(1, int(positive("TINV_GUI_VISITOR_CALLS", "60"))),
+            window_s=positive("TINV_GUI_VISITOR_WINDOW_MINUTES", "10") * 60,
         )
 
     def _refusal(self, key: str, now: float) -> str | None:

@@ -60,6 +60,8 @@ class DatasetTab:
         status = f"**{usable} picture(s) ready to train on.**" if pictures else "No pictures yet."
         if refused:
             status += f" {len(refused)} refused (marked ✗ in the gallery):\n" + "".join(f"\n- {p.name}: {p.problem}" for p in refused)
+        if dataset.concepts_text(pictures):
+            status += f" Concept folders (kohya's N_name): {dataset.concepts_text(pictures)}."
         if usable and usable < 3:
             status += " Three to ten pictures work best (the *From one picture* method needs only one)."
         buckets, resolution = self.crop_view(ws)
@@ -102,7 +104,7 @@ class DatasetTab:
             with gr.Row():
                 with gr.Column(scale=1):
                     c["upload"] = gr.File(
-                        label="Drop pictures or a .zip here",
+                        label="Drop pictures or a .zip here (a zip's N_name folders stay concept folders: their pictures count N times)",
                         file_count="multiple",
                         file_types=["image", ".zip", ".txt"],
                     )

@@ -8,10 +8,12 @@ from __future__ import annotations
 import gradio as gr
 
 from ..demo_model import SDXL_DEMO_NAME
+from ..demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME
 from ..device import choose_placement
 from ..methods import METHODS, method_with_label
 from ..models import DEFAULT_MODEL
-from ..vector_norms import PROMPT_TOKENS, tokens_used_text
+from ..settings import MAX_PROMPT_LENGTH
+from ..vector_norms import tokens_used_text
 from .options import option_component, option_defaults, option_fields
 from .progress import format_seconds
 
@@ -21,6 +23,8 @@ MODEL_CHOICES = [
     ("Stable Diffusion XL 1.0 (downloaded from the Hugging Face Hub)", "stabilityai/stable-diffusion-xl-base-1.0"),
     ("Offline demo model (tiny, random weights: for trying the app)", DEMO_MODEL),
     ("Offline SDXL-shaped demo model (tiny, random weights)", SDXL_DEMO_NAME),
+    ("Offline SD 3.5-shaped demo model (tiny, random weights; CLIP-L, bigG and T5)", SD3_DEMO_NAME),
+    ("Offline Flux.1-dev-shaped demo model (tiny, random weights; CLIP-L and T5)", FLUX_DEMO_NAME),
 ]
 
 class MethodTab:
@@ -64,7 +68,7 @@ class MethodTab:
                     scale=2,
                     label="Model",
                     allow_custom_value=not self.shared,
-                    info="Stable Diffusion 1.x or 2.x. You can also type a Hub id (owner/name)"
+                    info="Stable Diffusion 1.x, 2.x, XL, 3.x or Flux.1. You can also type a Hub id (owner/name)"
                     + ("." if self.shared else ", a local diffusers folder, or a .safetensors/.ckpt file."),
                 )
                 c["token"] = gr.Textbox(
@@ -92,7 +96,7 @@ class MethodTab:
     def token_room(label: str, vectors) -> str:
         """How many of a prompt's tokens the new word will take."""
         if method_with_label(label).name == "caption-init":
-            return f"The new word takes one of a prompt's {PROMPT_TOKENS} tokens per word of the caption (the log says how many)."
+            return f"The new word takes one of a prompt's {MAX_PROMPT_LENGTH} tokens per word of the caption (the log says how many)."
         try:
             count = int(vectors)
         except (TypeError, ValueError):

@@ -49,6 +49,9 @@ class PromptTab:
             prompt = ""
             if view.outputs.get("prompt"):
                 prompt = ws.inside(view.outputs["prompt"]).read_text(encoding="utf-8").strip()
+            elif view.outputs.get("t5_prompt"):  # SD 3.x, Flux.1
+                words = ws.inside(view.outputs["t5_prompt"]).read_text(encoding="utf-8").splitlines()[0]
+                prompt = f"(a continuous prompt: its CLIP parts have no words; T5 reads: {words})"
             elif view.outputs.get("prompt_embeds"):
                 prompt = "(a continuous prompt has no words: use 'Generate with it' to see it)"
             yield view.progress_html() if not view.done else self._found_summary(view), frame, prompt
@@ -86,7 +89,9 @@ class PromptTab:
             gr.Markdown(
                 "Upload one picture and let the model find the prompt that describes it best, in its own "
                 "terms. *Readable* gives words you can copy into any Stable Diffusion tool; *continuous* "
-                "matches more closely but has no words, so it only works here."
+                "matches more closely but has no words, so it only works here. On SD 3.x and Flux.1, whose T5 "
+                "text encoder has no image side, the continuous prompt learns the CLIP parts and T5 reads "
+                "the words nearest to them (shown below)."
             )
             with gr.Row():
                 with gr.Column():

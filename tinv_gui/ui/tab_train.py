@@ -4,21 +4,19 @@ previews, log), stop it, and offer its files for download."""
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from pathlib import Path
 
 import gradio as gr
 
-from ..demo_model import DEMO_NAMES, SDXL_DEMO_NAME
 from ..embeddings import TokenError, validate_token
 from ..engine import Job
 from ..events import TERMINAL_EVENTS
 from ..formats import read_embedding
 from ..jobs import EXPORTS, recommended_file
 from ..methods import method_with_label
-from ..models import ModelLoadError
+from ..models import ModelLoadError, is_hub_name
 from ..settings import SettingsError, TrainSettings
 from ..vector_norms import tokens_used_text
 from . import dataset
@@ -40,7 +38,6 @@ from .workspace import Workspace
 # be away from a running job of theirs before it is stopped (a reload within it rejoins the job).
 MAX_STEPS = int(os.environ.get("TINV_GUI_MAX_STEPS", "3000"))
 LEFT_GRACE_S = float(os.environ.get("TINV_GUI_LEFT_GRACE_SECONDS", "120"))
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:
@@ -65,7 +62,7 @@ class TrainTab:
 
     def _submit_training(self, ws: Workspace, model, token, init, preset, captions, options) -> Job:
         model = (model or "").strip()
-        if self.shared and model not in (*DEMO_NAMES, SDXL_DEMO_NAME) and (not HUB_ID.match(model) or Path(model).exists()):
+        if self.shared and not is_hub_name(model):
             raise gr.Error("On this shared server, models come from the Hugging Face Hub (owner/name) or are the demo model.")
         if not dataset.picture_paths(ws):
             raise gr.Error("There are no pictures to train on: add some on the Dataset tab first.")
