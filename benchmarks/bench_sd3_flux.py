@@ -213,9 +213,17 @@ def run_name(result: dict) -> str:
     return f"{result['model']} +1 {grown[0]}" if grown else f"{result['model']} base {result['choice']}"
 
 
+def t5_block_parameters() -> int:
+    """One T5-XXL block's parameters, counted on a model built without memory."""
+    import torch
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in t5_xxl(2).parameters()) - sum(p.numel() for p in t5_xxl(1).parameters())
+
+
 def extrapolate(model: str, measured: dict[str, dict], resolution: int) -> tuple[dict, dict]:
     """The whole model's figures per choice, and each kind of block's cost, from the base and
-    one-more-block runs (see the module's docstring)."""
+    one-more-block runs (see the module's docstring). A figure whose runs are missing is left out."""
     gib = 2**30
     full = FULL_BLOCKS[model]
     base_all = measured[f"{model} base all"]
@@ -225,7 +233,9 @@ def extrapolate(model: str, measured: dict[str, dict], resolution: int) -> tuple
 
     kinds = {}
     for kind in full:
-        plus = measured[f"{model} +1 {kind}"]
+        plus = measured.get(f"{model} +1 {kind}")
+        if plus is None:
+            continue
         parameters = {m: plus["parameters"][m] - base_all["parameters"][m] for m in plus["parameters"]}
         weights_gb = 4 * sum(parameters.values()) / gib
         grown_gb = resident(plus) - resident(base_all)
@@ -235,11 +245,17 @@ def extrapolate(model: str, measured: dict[str, dict], resolution: int) -> tuple
     block_inputs_gb = (image_tokens + TEXT_TOKENS[model]) * WIDTH[model] * 2 / gib  # one block's inputs in bf16
     rows = {}
     for choice in CHOICES:
-        base = measured[f"{model} base {choice}"]
+        base = measured.get(f"{model} base {choice}")
+        if base is None:
+            continue
         t5_learns = base["trains"][base["t5_index"]]
         t5_key = f"text_encoder_{base['t5_index']}"
+        if any(kind not in kinds for kind in full if kind != "t5" or t5_learns):
+            continue
+        block_parameters = {kind: cost["parameters"] for kind, cost in kinds.items()}
+        block_parameters.setdefault("t5", {m: (t5_block_parameters() if m == t5_key else 0) for m in base["parameters"]})
         extra = {kind: count - 1 for kind, count in full.items()}
-        parameters = {m: n + sum(extra[k] * kinds[k]["parameters"][m] for k in full) for m, n in base["parameters"].items()}
+        parameters = {m: n + sum(extra[k] * block_parameters[k][m] for k in full) for m, n in base["parameters"].items()}
         learning = ["transformer"] + [f"text_encoder_{i}" for i, t in enumerate(base["trains"]) if t]
         gpu_weights_gb = 2 * sum(parameters[m] for m in learning) / gib
         activations_gb = resident(base) - 4 * sum(base["parameters"].values()) / gib
@@ -247,7 +263,7 @@ def extrapolate(model: str, measured: dict[str, dict], resolution: int) -> tuple
         cpu_s, rss_gb = base["cpu_s_per_step"], base["steps_peak_rss_gb"]
         for kind, count in extra.items():
             if kind == "t5" and not t5_learns:  # T5 ran once before the steps; its weights stay in RAM
-                rss_gb += count * kinds[kind]["weights_fp32_gb"]
+                rss_gb += count * 4 * sum(block_parameters[kind].values()) / gib
                 continue
             cpu_s += count * kinds[kind]["cpu_s"]
             rss_gb += count * kinds[kind]["rss_gb"]
@@ -284,6 +300,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (0: the first step is timed, its one-time setup included)")
     parser.add_argument("--results", type=Path, help="keep each configuration's result in this file and reuse those already there")
+    parser.add_argument("--table-only", action="store_true", help="print what --results holds, measuring nothing")
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "CHOICE", "BLOCKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -295,7 +312,7 @@ def main() -> None:
     rows, costs = {}, {}
     for model in models:
         for name, (choice, blocks) in configurations(model).items():
-            if name not in measured:
+            if name not in measured and not args.table_only:
                 blocks_arg = ",".join(f"{kind}={count}" for kind, count in blocks.items())
                 result = run_child(Path(__file__), ["--child", model, choice, blocks_arg, "--resolution", str(args.resolution), "--steps", str(args.steps), "--warmup", str(args.warmup)], 7200)
                 print(f"{name}: {result}", file=sys.stderr, flush=True)
@@ -306,18 +323,20 @@ def main() -> None:
                 if args.results:
                     with args.results.open("a") as f:
                         f.write(json.dumps(result) + "\n")
-        if all(name in measured for name in configurations(model)):
+        if f"{model} base all" in measured:
             model_rows, kinds = extrapolate(model, measured, args.resolution)
             rows.update(model_rows)
             costs.update({f"{TITLES[model]}, {kind} block": cost for kind, cost in kinds.items()})
     print(f"{args.resolution} px, batch 1, fp32, CPU; whole models extrapolated per kind of block (one more block of a kind, every encoder learning); GB = 2**30 bytes; GPU figures: bf16, estimated")
-    print_table(costs, [("cpu_s", "CPU s/step", "{:.1f}"), ("rss_gb", "peak GB", "{:.2f}"), ("weights_fp32_gb", "fp32 weights GB", "{:.2f}"),
-                        ("activations_fp32_gb", "activations GB", "{:.2f}")])
-    print()
-    print_table(rows, [("base_s", "CPU s/step base", "{:.1f}"), ("base_gb", "peak GB base", "{:.1f}"), ("cpu_s", "CPU s/step whole", "{:.0f}"),
-                       ("rss_gb", "peak GB whole", "{:.0f}"), ("all_weights_bf16_gb", "bf16 weights, all", "{:.1f}"),
-                       ("weights_bf16_gb", "on GPU in steps", "{:.1f}"), ("gpu_gb", "GPU peak (est.)", "{:.0f}"),
-                       ("gpu_checkpointed_gb", "checkpointed (est.)", "{:.0f}")])
+    if costs:
+        print_table(costs, [("cpu_s", "CPU s/step", "{:.1f}"), ("rss_gb", "peak GB", "{:.2f}"), ("weights_fp32_gb", "fp32 weights GB", "{:.2f}"),
+                            ("activations_fp32_gb", "activations GB", "{:.2f}")])
+    if rows:
+        print()
+        print_table(rows, [("base_s", "CPU s/step base", "{:.1f}"), ("base_gb", "peak GB base", "{:.1f}"), ("cpu_s", "CPU s/step whole", "{:.0f}"),
+                           ("rss_gb", "peak GB whole", "{:.0f}"), ("all_weights_bf16_gb", "bf16 weights, all", "{:.1f}"),
+                           ("weights_bf16_gb", "on GPU in steps", "{:.1f}"), ("gpu_gb", "GPU peak (est.)", "{:.0f}"),
+                           ("gpu_checkpointed_gb", "checkpointed (est.)", "{:.0f}")])
 
 
 if __name__ == "__main__":
