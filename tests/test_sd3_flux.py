@@ -330,6 +330,30 @@ def test_quick_learns_the_clip_parts_and_keeps_t5_at_the_starting_word(store, pi
     assert not torch.equal(saved["clip_l"], start["clip_l"]) and not torch.equal(saved["clip_g"], start["clip_g"])
 
 
+def test_balanced_on_flux_starts_textual_inversion_from_quickembedding(store, picture_dir, tmp_path):
+    from tinv_gui.families import family_of
+
+    pipe = store.pipeline("demo-flux")
+    start = dict(zip(family_of(pipe).embedding_keys, start_parts(pipe)))
+    saved, losses = train(store, picture_dir, tmp_path, "demo-flux", method="quick-then-ti", quick_steps=1, steps=1, crops=1, log_with="none")
+    assert len(losses) == 2 and all(np.isfinite(losses))  # one QuickEmbedding step, then one through the transformer
+    assert tuple(saved) == ("clip_l", "t5") and all(not torch.equal(saved[key], start[key]) for key in start)
+
+
+def test_cli_trains_flux_from_a_caption_a_vector_per_word_in_each_encoder(picture_dir, tmp_path):
+    from tinv_gui.embeddings import read_metadata
+    from tinv_gui.formats import read_embedding
+
+    caption = "a red robot on a sofa"
+    out = tmp_path / "out"
+    assert cli.main(["train", "--method", "caption-init", "--model", "demo-flux", "--images", str(next(picture_dir.iterdir())),
+                     "--token", TOKEN, "--caption", caption, "--steps", "1", "--batch-size", "1", "--resolution", "64", "--no-flip",
+                     "--device", "cpu", "--precision", "fp32", "--log-with", "none", "--output", str(out)]) == 0
+    saved = read_embedding(out / "learned_embeds.safetensors")
+    assert saved.keys == ("clip_l", "t5") and saved.widths == FLUX_TEXT_WIDTHS and saved.count == len(caption.split())
+    assert read_metadata(out / "learned_embeds.safetensors")["caption"] == caption
+
+
 def test_t5s_token_table_is_read_alone_from_the_weights(flux):
     # A store with no warm pipeline reads the table from the component's file, without loading T5.
     assert torch.equal(ModelStore().word_table("demo-flux", 1), flux.text_encoder_2.get_input_embeddings().weight.float())

@@ -50,7 +50,8 @@ def continuous(store, model, pipe, tmp_path_factory):
 
 
 def draw(pipe, **what):
-    return np.asarray(generate(pipe, steps=1, size=(32, 32), seed=0, **what)[0]).astype(np.int16)
+    """One small picture; guidance 1 draws without a second, negative pass (SD 3.x)."""
+    return np.asarray(generate(pipe, steps=1, size=(32, 32), seed=0, guidance=1.0, **what)[0]).astype(np.int16)
 
 
 def test_evaluation_scores_the_token_against_the_prompt_without_it(store, model, pipe, picture_dir, tmp_path):
@@ -60,7 +61,7 @@ def test_evaluation_scores_the_token_against_the_prompt_without_it(store, model,
     vectors = torch.randn(1, sum(widths), generator=generator)  # a made-up token: any vectors change the picture
     embedding = save_embedding(tmp_path / "e.safetensors", TOKEN, vectors, {"init": "cat"}, widths, family.embedding_keys)
     settings = EvalSettings(model=model, embedding=str(embedding), images=str(picture_dir), prompt=f"a photo of {TOKEN}", n=1, steps=1,
-                            size="32x32", init="", json_path=str(tmp_path / "figures.json"), **JOB)
+                            size="32x32", guidance=1.0, init="", json_path=str(tmp_path / "figures.json"), **JOB)
     reporter = Reporter(lambda e: None, total_steps=settings.total_steps)
     run_evaluation(settings, store, reporter)
     figures = reporter.metrics

@@ -266,7 +266,7 @@ class PromptSettings:
     images: object = setting(None, label="Pictures", help="a picture to describe; repeat for several", flag="--image", repeat="append", required=True)
     image_weights: list[float] | None = setting(None, label="Picture weights", help="weight of each --image, in order (default: equal)",
                                                 flag="--image-weight", repeat="append", ge=0, le=1e6)
-    output_dir: str = _output_dir("prompt_embeds.safetensors or prompt.txt, and result.json")
+    output_dir: str = _output_dir("prompt_embeds.safetensors (SD 3.x, Flux.1: and t5_prompt.txt) or prompt.txt, and result.json")
     model: str = _model()
     clip_model: str | None = _clip_model("CLIP model (default: the one matching --model)")
     clip_model_g: str | None = _clip_model_g("SDXL, continuous: CLIP model of its second text encoder (default: OpenCLIP ViT-bigG/14)")
