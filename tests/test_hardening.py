@@ -202,6 +202,27 @@ def test_ctrl_c_while_starting_up_prints_no_traceback(picture_dir, tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr and "interrupted" in stderr
 
 
+def test_a_ctrl_c_that_a_library_swallowed_while_loading_still_stops_the_run(picture_dir, tmp_path, monkeypatch, capsys):
+    from tinv_gui import cli
+
+    quiet = cli._quiet_libraries
+
+    def a_library_that_swallows_the_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the handler runs here
+        except KeyboardInterrupt:  # as C code that clears any error it meets does
+            pass
+        quiet()
+
+    monkeypatch.setattr(cli, "_quiet_libraries", a_library_that_swallows_the_interrupt)
+    done = cli_here(capsys, "train", "--method", "quick", "--model", "demo", "--images", picture_dir, "--token", "<x>",
+                    "--init", "toy", "--steps", "200", "--output", tmp_path / "out")
+    assert done.returncode == 128 + signal.SIGINT, done.stderr
+    assert "stopped early by SIGINT" in done.stderr and "Traceback" not in done.stderr
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+
+
 # ----------------------------------------------------------------------------- 9: a full disk
 def test_a_log_that_cannot_be_written_never_costs_the_embedding(picture_dir, tmp_path, capsys):
     # /dev/full: every write fails with ENOSPC, as on a full disk.

@@ -68,8 +68,8 @@ def latents(store):
     return {model: encode_latents(store.pipeline(model), [TrainImage("p.png", picture())], FP32_CPU, mirror=False) for model in MODELS}
 
 
-@pytest.mark.parametrize("model", MODELS)
-def test_an_encoder_whose_part_does_not_train_runs_once_before_the_steps(model, store, latents):
+def test_an_encoder_whose_part_does_not_train_runs_once_before_the_steps(store, latents):
+    model = "demo-sd3"  # Flux.1 runs the same code with one CLIP fewer
     pipe = store.pipeline(model)
     family = family_of(pipe)
     encoders = family.text_encoders(pipe)

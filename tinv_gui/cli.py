@@ -196,7 +196,11 @@ def follow(job, log_jsonl: str | None = None) -> int:
     exit status: 0 done, 2 failed, 128 + the signal's number when a signal stopped it early."""
     from tqdm import tqdm
 
-    received: list[int] = []
+    # A Ctrl-C while the libraries loaded that one of them swallowed (C code that clears any
+    # Python error it meets) still stops the run, at once.
+    received: list[int] = list(_SIGNALS_BEFORE_THE_RUN)
+    if received:
+        job.cancel()
 
     def stop(signum, frame):  # noqa: ARG001
         if hasattr(signal, "SIGHUP") and signum == signal.SIGHUP:
@@ -284,14 +288,29 @@ def _show(event, bar, step_log: _StepLog, prefix: str, rank: int, received: list
             print(f"kept {what}: {path}", file=sys.stderr)
 
 
+# Ctrl-Cs received before `follow` took the signals over.
+_SIGNALS_BEFORE_THE_RUN: list[int] = []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status. Ctrl-C before a run has started (while the
     libraries load, say) ends it with 130 and one line, no traceback."""
+    def interrupt(signum, frame):  # noqa: ARG001
+        _SIGNALS_BEFORE_THE_RUN.append(signum)
+        raise KeyboardInterrupt
+
+    _SIGNALS_BEFORE_THE_RUN.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not ignored, and not a caller's own handler
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return _main(argv)
     except KeyboardInterrupt:
         _say("interrupted")
         return 128 + signal.SIGINT
+    finally:
+        if previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _main(argv: list[str] | None = None) -> int:
