@@ -209,6 +209,24 @@ def test_vae_encodes_each_picture_and_mirror_once_and_models_stay_frozen(store, 
     assert not any(p.requires_grad for p in pipe.unet.parameters()) and not any("forward" in vars(m) for m in pipe.unet.modules())
 
 
+def test_freed_memory_goes_back_after_each_block_during_training_only(store, monkeypatch):
+    from tinv_gui.device import choose_placement
+    from tinv_gui.methods import textual_inversion
+
+    placement = choose_placement("cpu", "fp32")
+    unet = store.pipeline("demo", placement).unet
+    released = []
+    monkeypatch.setattr(textual_inversion, "release_freed_memory", lambda: released.append(1))
+    sample = torch.randn(1, unet.config.in_channels, 8, 8)
+    context = torch.randn(1, 4, unet.config.cross_attention_dim)
+    with torch.no_grad(), textual_inversion.freed_memory_released_between_blocks(unet, placement):
+        unet(sample, 10, context)
+    assert len(released) == len(unet.down_blocks) + len(unet.up_blocks)
+    with torch.no_grad():
+        unet(sample, 10, context)  # the shared pipeline afterwards: as it was
+    assert len(released) == len(unet.down_blocks) + len(unet.up_blocks)
+
+
 def test_recomputing_activations_gives_the_same_gradient(store, picture_dir):
     from tinv_gui.data import load_dataset
     from tinv_gui.families import family_of

