@@ -159,6 +159,9 @@ def _train_until_logging(picture_dir, out, log, **popen):
         [sys.executable, "-m", "tinv_gui", "train", "--model", "demo", "--images", str(picture_dir), "--token", "<sig>",
          "--init", "toy", "--steps", "100000", "--batch-size", "4", "--output", str(out), "--log-jsonl", str(log)],
         cwd=ROOT, env=ENV, **popen,
+        # A terminal's process gets SIGHUP's default, even when this suite runs under nohup
+        # (an ignored signal is inherited, and an ignored SIGHUP rightly does not stop a run).
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 3):
