@@ -15,7 +15,7 @@ from tinv_gui.formats import read_embedding
 
 TOKEN = "<app-thing>"
 CAPTION = "a red robot on a sofa"
-TINY = dict(steps=1, batch_size=1, grad_accum=1, resolution=64, flip=False, crops=1)
+TINY = dict(steps=1, batch_size=1, grad_accum=1, resolution=64, flip=False, crops=1, log_with="none")
 PRESETS = {  # the app's presets, each at its cheapest: {label: (method, form values)}
     "Quick": ("quick", dict(TINY, batch_size=2)),
     "Balanced": ("quick-then-ti", dict(TINY, quick_steps=1)),
@@ -94,3 +94,17 @@ def test_the_playground_draws_another_picture_with_a_word_of_several_vectors(mod
     embedding = finals["From one picture"][6]["value"]
     with_it, without, _ = client.predict(model=model, embedding=embedding, prompt=f"a photo of {TOKEN}", steps=1, compare=True, api_name="/generate")
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
+
+
+def test_sd3_prompt_from_a_picture_in_the_app_is_drawn_from_its_continuous_prompt(app_server):
+    """The Prompt from image tab on SD 3.x: the continuous prompt's CLIP parts learn, T5 reads the
+    nearest words (shown), and 'Generate with it' draws from it; the same on Flux.1 runs through
+    the CLI (test_sd3_flux_cli.py), both in-process in test_sd3_flux_clip_space.py."""
+    from gradio_client import handle_file
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
+    client = Client(app_server[0], verbose=False, download_files=True)
+    progress, _, prompt = client.predict(model="demo-sd3", image=handle_file(str(examples[0])), readable=False, steps=2, api_name="/find_prompt")
+    assert "Best CLIP similarity with the picture" in progress and prompt.startswith("(a continuous prompt: its CLIP parts have no words; T5 reads: ")
+    (picture,) = client.predict(model="demo-sd3", api_name="/generate_found")
+    assert Image.open(picture["image"]).size == (64, 64)  # demo-sd3's own size

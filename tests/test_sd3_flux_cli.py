@@ -166,3 +166,23 @@ def test_each_file_round_trips_through_convert(model, runs, tmp_path, capsys):
         assert again.token == TOKEN and again.keys == saved.keys and all(torch.equal(again.parts[k], saved.parts[k]) for k in saved.keys), method
     refused = cli_here(capsys, "convert", runs["textual-inversion"] / "learned_embeds.safetensors", "--format", "a1111-pt", "--output", f"{tmp_path}/a1111/")
     assert refused.returncode == 2 and "have no" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_flux_prompt_from_a_picture_through_the_cli_draws_with_generate(tmp_path, capsys):
+    """optimize-prompt's continuous prompt on Flux.1 (its CLIP-L part learned, T5 reading the
+    nearest words), drawn by `generate --prompt-embeds`; the same on SD 3.x runs in the app
+    (test_sd3_flux_app.py), both in-process in test_sd3_flux_clip_space.py."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    make_picture(5).save(tmp_path / "picture.png")
+    found = cli_here(capsys, "optimize-prompt", "--model", "demo-flux", "--image", tmp_path / "picture.png", "--steps", "2", "--length", "3",
+                     "--device", "cpu", "--precision", "fp32", "--output", tmp_path / "found")
+    assert found.returncode == 0, found.stderr
+    saved = load_file(str(tmp_path / "found" / "prompt_embeds.safetensors"))
+    assert saved["prompt_embeds"].shape[1:] == (512, 128) and saved["pooled_prompt_embeds"].shape == (1, 32)  # Flux.1's conditioning
+    assert (tmp_path / "found" / "t5_prompt.txt").read_text(encoding="utf-8").strip()
+    drawn = cli_here(capsys, "generate", "--model", "demo-flux", "--prompt-embeds", tmp_path / "found" / "prompt_embeds.safetensors",
+                     "--steps", "1", "--size", "32x32", "--output", tmp_path / "drawn.png")
+    assert drawn.returncode == 0, drawn.stderr
+    assert Image.open(tmp_path / "drawn.png").size == (32, 32)
