@@ -1,0 +1,35 @@
+"""Checks of SD 3.x / Flux.1 training against what their pipelines and transformers require, on
+the offline demo-flux model (demo-sd3 runs the same code with one CLIP more)."""
+
+import re
+
+from conftest import make_picture
+
+from tinv_gui.data import bucket_sizes
+from tinv_gui.events import Reporter
+from tinv_gui.families import Flux
+from tinv_gui.jobs import run_training
+from tinv_gui.settings import TrainSettings
+
+
+def test_buckets_of_a_transformer_family_are_multiples_of_its_patch_at_any_resolution(store, tmp_path):
+    """SD 3.x's and Flux.1's transformers take latents in 2x2 patches, so a picture's sides must be
+    multiples of 16 px (the real VAE's 8 times 2): a side of 8 px more gives an odd latent side,
+    which Flux.1 cannot pack and SD 3.x's patches cut short. The buckets' grid below 512 px is an
+    eighth of the resolution (64 px: 8, whose 72x56 bucket fits a UNet, not these)."""
+    logs = []
+    (tmp_path / "pictures").mkdir()
+    make_picture(0).save(tmp_path / "pictures" / "wide.png")  # 96x80
+    settings = TrainSettings(
+        images=str(tmp_path / "pictures"), token="<thing>", model="demo-flux", output_dir=str(tmp_path / "out"), method="textual-inversion",
+        init="cat", steps=1, batch_size=1, grad_accum=1, resolution=64, flip=False, device="cpu", precision="fp32", log_with="none",
+    ).resolved()
+    assert settings.aspect_buckets  # the default
+    run_training(settings, store, Reporter(lambda e: logs.append(e.message) if e.kind == "log" else None, total_steps=1))
+    (ready,) = [message for message in logs if " pictures ready at " in message]
+    sizes = [(int(w), int(h)) for w, h in re.findall(r"(\d+)x(\d+)", ready.split(" ready at ")[1])]
+    assert sizes and all(w % Flux.size_multiple == 0 and h % Flux.size_multiple == 0 for w, h in sizes), ready
+    # Every resolution these families accept (multiples of 16): buckets on the 16 px grid, and the resolution's square.
+    for resolution in range(64, 2049, 16):
+        sizes = bucket_sizes(resolution, Flux.size_multiple)
+        assert (resolution, resolution) in sizes and all(w % 16 == 0 and h % 16 == 0 for w, h in sizes), resolution
