@@ -33,3 +33,20 @@ def test_buckets_of_a_transformer_family_are_multiples_of_its_patch_at_any_resol
     for resolution in range(64, 2049, 16):
         sizes = bucket_sizes(resolution, Flux.size_multiple)
         assert (resolution, resolution) in sizes and all(w % 16 == 0 and h % 16 == 0 for w, h in sizes), resolution
+
+
+def test_the_dataset_tab_shows_crops_at_the_resolution_sd3_and_flux_train_at(store, tmp_path):
+    """Before a model is loaded, the Dataset tab shows each picture's crop at the family's usual
+    resolution: 1024 px for SD 3.x and Flux.1 (their native size, where training goes without
+    --resolution), not SD 1.x's 512."""
+    import json
+    from types import SimpleNamespace
+
+    from tinv_gui.ui.tab_dataset import DatasetTab
+
+    tab = SimpleNamespace(engine=SimpleNamespace(store=store))
+    for pipeline in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        folder = tmp_path / pipeline
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+        assert DatasetTab.crop_resolution(tab, str(folder), None) == 1024, pipeline
