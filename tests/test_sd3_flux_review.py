@@ -50,3 +50,50 @@ def test_the_dataset_tab_shows_crops_at_the_resolution_sd3_and_flux_train_at(sto
         folder.mkdir()
         (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
         assert DatasetTab.crop_resolution(tab, str(folder), None) == 1024, pipeline
+
+
+def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_training_did(store, tmp_path):
+    """README's recipe for diffusers' own FluxPipeline: one load_textual_inversion per part, and
+    CLIP-L pooled at its end-of-text token. FLUX.1's shipped CLIP-L config says end-of-text id 2,
+    under which transformers pools at the largest id, a new token's: the pooled vector, all Flux.1
+    takes from CLIP, would then not be the one training conditioned on (tinv-gui's own pipelines
+    pool at the end-of-text token, families.TransformerFamily.prepare)."""
+    import copy
+
+    import torch
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    from tinv_gui.embeddings import (
+        encode_with_placeholder,
+        extended_vocabularies,
+        save_embedding,
+    )
+    from tinv_gui.families import family_of
+    from tinv_gui.methods.textual_inversion import pad_prompts
+
+    cached = store.pipeline("demo-flux")
+    family = family_of(cached)
+    widths = tuple(te.get_input_embeddings().embedding_dim for te in family.text_encoders(cached))
+    vectors = torch.randn(2, sum(widths), generator=torch.Generator().manual_seed(0)) * 3
+    prompt, token = "a photo of <my-cat> on a sofa", "<my-cat>"
+    # What training conditions on: the token's ids past each vocabulary, spliced in (see DiffusionLoss).
+    encoded = []
+    for tokenizer, text_encoder, length in zip(family.tokenizers(cached), family.text_encoders(cached), family.prompt_lengths(cached)):
+        size = text_encoder.get_input_embeddings().num_embeddings
+        encoded.append(pad_prompts(tokenizer, [encode_with_placeholder(tokenizer, prompt, token, [size, size + 1], length)], torch.device("cpu"), length))
+    with torch.no_grad(), extended_vocabularies(family.text_encoders(cached), vectors):
+        trained_hidden, trained_pooled = family.encode_prompts(family.text_encoders(cached), encoded)
+
+    pipe = FluxPipeline(**{**cached.components, **{k: copy.deepcopy(cached.components[k]) for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}})
+    clip_l = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)  # what pools (transformers 4: its text_model)
+    clip_l.eos_token_id = 2  # as FLUX.1-dev's text_encoder/config.json says
+    state = load_file(str(save_embedding(tmp_path / "learned_embeds.safetensors", token, vectors, None, widths, family.embedding_keys)))
+    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["t5"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    with torch.no_grad():
+        hidden, shipped_pooled, _ = pipe.encode_prompt(prompt, prompt)
+        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).eos_token_id = pipe.tokenizer.eos_token_id  # README's line
+        _, pooled, _ = pipe.encode_prompt(prompt, prompt)
+    assert torch.allclose(hidden, trained_hidden, atol=1e-5) and torch.allclose(pooled, trained_pooled, atol=1e-5)
+    assert not torch.allclose(shipped_pooled, trained_pooled, atol=1e-2)  # without the line: pooled at the word's last vector
