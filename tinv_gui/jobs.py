@@ -88,7 +88,10 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     trackers = RunTrackers.start(settings.log_with, settings.output_dir, settings.method, tracked_settings(settings), reporter)
     reporter.listen(trackers.on_event)
     try:
-        method.run(loaded, settings, reporter, writer)
+        try:
+            method.run(loaded, settings, reporter, writer)
+        finally:  # stopped, failed or done between two measured steps: the plot ends on the saved vectors
+            _finish_norms(norms, writer.outputs.get("embedding"), reporter)
         outputs = dict(writer.outputs)
         if scorer is not None and outputs.get("embedding"):
             scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
@@ -122,6 +125,20 @@ def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, 
     watch = NormWatch(tables, encoder_names(len(tables), family.embedding_keys), reporter)
     reporter.vector_watchers.append(watch)
     return watch
+
+
+def _finish_norms(norms, embedding: str | None, reporter: Reporter) -> None:
+    """The norms of the embedding the run saved last as the curve's last point (NormWatch.finish)."""
+    if norms is None or not embedding:
+        return
+    from .formats import read_embedding
+
+    try:
+        final = read_embedding(embedding).joined()
+    except Exception as error:  # noqa: BLE001 - the run's own outcome matters more than the plot's last point
+        reporter.log(f"the saved vectors' lengths could not be measured ({type(error).__name__}: {error})")
+        return
+    norms.finish(final)
 
 
 RESULT_FILE = "result.json"
