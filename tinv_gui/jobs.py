@@ -54,7 +54,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     reporter.process = process
     if process.distributed:
         settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     family = store.family(settings.model)
     # The family, because the parts' keys alone may not tell it (see formats.FAMILY_KEY).
@@ -276,7 +276,7 @@ def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     from .files import atomic_save_image
     from .generate import generate
 
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     pipe = store.pipeline(settings.model, placement)
     runs = [("image", settings.embeddings, False)]
     if settings.compare and settings.embeddings:
@@ -302,7 +302,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
 
     family = store.family(settings.model)
     family.check_generation(settings.negative, custom_sampler=False)  # Flux.1 has no negative prompt to optimize
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
     # saved conditioning holds both (SD 3.x likewise, T5 reading words); a readable prompt is
