@@ -64,6 +64,7 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
+    from tinv_gui.device import choose_placement
     from tinv_gui.embeddings import (
         encode_with_placeholder,
         extended_vocabularies,
@@ -72,7 +73,7 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     from tinv_gui.families import family_of
     from tinv_gui.methods.textual_inversion import pad_prompts
 
-    cached = store.pipeline("demo-flux")
+    cached = store.pipeline("demo-flux", choose_placement("cpu", "fp32"))  # pinned: numbers are compared (and the first test's pipeline)
     family = family_of(cached)
     widths = tuple(te.get_input_embeddings().embedding_dim for te in family.text_encoders(cached))
     vectors = torch.randn(2, sum(widths), generator=torch.Generator().manual_seed(0)) * 3
