@@ -64,6 +64,7 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
+    from tinv_gui.device import choose_placement
     from tinv_gui.embeddings import (
         encode_with_placeholder,
         extended_vocabularies,
@@ -72,7 +73,7 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     from tinv_gui.families import family_of
     from tinv_gui.methods.textual_inversion import pad_prompts
 
-    cached = store.pipeline("demo-flux")
+    cached = store.pipeline("demo-flux", choose_placement("cpu", "fp32"))  # pinned: numbers are compared (and the first test's pipeline)
     family = family_of(cached)
     widths = tuple(te.get_input_embeddings().embedding_dim for te in family.text_encoders(cached))
     vectors = torch.randn(2, sum(widths), generator=torch.Generator().manual_seed(0)) * 3
@@ -97,3 +98,19 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
         _, pooled, _ = pipe.encode_prompt(prompt, prompt)
     assert torch.allclose(hidden, trained_hidden, atol=1e-5) and torch.allclose(pooled, trained_pooled, atol=1e-5)
     assert not torch.allclose(shipped_pooled, trained_pooled, atol=1e-2)  # without the line: pooled at the word's last vector
+
+
+def test_demo_flux_is_native_at_the_demo_models_size(store):
+    """Every demo model trains and draws at IMAGE_SIZE by default (what the Dataset tab shows its
+    crops at). FluxPipeline's default is a constant 128 latents a side, 1024 px at the real VAE's
+    8x but 256 px at the demo's 2x: demo-flux would train and draw at 256 px, 16 times the pixels."""
+    import numpy as np
+
+    from tinv_gui.demo_model import IMAGE_SIZE
+    from tinv_gui.device import choose_placement
+    from tinv_gui.families import family_of
+    from tinv_gui.generate import generate
+
+    pipe = store.pipeline("demo-flux", choose_placement("cpu", "fp32"))
+    assert family_of(pipe).native_resolution(pipe) == IMAGE_SIZE
+    assert np.asarray(generate(pipe, prompt="a cat", steps=1, guidance=3.5)[0]).shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
