@@ -182,8 +182,8 @@ def main() -> None:
     for model in (("sd35-large", "flux-dev", "t5") if args.model == "all" else (args.model,)):
         rows.update(measure_block(model, args.resolution))
     print(f"{args.resolution} px, batch 1, fp32 compute, CPU ({time.perf_counter() - started:.0f} s wall); errors relative to fp32 weights")
-    print_table(rows, [("output_error", "output error", "{:.4f}"), ("gradient_error", "word's gradient error", "{:.4f}"),
-                       ("cpu_s", "CPU s (fwd+bwd)", "{:.1f}"), ("weights_gib", "weights GiB", "{:.2f}"), ("graph_gib", "saved for backward GiB", "{:.2f}")])
+    print_table(rows, [("output_error", "output error", "{:.4f}"), ("gradient_error", "gradient error", "{:.4f}"),
+                       ("cpu_s", "CPU s (fwd+bwd)", "{:.1f}"), ("weights_gib", "weights GiB", "{:.2f}"), ("graph_gib", "graph extra GiB", "{:.2f}")])
 
 
 if __name__ == "__main__":
