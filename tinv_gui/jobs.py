@@ -72,7 +72,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"Loading {settings.model}")
         loaded.pipe = store.pipeline(settings.model, placement)
         size = settings.resolution or family.native_resolution(loaded.pipe)
-        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats)
+        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats, multiple=family.size_multiple)
         loaded.images = _own_share(pictures, process, settings, reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:

@@ -23,7 +23,13 @@ from pathlib import Path
 import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
-from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
+from .demo_sd3_flux import (
+    FLUX_DEMO_NAME,
+    SD3_DEMO_NAME,
+    demo_flux_dir,
+    demo_sd3_dir,
+    fit_demo_flux,
+)
 from .device import FP8, Placement, store_in_bf16_between_calls, store_linear_weights
 from .families import Family, family_for_checkpoint, family_for_index, family_of
 
@@ -75,7 +81,7 @@ def resolve_source(model: str) -> ModelSource:
     """Turn what the user typed into a ModelSource, building the demo model on first use."""
     model = (model or "").strip()
     if not model:
-        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or 'demo' / 'demo-sdxl'")
+        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or an offline demo model ('demo', 'demo-sdxl', 'demo-sd3', 'demo-flux')")
     if model in DEMO_NAMES:
         root = demo_model_dir(model)
         return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip"),))
@@ -309,6 +315,8 @@ class ModelStore:
                 if index != family.t5_encoder:  # T5 casts its activations to its feed-forward weights' dtype (bf16 then)
                     store_linear_weights(text_encoder, torch.bfloat16)
         family.prepare(pipe)
+        if source.name == FLUX_DEMO_NAME:
+            fit_demo_flux(pipe)
         return pipe
 
     def word_table(self, model: str, encoder: int) -> torch.Tensor:

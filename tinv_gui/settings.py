@@ -39,7 +39,7 @@ DEFAULT_PROMPT_LENGTH = 16
 SEARCH_MODES = ("continuous", "hard")
 
 # Settings several classes share.
-MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'"
+MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or an offline demo model: 'demo', 'demo-sdxl', 'demo-sd3', 'demo-flux'"
 
 
 def _model(**extra):
