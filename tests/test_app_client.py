@@ -67,7 +67,9 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     # A run this short reaches the page whole, every step of it (test_ui_parts: a long one is thinned).
     assert steps == {"quick (raw)": list(range(1, STEPS + 1)), "quick (smoothed)": list(range(1, STEPS + 1))}
     raw = curves["quick (raw)"]
-    assert sum(raw[-20:]) / 20 < sum(raw[:20]) / 20  # the loss fell
+    # The loss fell, clearly: vectors that do not learn (a learning rate of ~0) end within 2% of
+    # where they began, these at ~0.78 of it after 60 steps.
+    assert sum(raw[-20:]) / 20 < 0.9 * sum(raw[:5]) / 5, raw
     assert "Finished." in final[3]
 
     downloads = {Path(p).name: p for p in final[4]}  # every format, each said what it is for
