@@ -56,6 +56,7 @@ ANCHOR_NAMES = {
     "scale_lr": "kohya, diffusers `--scale_lr`",
     "resume": "kohya `--weights`; diffusers `--resume_from_checkpoint`; A1111 continues the embedding's own training",
     "precision": "kohya, diffusers `--mixed_precision`; OneTrainer *Train Data Type*",
+    "fp8_weights": "kohya `--fp8_base`; OneTrainer's per-part data type `float8 (W8)`; ComfyUI's fp8 and scaled fp8 weights",
 }
 
 

@@ -313,6 +313,26 @@ def test_a_tensorboard_event_file_holds_the_loss_and_learning_rate(quick_run):
     assert [s.value for s in log.Scalars(tag)] == pytest.approx([next(iter(e.norms.values()))[0] for e in norms], rel=1e-6)
 
 
+def test_two_runs_started_in_the_same_second_log_to_tensorboard_folders_of_their_own(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tinv_gui import tracking
+
+    monkeypatch.setattr(tracking, "time", SimpleNamespace(strftime=lambda _: "20260101-120000"))  # one second for both
+    first, second = (tracking.RunTrackers.start("tensorboard", tmp_path, "quick", {}, Reporter()) for _ in range(2))
+    for trackers, loss in ((first, 0.25), (second, 0.75)):
+        trackers.on_event(Progress(1, 1, loss, 0.1, 0.0, None, "quick"))
+        trackers.finish()
+    folders = sorted((tmp_path / "logs").iterdir())
+    assert [f.name for f in folders] == ["quick-20260101-120000", "quick-20260101-120000-2"]
+    for folder, loss in zip(folders, (0.25, 0.75)):
+        log = EventAccumulator(str(folder))
+        log.Reload()
+        assert [s.value for s in log.Scalars("loss")] == [loss]  # its own curve only
+
+
 def test_logging_to_a_tracker_that_is_not_installed_is_given_up_not_the_run(monkeypatch, tmp_path):
     from accelerate import tracking as accelerate_tracking
 

@@ -591,7 +591,7 @@ def test_a_visitor_limit_that_is_no_positive_number_is_refused_naming_its_variab
     from tinv_gui.ui.limits import VisitorLimits
 
     monkeypatch.setenv("TINV_GUI_VISITOR_CALLS", value)
-    with pytest.raises(ValueError, match=f"TINV_GUI_VISITOR_CALLS must be a positive number, not '{value}'"):
+    with pytest.raises(ValueError, match=f"TINV_GUI_VISITOR_CALLS must be a whole number of 1 or more, not '{value}'"):
         VisitorLimits.from_env()
 
 

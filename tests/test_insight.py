@@ -187,3 +187,36 @@ def test_the_recommended_checkpoint_is_offered_once_and_opened_in_the_playground
     labels = dict((value, label) for label, value in chosen["choices"])
     assert "2 steps, the recommended checkpoint" in labels["runs/run/learned_embeds-step00002.safetensors"]
     assert "recommended" not in labels["runs/run/learned_embeds.safetensors"]
+
+
+@pytest.mark.parametrize("ending", ["stopped", "failed"])
+def test_a_run_ending_between_two_measured_steps_ends_its_norm_curve_on_the_saved_vectors(store, tmp_path, picture_dir, ending):
+    from tinv_gui.events import Progress
+
+    settings = TrainSettings(
+        images=str(picture_dir), token=TOKEN, init="toy", method="quick", steps=400, batch_size=2, output_dir=str(tmp_path),
+    ).resolved()  # 400 steps: the norms are measured every 2nd step
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 3:  # between the measures of steps 2 and 4
+            if ending == "failed":
+                raise RuntimeError("the disk went away")
+            reporter.stop_event.set()
+
+    events = []
+    reporter = Reporter(emit, total_steps=settings.total_steps)
+    if ending == "failed":
+        with pytest.raises(RuntimeError, match="the disk went away"):
+            run_training(settings, store, reporter)
+    else:
+        result = json.loads(Path(run_training(settings, store, reporter)["result"]).read_text())
+    norms = [e for e in events if isinstance(e, VectorNorms)]
+    assert [e.step for e in norms] == [2, 3]  # the last point: the step the embedding was kept at
+    kept = read_embedding(tmp_path / "learned_embeds.safetensors")
+    assert int(kept.metadata["steps"]) == 3
+    assert norms[-1].norms["text encoder"] == pytest.approx(kept.vectors.norm(dim=1).tolist())
+    assert RunView.from_events(events).norm_frame().query("curve == 'vector 1'")["step"].tolist() == [2, 3]
+    if ending == "stopped":
+        assert result["vector_norms"]["final"] == norms[-1].norms
+        assert [point["step"] for point in result["vector_norms"]["curve"]] == [2, 3]

@@ -119,20 +119,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def bucket_step(resolution: int) -> int:
+def bucket_step(resolution: int, multiple: int = 8) -> int:
     """The grid bucket sides snap to: 64 pixels as in kohya and OneTrainer (latents a multiple of 8,
     what SD's UNet divides them by); below 512 px an eighth of the resolution (the demo model's
-    64 px still gets several shapes), never below 8, the VAE's factor."""
-    return max(8, min(64, resolution // 8 // 8 * 8))
+    64 px still gets several shapes), rounded down to a multiple of `multiple` and never below it:
+    the family's size_multiple, 8 (the VAE's factor), or 16 for SD 3.x and Flux.1, whose
+    transformers take latents in 2x2 patches (an odd latent side cannot be cut into them)."""
+    return max(multiple, min(64, resolution // 8 // multiple * multiple))
 
 
-def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
-    """(width, height) of every bucket at `resolution`: for each width on the grid, the tallest
-    height on the grid that keeps width x height at most resolution², long side at most
-    BUCKET_MAX_RATIO times the short one; and the square."""
-    step = bucket_step(resolution)
+def bucket_sizes(resolution: int, multiple: int = 8) -> list[tuple[int, int]]:
+    """(width, height) of every bucket at `resolution`: for each width on the grid
+    (bucket_step), the tallest height on the grid that keeps width x height at most resolution²,
+    long side at most BUCKET_MAX_RATIO times the short one; and the resolution's square."""
+    step = bucket_step(resolution, multiple)
     area = resolution * resolution
-    side = resolution // step * step
+    side = resolution // multiple * multiple  # the resolution's own square, as without buckets
     sizes = {(side, side)}
     for width in range(step, BUCKET_MAX_RATIO * resolution + 1, step):
         height = area // width // step * step
@@ -157,9 +159,10 @@ def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[float, f
     return left, top, left + kept_width, top + kept_height
 
 
-def training_size(width: int, height: int, size: int, buckets: bool) -> tuple[int, int]:
-    """(width, height) a picture trains at: its nearest bucket at `size`, or the square."""
-    return nearest_bucket(width, height, bucket_sizes(size)) if buckets else (size, size)
+def training_size(width: int, height: int, size: int, buckets: bool, multiple: int = 8) -> tuple[int, int]:
+    """(width, height) a picture trains at: its nearest bucket at `size` (sides multiples of
+    `multiple`), or the square."""
+    return nearest_bucket(width, height, bucket_sizes(size, multiple)) if buckets else (size, size)
 
 
 def fit_to(image: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
@@ -300,11 +303,11 @@ def read_caption(path: Path) -> str | None:
     return None
 
 
-def load_dataset(source, size: int, min_side: int | None = None, buckets: bool = False, repeats: int = 1) -> list[TrainImage]:
+def load_dataset(source, size: int, min_side: int | None = None, buckets: bool = False, repeats: int = 1, multiple: int = 8) -> list[TrainImage]:
     """Load every picture of `source` (find_pictures) as an RGB image, with its caption and repeats:
     the centered square of `size` pixels, or with `buckets` the picture scaled to fill its nearest
-    aspect-ratio bucket (about size² pixels) and center-cropped by the remainder; its mask (if
-    any) cut the same way.
+    aspect-ratio bucket (about size² pixels, sides multiples of `multiple`: the model family's
+    size_multiple) and center-cropped by the remainder; its mask (if any) cut the same way.
 
     `min_side` defaults to half the working size: a smaller picture would be blown up into blur.
     Raises ImageError for the first picture that cannot be used.
@@ -313,7 +316,7 @@ def load_dataset(source, size: int, min_side: int | None = None, buckets: bool =
     images = []
     for path, times in find_pictures(source, repeats):
         picture = open_image(path, min_side)
-        target = training_size(picture.width, picture.height, size, buckets)
+        target = training_size(picture.width, picture.height, size, buckets, multiple)
         cropped, corner = fit_to(picture, target)
         mask = open_mask(path)
         images.append(TrainImage(

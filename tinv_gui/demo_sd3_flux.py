@@ -268,6 +268,14 @@ def write_demo_flux(out_dir: str | Path, seed: int = 0) -> Path:
     return _write(Path(out_dir), pipe, clips)
 
 
+def fit_demo_flux(pipe) -> None:
+    """Make the loaded demo-flux draw at the demo models' IMAGE_SIZE by default, which is also its
+    native resolution (Flux.native_resolution): FluxPipeline's default is a constant 128 latents a
+    side (1024 px at the real VAE's 8x), 256 px at the demo VAE's 2x. It is not saved with the
+    pipeline, so ModelStore applies it to "demo-flux" on every load."""
+    pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
+
+
 def demo_flux_dir() -> Path:
     """The cached Flux demo model folder, built on first use (safe to race, as demo_model_dir)."""
     return _cached(f"{FLUX_DEMO_NAME}-v{DEMO_VERSION}", write_demo_flux, ("sd/model_index.json", "clip_l/config.json"))

@@ -9,6 +9,10 @@ in it once: under autocast, matrix products and convolutions take them as they a
 operations autocast keeps in float32 (and the loss, computed on float32 predictions) upcast their
 inputs. Weights kept in float32 under autocast would be cast again at every use, and the backward
 pass would hold those casts too: a second copy of the model (0.85 GB for SD 1.5 on a CPU).
+
+On request (`fp8_weights`), the denoiser's and T5's linear weights are stored in 8-bit floats and
+upcast one layer at a time (`store_linear_weights`): half their bytes, so SD 3.5 Large and Flux.1-dev
+fit a 24 GB GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FP8 = torch.float8_e4m3fn  # 8-bit weights: 3 mantissa bits, largest value 448
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,9 @@ class Placement:
     # (about 0.3 GB less for SD 1.5, one rounding of those weights): the automatic choice's, never
     # an explicit --precision fp32's, which stays exact fp32.
     lean_storage: bool = False
+    # The denoiser's and T5's linear weights stored in fp8 and computed in `compute_dtype`
+    # (store_linear_weights): half the bytes of bf16, at the cost of one rounding of those weights.
+    fp8_weights: bool = False
     reason: str = field(default="", compare=False, repr=False)  # why this precision, for the log
 
     def autocast(self):
@@ -44,6 +52,11 @@ class Placement:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matrix products run in: the autocast dtype, else float32."""
+        return self.autocast_dtype or torch.float32
+
     def describe(self, why: bool = True) -> str:
         """E.g. "cpu (bf16 weights, bf16 compute: automatic: this CPU computes bf16 natively
         (avx512_bf16), faster than fp32)"; without `why`, only the device and dtypes."""
@@ -51,6 +64,8 @@ class Placement:
         what = f"{_short(self.weight_dtype)} weights, {compute} compute"
         if self.lean_storage:
             what += ", VAE and text encoder stored in bf16"
+        if self.fp8_weights:
+            what += ", denoiser's and T5's linear weights stored in fp8"
         return f"{self.device.type} ({what}{': ' + self.reason if why and self.reason else ''})"
 
 
@@ -123,7 +138,7 @@ def cpu_has_fast_bf16() -> bool:
     return cpu_bf16_flag() is not None
 
 
-def choose_placement(device: str = "auto", precision: str = "auto") -> Placement:
+def choose_placement(device: str = "auto", precision: str = "auto", fp8_weights: bool = False) -> Placement:
     """Pick the device and dtypes.
 
     auto: CUDA runs bf16 where the GPU has it (Ampere and newer), fp16 otherwise; MPS runs fp32
@@ -132,10 +147,17 @@ def choose_placement(device: str = "auto", precision: str = "auto") -> Placement
     prompt search, generation) spends its time in the same matrix products and convolutions, so
     one choice serves them all, and training and generation share one loaded pipeline.
     Half precision stores the frozen weights in it once (see the module's docstring).
+    `fp8_weights` stores the denoiser's and T5's linear weights in fp8 (not on MPS, which has no
+    8-bit floats).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dev = pick_device(device)
+    if fp8_weights and dev.type == "mps":
+        raise ValueError(
+            "8-bit weights (--fp8-weights) need 8-bit floats, which Apple's MPS does not have in PyTorch: turn 8-bit weights "
+            "off (--no-fp8-weights), or run on the CPU (--device cpu) or a CUDA GPU"
+        )
     reason = f"--precision {precision}"
     automatic = precision == "auto"
     if automatic:
@@ -149,12 +171,12 @@ def choose_placement(device: str = "auto", precision: str = "auto") -> Placement
             precision = "fp32"
             reason = "automatic: " + (_why_no_bf16() if dev.type == "cpu" else f"{dev.type} trains in fp32")
     if precision == "fp32":
-        return Placement(dev, torch.float32, None, lean_storage=automatic and dev.type == "cpu", reason=reason)
+        return Placement(dev, torch.float32, None, lean_storage=automatic and dev.type == "cpu", fp8_weights=fp8_weights, reason=reason)
     if precision == "fp16" and dev.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU; use --precision bf16 or fp32")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
     # MPS keeps fp32 weights: its kernels for stored half weights under autocast are incomplete.
-    return Placement(dev, torch.float32 if dev.type == "mps" else half, half, reason=reason)
+    return Placement(dev, torch.float32 if dev.type == "mps" else half, half, fp8_weights=fp8_weights, reason=reason)
 
 
 def store_in_bf16_between_calls(module: torch.nn.Module) -> None:
@@ -181,42 +203,77 @@ def store_in_bf16_between_calls(module: torch.nn.Module) -> None:
         child.register_forward_hook(store, with_kwargs=True, always_call=True)
 
 
-def store_linear_weights_in_bf16(module: torch.nn.Module) -> None:
-    """Store the weights of `module`'s linear layers in bf16 and compute them in fp32.
+def store_linear_weights(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | None = None) -> None:
+    """Store the weights of `module`'s linear layers in `dtype` (bf16 or FP8) and compute each
+    product in the dtype the weight had (under autocast, in the autocast dtype).
 
-    For a text encoder in an fp32 pipeline: nearly all its bytes are in linear layers, and a
-    training step runs it with gradients. Each layer multiplies by an fp32 copy made for that
-    product and keeps only its stored bf16 weight for the backward pass (which makes its own
-    copy), so the step's peak holds half those bytes (0.16 GB for SD 1.5's) at a cost of two
-    conversions per layer and step. Biases, normalizations and the token table stay fp32 (the
-    table is the module's first parameter, whose dtype pipelines give the prompt's vectors)."""
+    Nearly all of a text encoder's or denoiser's bytes are in linear layers, and a training step
+    runs them with gradients. Each layer multiplies by a copy upcast for that product and keeps
+    only its stored weight for the backward pass (which makes its own copy), so the step's peak
+    holds the stored bytes, not the upcast ones. (diffusers' `enable_layerwise_casting` upcasts
+    the same way, but under autograd every layer's upcast copy stays saved for the backward pass:
+    measured in benchmarks/bench_fp8.py, a step would hold the whole model in bf16 again.)
+
+    FP8 weights are scaled per output row (the row's largest size / 448, fp8's largest value)
+    before rounding, where ComfyUI's and OneTrainer's scaled fp8 take one scale per tensor and a
+    plain cast (kohya's --fp8_base, diffusers' layerwise casting) none: small weights would
+    otherwise fall among fp8's few subnormal values (measured in benchmarks/bench_fp8.py), and
+    a row's scale costs 4 bytes and a multiply per weight at upcast. They are held as int8 bytes (a view of the fp8
+    values), as 8-bit quantized weights are, so the libraries' dtype logic leaves them alone: T5
+    casts its activations to `wo.weight.dtype` unless it is int8, diffusers gives the model's
+    dtype from its first floating-point parameter, and `module.to(dtype)` converts only floats.
+
+    `device`: where to convert them, one layer at a time (a GPU: the model reaches it in 8 bits,
+    never whole in bf16). Biases, normalizations, convolutions and token tables stay as they are."""
     for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.weight.data = layer.weight.data.to(torch.bfloat16)
-            layer.forward = functools.partial(_linear_from_bf16, layer)
+        if not isinstance(layer, torch.nn.Linear):
+            continue
+        weight = layer.weight.data if device is None else layer.weight.data.to(device)
+        compute_dtype, scale = weight.dtype, None
+        if dtype == FP8:
+            scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=torch.finfo(torch.float32).tiny) / torch.finfo(FP8).max
+            weight = (weight.float() / scale).to(FP8).view(torch.int8)
+        else:
+            weight = weight.to(dtype)
+        layer.weight.requires_grad_(False)  # frozen: only the inputs get a gradient
+        layer.weight.data = weight
+        layer.register_buffer("weight_scale", scale, persistent=False)
+        layer.forward = functools.partial(_linear_from_stored, layer, compute_dtype)
     # The rest moves to memory of its own: diffusers maps the checkpoint file and its tensors read
-    # from that mapping, which would keep the converted weights' fp32 pages resident too.
-    for tensor in (*module.parameters(), *module.buffers()):
-        if tensor.dtype != torch.bfloat16:
-            tensor.data = tensor.data.clone()
+    # from that mapping, which would keep the converted weights' original pages resident too.
+    if device is None:
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.dtype not in (dtype, torch.int8):
+                tensor.data = tensor.data.clone()
 
 
-def _linear_from_bf16(layer: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
-    return _LinearFromBf16.apply(inputs, layer.weight, layer.bias)
+def _linear_from_stored(layer: torch.nn.Linear, compute_dtype: torch.dtype, inputs: torch.Tensor) -> torch.Tensor:
+    return _LinearFromStored.apply(inputs, layer.weight, layer.weight_scale, layer.bias, compute_dtype)
 
 
-class _LinearFromBf16(torch.autograd.Function):
-    """y = x W^T + b in fp32 from a frozen W stored in bf16: W's fp32 copy lives for one product."""
+def _upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if scale is None:
+        return weight.to(dtype)
+    return weight.view(FP8).to(dtype).mul_(scale.to(dtype))
+
+
+class _LinearFromStored(torch.autograd.Function):
+    """y = x W^T + b from a frozen W stored in fewer bits: W's upcast copy lives for one product,
+    and the backward pass gives the gradient with respect to x only (W and b are frozen)."""
 
     @staticmethod
-    def forward(ctx, inputs, weight, bias):
-        ctx.save_for_backward(weight)
-        return torch.nn.functional.linear(inputs, weight.float(), bias)
+    def forward(ctx, inputs, weight, scale, bias, compute_dtype):
+        ctx.save_for_backward(weight, scale)
+        ctx.compute_dtype, ctx.input_dtype = compute_dtype, inputs.dtype
+        if not torch.is_autocast_enabled(inputs.device.type):
+            inputs = inputs.to(compute_dtype)  # as a layer with weights in compute_dtype requires
+        return torch.nn.functional.linear(inputs, _upcast(weight, scale, compute_dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
-        return grad_output @ weight.float(), None, None
+        weight, scale = ctx.saved_tensors
+        weight = _upcast(weight, scale, ctx.compute_dtype)
+        return (grad_output.to(weight.dtype) @ weight).to(ctx.input_dtype), None, None, None, None
 
 
 def _as_fp32(value):

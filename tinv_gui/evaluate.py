@@ -70,7 +70,7 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
     """Generate `n` pictures with the token and `n` with the baseline word, and score both.
     Returns the figures and what they were computed from; None when stopped before the end."""
     settings.check()
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     pipe = store.pipeline(settings.model, placement)
     embedding = read_embedding(settings.embedding)

@@ -54,7 +54,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     reporter.process = process
     if process.distributed:
         settings = dataclasses.replace(settings, seed=settings.seed + process.rank, device=device_for_process(settings.device))
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     family = store.family(settings.model)
     # The family, because the parts' keys alone may not tell it (see formats.FAMILY_KEY).
@@ -72,7 +72,7 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
         reporter.log(f"Loading {settings.model}")
         loaded.pipe = store.pipeline(settings.model, placement)
         size = settings.resolution or family.native_resolution(loaded.pipe)
-        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats)
+        pictures = load_dataset(settings.images, size=size, buckets=settings.aspect_buckets, repeats=settings.repeats, multiple=family.size_multiple)
         loaded.images = _own_share(pictures, process, settings, reporter)
         reporter.log(f"{len(loaded.images)} pictures ready at {describe_sizes(loaded.images)}")
     if "clip" in method.loads:
@@ -88,7 +88,10 @@ def run_training(settings: TrainSettings, store: ModelStore, reporter: Reporter)
     trackers = RunTrackers.start(settings.log_with, settings.output_dir, settings.method, tracked_settings(settings), reporter)
     reporter.listen(trackers.on_event)
     try:
-        method.run(loaded, settings, reporter, writer)
+        try:
+            method.run(loaded, settings, reporter, writer)
+        finally:  # stopped, failed or done between two measured steps: the plot ends on the saved vectors
+            _finish_norms(norms, writer.outputs.get("embedding"), reporter)
         outputs = dict(writer.outputs)
         if scorer is not None and outputs.get("embedding"):
             scorer.finish(writer.checkpoints, outputs["embedding"], reporter.steps_done)
@@ -122,6 +125,20 @@ def _watch_norms(loaded: Loaded, family, reporter: Reporter, store: ModelStore, 
     watch = NormWatch(tables, encoder_names(len(tables), family.embedding_keys), reporter)
     reporter.vector_watchers.append(watch)
     return watch
+
+
+def _finish_norms(norms, embedding: str | None, reporter: Reporter) -> None:
+    """The norms of the embedding the run saved last as the curve's last point (NormWatch.finish)."""
+    if norms is None or not embedding:
+        return
+    from .formats import read_embedding
+
+    try:
+        final = read_embedding(embedding).joined()
+    except Exception as error:  # noqa: BLE001 - the run's own outcome matters more than the plot's last point
+        reporter.log(f"the saved vectors' lengths could not be measured ({type(error).__name__}: {error})")
+        return
+    norms.finish(final)
 
 
 RESULT_FILE = "result.json"
@@ -259,7 +276,7 @@ def run_generation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     from .files import atomic_save_image
     from .generate import generate
 
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     pipe = store.pipeline(settings.model, placement)
     runs = [("image", settings.embeddings, False)]
     if settings.compare and settings.embeddings:
@@ -285,7 +302,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
 
     family = store.family(settings.model)
     family.check_generation(settings.negative, custom_sampler=False)  # Flux.1 has no negative prompt to optimize
-    placement = choose_placement(settings.device, settings.precision)
+    placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the
     # saved conditioning holds both (SD 3.x likewise, T5 reading words); a readable prompt is

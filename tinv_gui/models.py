@@ -23,8 +23,14 @@ from pathlib import Path
 import torch
 
 from .demo_model import DEMO_NAMES, SDXL_DEMO_NAME, demo_model_dir, demo_sdxl_dir
-from .demo_sd3_flux import FLUX_DEMO_NAME, SD3_DEMO_NAME, demo_flux_dir, demo_sd3_dir
-from .device import Placement, store_in_bf16_between_calls, store_linear_weights_in_bf16
+from .demo_sd3_flux import (
+    FLUX_DEMO_NAME,
+    SD3_DEMO_NAME,
+    demo_flux_dir,
+    demo_sd3_dir,
+    fit_demo_flux,
+)
+from .device import FP8, Placement, store_in_bf16_between_calls, store_linear_weights
 from .families import Family, family_for_checkpoint, family_for_index, family_of
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -75,7 +81,7 @@ def resolve_source(model: str) -> ModelSource:
     """Turn what the user typed into a ModelSource, building the demo model on first use."""
     model = (model or "").strip()
     if not model:
-        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or 'demo' / 'demo-sdxl'")
+        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or an offline demo model ('demo', 'demo-sdxl', 'demo-sd3', 'demo-flux')")
     if model in DEMO_NAMES:
         root = demo_model_dir(model)
         return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip"),))
@@ -290,20 +296,27 @@ class ModelStore:
             raise problem from error
         self.loads += 1
         pipe.set_progress_bar_config(disable=True)
+        for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
+            module.requires_grad_(False)
+            module.eval()
+        if placement is not None and placement.fp8_weights:
+            # Before the pipeline moves: the largest parts reach the device in 8 bits, never whole in bf16.
+            t5 = [] if family.t5_encoder is None else [family.text_encoders(pipe)[family.t5_encoder]]
+            for module in (family.denoiser(pipe), *t5):
+                store_linear_weights(module, FP8, placement.device)
         if placement is not None:
             pipe.to(placement.device)
             if placement.device.type == "cuda":
                 _try_xformers(pipe)
-        for module in (family.denoiser(pipe), pipe.vae, *family.text_encoders(pipe)):
-            module.requires_grad_(False)
-            module.eval()
         if placement is not None and placement.lean_storage:
             # fp32 compute, half the bytes: the VAE idles during the steps; the text encoders' linear layers
             store_in_bf16_between_calls(pipe.vae)
             for index, text_encoder in enumerate(family.text_encoders(pipe)):
                 if index != family.t5_encoder:  # T5 casts its activations to its feed-forward weights' dtype (bf16 then)
-                    store_linear_weights_in_bf16(text_encoder)
+                    store_linear_weights(text_encoder, torch.bfloat16)
         family.prepare(pipe)
+        if source.name == FLUX_DEMO_NAME:
+            fit_demo_flux(pipe)
         return pipe
 
     def word_table(self, model: str, encoder: int) -> torch.Tensor:

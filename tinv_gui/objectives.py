@@ -108,7 +108,9 @@ class FlowMatching(Objective):
     mean 0, std 1), picked from the pipeline's FlowMatchEulerDiscreteScheduler table (which holds
     the config's `shift`, 3.0 for SD 3.x; Flux.1's resolution-dependent shift is applied at
     sampling time only, and the scripts train without it, as here); noisy latents
-    (1 - sigma) * latents + sigma * noise; the target is the velocity noise - latents; the loss
+    (1 - sigma) * latents + sigma * noise; the target is the velocity noise - latents, as the Flux
+    script and OneTrainer have it (the SD3 script's default --precondition_outputs 1 compares
+    noisy - sigma * prediction with the latents instead: the same loss weighted by sigma²); the loss
     weighted per sample by `compute_loss_weighting_for_sd3` (all ones under logit-normal). Min-SNR
     weighting does not apply to it."""
 

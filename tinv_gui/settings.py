@@ -39,7 +39,7 @@ DEFAULT_PROMPT_LENGTH = 16
 SEARCH_MODES = ("continuous", "hard")
 
 # Settings several classes share.
-MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'"
+MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or an offline demo model: 'demo', 'demo-sdxl', 'demo-sd3', 'demo-flux'"
 
 
 def _model(**extra):
@@ -59,6 +59,16 @@ def _device():
 
 def _precision():
     return setting("auto", label="Precision", help="auto picks the fastest safe choice for the device.")
+
+
+def _fp8_weights(**extra):
+    return setting(
+        False, label="8-bit weights",
+        help="Stores the denoiser's (UNet's or transformer's) and T5's linear weights in 8-bit floats: half their bf16 bytes, so SD 3.5 "
+        "Large and Flux.1-dev fit a 24 GB GPU. Costs one rounding of those frozen weights (scaled per row); the learned word is "
+        "used later with the full-precision model. Not on Apple's MPS.",
+        **extra,
+    )
 
 
 def _output_dir(what: str):
@@ -215,6 +225,7 @@ class TrainSettings:
     )
     device: str = _device()
     precision: Precision = _precision()
+    fp8_weights: bool = _fp8_weights(methods=DIFFUSION_METHODS)
     extra: dict = dataclasses.field(default_factory=dict)
 
     def resolved(self) -> TrainSettings:
@@ -287,6 +298,7 @@ class PromptSettings:
     seed: int = _seed()
     device: str = _device()
     precision: Precision = _precision()
+    fp8_weights: bool = _fp8_weights()
     log_jsonl: str | None = _log_jsonl()
 
     @property
@@ -332,6 +344,7 @@ class EvalSettings:
     clip_model: str | None = _clip_model("CLIP model to score with (default: the one matching --model)")
     device: str = _device()
     precision: Precision = _precision()
+    fp8_weights: bool = _fp8_weights()
     save_images: str | None = setting(None, label="Keep pictures in", help="keep the generated pictures in this folder", path="folder")
     json_path: str | None = setting(None, label="JSON file", help="write the figures to this JSON file", flag="--json", path="output_file")
 
@@ -403,6 +416,7 @@ class GenerateSettings:
     output: str = setting("", label="Output", help="the PNG to write", required=True, path="output_file", suffixes=(".png",))
     device: str = _device()
     precision: Precision = _precision()
+    fp8_weights: bool = _fp8_weights()
 
     def check(self) -> GenerateSettings:
         """Raises SettingsError naming the first bad value; returns self."""

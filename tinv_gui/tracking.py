@@ -30,14 +30,18 @@ class RunTrackers:
     @classmethod
     def start(cls, log_with: str, output_dir, run_name: str, config: dict, reporter: Reporter) -> RunTrackers:
         """Start the trackers `log_with` names (a TRACKERS key), writing TensorBoard's files to
-        `output_dir`/logs/`run_name`-(time); only the main process of a distributed run logs."""
+        `output_dir`/logs/`run_name`-(time), a folder of the run's own (new_run_folder); only the
+        main process of a distributed run logs."""
         started = []
         if reporter.process is not None and not reporter.process.is_main:
             return cls(started, reporter)
+        log_folder = Path(output_dir) / LOG_FOLDER
         run = f"{run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         for name in TRACKERS[log_with]:
             try:
-                tracker = _make(name, run, Path(output_dir) / LOG_FOLDER, config)
+                if name == "tensorboard":  # W&B (after it) names the run the same
+                    run = new_run_folder(log_folder, run).name
+                tracker = _make(name, run, log_folder, config)
             except Exception as error:  # noqa: BLE001 - a missing or failing logger must not cost the run
                 reporter.log(f"not logging to {name} ({type(error).__name__}: {error}); {INSTALL[name]} to use it")
                 continue
@@ -87,6 +91,22 @@ class RunTrackers:
             except Exception:  # noqa: BLE001, S110 - the run's own result matters more than closing a log
                 pass
         self.trackers = []
+
+
+def new_run_folder(log_folder: Path, run: str) -> Path:
+    """A new, empty `log_folder`/`run`, or `run`-2, `run`-3, ... when that is taken: two runs
+    started within the same second (two visitors, two commands) would otherwise write into
+    one folder, and TensorBoard would draw their curves as one. Made at once, so it is taken
+    by whoever gets there first, however many processes ask."""
+    log_folder.mkdir(parents=True, exist_ok=True)
+    folder, n = log_folder / run, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            n += 1
+            folder = log_folder / f"{run}-{n}"
 
 
 def _make(name: str, run: str, log_folder: Path, config: dict):

@@ -43,9 +43,9 @@ def tokens_used_text(vectors: int) -> str:
 
 class NormWatch:
     """Watches a run's vectors ([n, sum of the encoders' widths]) through the reporter
-    (Reporter.vector_watchers): every so many steps (MAX_NORM_EVENTS in a run, and the last
-    step) a VectorNorms event, and one warning per vector the first time it leaves its
-    encoder's ordinary range. `history` keeps what was sent, for the run's result file."""
+    (Reporter.vector_watchers): every so many steps (MAX_NORM_EVENTS in a run, and the step the
+    run ended at: its last, or with `finish` the one it stopped or failed at) a VectorNorms
+    event, and one warning per vector the first time it leaves its encoder's ordinary range. `history` keeps what was sent, for the run's result file."""
 
     def __init__(self, tables: list[torch.Tensor], names: list[str], reporter: Reporter):
         self.names = names
@@ -61,6 +61,17 @@ class NormWatch:
         step = self.reporter.steps_done
         if step % self.every and step < self.reporter.total_steps:
             return
+        self._send(step, vectors)
+
+    def finish(self, final: torch.Tensor) -> None:
+        """At the run's end (finished, stopped or failed): the `final` vectors (as saved) become
+        the curve's last point when the run ended between two measured steps, so the plot ends
+        where the embedding did (and on the lengths the result file gives as "final")."""
+        step = self.reporter.steps_done
+        if step > 0 and not (self.history and self.history[-1].step >= step):
+            self._send(step, final)
+
+    def _send(self, step: int, vectors: torch.Tensor) -> None:
         event = VectorNorms(step, self.measure(vectors), self.ordinary)
         self.history.append(event)
         self.reporter.emit(event)

@@ -28,6 +28,7 @@ class TransformerFamily(Family):
     checkpoint_tensor = ""  # the tensor (of its first block) only its single-file checkpoints hold
     partial_embeddings = True  # OneTrainer's files for these families hold only the parts of the text encoders it loaded
     size_multiple = 16  # the VAE's 8 times the transformer's 2x2 patches
+    usual_resolution = 1024  # SD 3.x's and Flux.1's native size
 
     def matches_checkpoint(self, keys):
         return has_tensor(keys, self.checkpoint_tensor)

@@ -18,6 +18,7 @@ import gradio as gr
 from ..demo_model import ASSETS_DIR
 from ..engine import Engine, Job
 from ..models import DEFAULT_MODEL
+from .host import host_flag, host_number
 from .limits import VisitorLimits
 from .progress import RunView
 from .tab_dataset import DatasetTab
@@ -79,10 +80,10 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         self.prompt_jobs: dict[str, Job] = {}  # visitor key -> their latest prompt-from-image job
         self.crop_views: dict[str, tuple[bool, int]] = {}  # visitor key -> (buckets, resolution) the Dataset tab shows crops for
         # On a shared server, visitors may name Hub models only, not files of the server.
-        self.shared = bool(os.environ.get("SPACE_ID") or os.environ.get("TINV_GUI_SHARED"))
+        self.shared = bool(os.environ.get("SPACE_ID")) or host_flag("TINV_GUI_SHARED")
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab
         if self.shared:  # one visitor's job cannot hold the queue for ever
-            self.engine.time_limit_s = float(os.environ.get("TINV_GUI_MAX_JOB_MINUTES", "60")) * 60
+            self.engine.time_limit_s = host_number("TINV_GUI_MAX_JOB_MINUTES") * 60
         # ... nor with many generations, measurements or prompt searches (limits.py).
         self.visitor_limits = VisitorLimits.from_env() if self.shared else None
         self.followers: dict[str, int] = {}  # job id -> pages following it now

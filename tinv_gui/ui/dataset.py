@@ -9,7 +9,6 @@ then "N_name/picture.png"."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from collections import Counter
@@ -33,6 +32,7 @@ from ..data import (
     training_size,
 )
 from ..files import atomic_write_text
+from .host import host_number
 from .workspace import Workspace, sanitize_filename, unique_path
 
 # Smaller than this a picture is refused; smaller than SOFT_SIDE it is kept with a warning.
@@ -40,13 +40,13 @@ MIN_SIDE = 64
 SOFT_SIDE = 256
 MAX_ZIP_MEMBERS = 500
 # Pictures one visitor may keep: textual inversion wants 3 to 20; this bounds a shared server's disk.
-MAX_PICTURES = int(os.environ.get("TINV_GUI_MAX_PICTURES", "100"))
+MAX_PICTURES = host_number("TINV_GUI_MAX_PICTURES")
 MAX_MEMBER_BYTES = 50 * 1024 * 1024
 # Bytes one upload may unpack from zips (a small zip can hold gigabytes of members).
-MAX_UNPACKED_BYTES = int(os.environ.get("TINV_GUI_MAX_UNPACKED_MB", "500")) * 1024 * 1024
+MAX_UNPACKED_BYTES = host_number("TINV_GUI_MAX_UNPACKED_MB") * 1024 * 1024
 # Pictures are kept at most this large on their shorter side: training crops a square at 512
 # (SD 1.x) to 1024 (SDXL), so anything larger only costs disk, memory and every gallery redraw.
-MAX_SIDE = int(os.environ.get("TINV_GUI_PICTURE_SIDE", "1024"))
+MAX_SIDE = host_number("TINV_GUI_PICTURE_SIDE")
 MAX_REFUSED = 50  # refused uploads listed (their names and reasons; their bytes are not kept)
 PROBLEMS_FILE = "problems.json"
 # The resolution the crops are shown at when the model's own is not known yet: SD 1.x's. Bucket

@@ -8,7 +8,9 @@ import os
 
 import gradio as gr
 
-MAX_GPU_DURATION_S = int(os.environ.get("TINV_GUI_MAX_GPU_SECONDS", "1500"))  # ZeroGPU's longest call
+from .host import host_number
+
+MAX_GPU_DURATION_S = host_number("TINV_GUI_MAX_GPU_SECONDS")  # ZeroGPU's longest call
 # On ZeroGPU Spaces every GPU call runs in a fork of the server, which holds the GPU only while
 # the call lasts: a job must start, run and end inside the call that started it.
 ZERO_GPU = os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -21,6 +20,7 @@ from collections.abc import Callable
 import gradio as gr
 
 from .gpu import ZERO_GPU
+from .host import host_number
 
 # How the limited handlers queue: in the engine's queue, so a visitor's calls are counted (and
 # refused past a limit) when they arrive, not when Gradio's queue gets to them; on ZeroGPU, where
@@ -53,23 +53,12 @@ class VisitorLimits:
 
     @classmethod
     def from_env(cls) -> VisitorLimits:
-        """The limits a host set (README, Spaces), else defaults that suit a Space. A value that
-        is not a positive number is refused, naming its variable (0 would refuse every call)."""
-
-        def positive(name: str, default: str) -> float:
-            text = os.environ.get(name, default)
-            try:
-                value = float(text)
-            except ValueError:
-                value = 0.0
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number, not {text!r}")
-            return value
-
+        """The limits a host set (README, Spaces), else defaults that suit a Space; a value that
+        is not one they take (0 would refuse every call) is refused by host_number, naming it."""
         return cls(
-            at_once=max(1, int(positive("TINV_GUI_VISITOR_AT_ONCE", "2"))),
-            per_window=max(1, int(positive("TINV_GUI_VISITOR_CALLS", "60"))),
-            window_s=positive("TINV_GUI_VISITOR_WINDOW_MINUTES", "10") * 60,
+            at_once=host_number("TINV_GUI_VISITOR_AT_ONCE"),
+            per_window=host_number("TINV_GUI_VISITOR_CALLS"),
+            window_s=host_number("TINV_GUI_VISITOR_WINDOW_MINUTES") * 60,
         )
 
     def _refusal(self, key: str, now: float) -> str | None:

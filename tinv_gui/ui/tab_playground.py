@@ -132,7 +132,8 @@ class PlaygroundTab:
             f"a photo of {read_embedding(chosen).token}",
         )
 
-    def generate(self, model, embedding, prompt, negative, steps, guidance, seed, sampler, size, count, strength, compare, request: gr.Request):
+    def generate(self, model, embedding, prompt, negative, steps, guidance, seed, sampler, size, count, strength, compare,
+                 request: gr.Request, fp8_weights: bool = False):
         """Pictures for the prompt with the chosen embedding and, with `compare`, the same seeds without it."""
         ws = self.workspace(request)
         prompt = (prompt or "").strip()
@@ -151,7 +152,7 @@ class PlaygroundTab:
             model=model, output=str(out / "picture.png"), prompt=prompt, negative=(negative or "").strip() or None,
             embeddings=[str(path)] if path else [], strength=float(strength), sampler=sampler, steps=int(steps),
             guidance=float(guidance), seed=int(seed), size="x".join(map(str, SIZES[size])) if SIZES.get(size) else None,
-            count=int(count), compare=bool(compare),
+            count=int(count), compare=bool(compare), fp8_weights=bool(fp8_weights),  # the Method tab's, so the warm pipeline serves
         )
         try:
             job = self.engine.generate(settings)
@@ -190,7 +191,7 @@ class PlaygroundTab:
             raise gr.Error("That embedding is not one of your files.")
         return path
 
-    def measure(self, model, embedding, prompt, steps, seed, request: gr.Request):
+    def measure(self, model, embedding, prompt, steps, seed, request: gr.Request, fp8_weights: bool = False):
         """Score the chosen embedding as the textual inversion paper does (tinv_gui.evaluate),
         against its initializer word, showing progress until the figures come."""
         from ..evaluate import EvalSettings
@@ -206,7 +207,7 @@ class PlaygroundTab:
         try:
             settings = EvalSettings(
                 model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES,
-                steps=whole_number("steps", steps), seed=whole_number("seed", seed),
+                steps=whole_number("steps", steps), seed=whole_number("seed", seed), fp8_weights=bool(fp8_weights),
             )
             job = self.engine.evaluate(settings)
         except (SettingsError, ValueError) as error:
@@ -237,7 +238,7 @@ class PlaygroundTab:
                         [("No embedding (the model alone)", NO_EMBEDDING)],
                         value=NO_EMBEDDING,
                         label="Embedding",
-                        info="Trained here, or loaded from a file below. Pictures are drawn with the model chosen on the Method tab.",
+                        info="Trained here, or loaded from a file below. Pictures are drawn with the model (and its 8-bit weights option) chosen on the Method tab.",
                     )
                     c["embedding_file"] = gr.File(
                         label="Load embedding files (diffusers', AUTOMATIC1111's .pt/.png cards, ComfyUI's, kohya's, OneTrainer's; "
@@ -286,7 +287,8 @@ class PlaygroundTab:
         c["embedding"].focus(self.refresh_embeddings, c["embedding"], c["embedding"], api_name="embeddings")
         c["generate"].click(
             self.limited(on_gpu(self.generate)),
-            [c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")],
+            [*(c[k] for k in ("model", "embedding", "prompt", "negative", "gen_steps", "guidance", "seed", "sampler", "size", "count", "strength", "compare")),
+             c["options"]["fp8_weights"]],
             [c["with"], c["without"], c["generate_status"]],
             api_name="generate",
             **QUEUE,
@@ -295,7 +297,7 @@ class PlaygroundTab:
         c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
             self.limited(on_gpu(self.measure)),
-            [c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")],
+            [*(c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")), c["options"]["fp8_weights"]],
             c["scores"],
             api_name="measure",
             show_progress="hidden",

@@ -3,7 +3,6 @@ previews, log), stop it, and offer its files for download."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from ..settings import SettingsError, TrainSettings
 from ..vector_norms import tokens_used_text
 from . import dataset
 from .gpu import MAX_GPU_DURATION_S, ZERO_GPU, on_gpu
+from .host import host_number
 from .options import settings_from_form
 from .progress import (
     POLL_S,
@@ -36,8 +36,8 @@ from .workspace import Workspace
 
 # A shared server's limits (README, Spaces): steps a run may ask for, and how long a visitor may
 # be away from a running job of theirs before it is stopped (a reload within it rejoins the job).
-MAX_STEPS = int(os.environ.get("TINV_GUI_MAX_STEPS", "3000"))
-LEFT_GRACE_S = float(os.environ.get("TINV_GUI_LEFT_GRACE_SECONDS", "120"))
+MAX_STEPS = host_number("TINV_GUI_MAX_STEPS")
+LEFT_GRACE_S = host_number("TINV_GUI_LEFT_GRACE_SECONDS")
 
 
 def training_duration(model, token, init, preset, captions, request=None, **options) -> int:

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .host import host_number
+
 # How long a visitor's folder lives after its last use; long enough to come back for a result.
-DEFAULT_MAX_AGE_S = float(os.environ.get("TINV_GUI_VISITOR_HOURS", "24")) * 3600
+DEFAULT_MAX_AGE_S = host_number("TINV_GUI_VISITOR_HOURS") * 3600
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SESSION_KEY = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
 LAST_USED_FILE = ".last_used"
