@@ -1,8 +1,9 @@
 """Issue 14's "done when" through the app (`python app.py`, driven by gradio_client as a visitor's
 page drives it), on demo-sd3 and demo-flux: each training method trains, its downloads hold a
 part per text encoder at that encoder's width, a run resumes from the file the Playground lists,
-and the Playground draws another picture with the new word (a word of several vectors, from one
-picture). Textual inversion on demo-sd3 and its Playground drawing are in test_app_client.py."""
+the Playground draws another picture with the new word (a word of several vectors, from one
+picture), and (on demo-flux) the Prompt from image tab finds a continuous prompt and draws it.
+Textual inversion on demo-sd3 and its Playground drawing are in test_app_client.py."""
 
 from pathlib import Path
 
@@ -96,15 +97,17 @@ def test_the_playground_draws_another_picture_with_a_word_of_several_vectors(mod
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
 
 
-def test_sd3_prompt_from_a_picture_in_the_app_is_drawn_from_its_continuous_prompt(app_server):
-    """The Prompt from image tab on SD 3.x: the continuous prompt's CLIP parts learn, T5 reads the
-    nearest words (shown), and 'Generate with it' draws from it; the same on Flux.1 runs through
-    the CLI (test_sd3_flux_cli.py), both in-process in test_sd3_flux_clip_space.py."""
+
+
+def test_flux_prompt_from_a_picture_in_the_app_is_drawn_from_its_continuous_prompt(app_server):
+    """The Prompt from image tab on Flux.1: the continuous prompt's CLIP part learns, T5 reads the
+    nearest words (shown), and 'Generate with it' draws from it at the model's own size. SD 3.x
+    runs the same handlers (both families through the CLI in test_sd3_flux_cli.py)."""
     from gradio_client import handle_file
 
-    examples = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
     client = Client(app_server[0], verbose=False, download_files=True)
-    progress, _, prompt = client.predict(model="demo-sd3", image=handle_file(str(examples[0])), readable=False, steps=2, api_name="/find_prompt")
+    example = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))[0]
+    progress, _, prompt = client.predict(model="demo-flux", image=handle_file(str(example)), readable=False, steps=2, api_name="/find_prompt")
     assert "Best CLIP similarity with the picture" in progress and prompt.startswith("(a continuous prompt: its CLIP parts have no words; T5 reads: ")
-    (picture,) = client.predict(model="demo-sd3", api_name="/generate_found")
-    assert Image.open(picture["image"]).size == (64, 64)  # demo-sd3's own size
+    (picture,) = client.predict(model="demo-flux", api_name="/generate_found")
+    assert Image.open(picture["image"]).size == (64, 64)  # demo-flux's own size

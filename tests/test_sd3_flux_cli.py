@@ -3,9 +3,10 @@ makes an embedding trains (textual-inversion, quick, quick-then-ti, caption-init
 a part per text encoder at that encoder's width; each part loads with diffusers' own
 load_textual_inversion into its encoder of a pipeline diffusers loads from the model's folder,
 and the word changes the picture that pipeline draws; a run resumes; the file round-trips through
-`convert`. Every run is one in-process `python -m tinv_gui train` (cli.main), at 64 px for one
-step, shared by the module's tests through a fixture; the runs of a model share one ModelStore
-(as the app's jobs do), so the tiny models load once per model rather than once per run."""
+`convert`; and optimize-prompt's continuous prompt draws with `generate`. Every run is one
+in-process `python -m tinv_gui train` (cli.main), at 64 px for one step, shared by the module's
+tests through a fixture; the runs of a model share one ModelStore (as the app's jobs do), so the
+tiny models load once per model rather than once per run."""
 
 import json
 
@@ -115,6 +116,44 @@ def test_a_resumed_run_continues_from_the_saved_step_and_vectors(model, runs):
     assert resumed.keys == first.keys and all(not torch.equal(resumed.parts[k], first.parts[k]) for k in first.keys)
 
 
+def test_each_file_round_trips_through_convert(model, runs, tmp_path, capsys):
+    for method in RUNS:
+        saved = embedding(runs[method])
+        there = cli_here(capsys, "convert", runs[method] / "learned_embeds.safetensors", "--format", "onetrainer", "--output", f"{tmp_path / method}/onetrainer/")
+        assert there.returncode == 0, there.stderr
+        theirs = there.stdout.split("onetrainer: ", 1)[1].strip()
+        back = cli_here(capsys, "convert", theirs, "--format", "diffusers", "--token", TOKEN, "--output", f"{tmp_path / method}/back/")
+        assert back.returncode == 0, back.stderr
+        again = read_embedding(back.stdout.split("diffusers: ", 1)[1].strip())
+        assert again.token == TOKEN and again.keys == saved.keys and all(torch.equal(again.parts[k], saved.parts[k]) for k in saved.keys), method
+    refused = cli_here(capsys, "convert", runs["textual-inversion"] / "learned_embeds.safetensors", "--format", "a1111-pt", "--output", f"{tmp_path}/a1111/")
+    assert refused.returncode == 2 and "have no" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_prompt_from_a_picture_through_the_cli_draws_with_generate(model, cli_store, tmp_path, capsys):
+    """optimize-prompt's continuous prompt (its CLIP parts learned, T5 reading the nearest words)
+    in the family's conditioning, drawn by `generate --prompt-embeds`."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    widths = cli_store.text_widths(model)
+    make_picture(5).save(tmp_path / "picture.png")
+    pinned = ["--device", "cpu", "--precision", "fp32"]  # the runs' pipeline, loaded once
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("tinv_gui.engine.ModelStore", lambda: cli_store)
+        found = cli_here(capsys, "optimize-prompt", "--model", model, "--image", tmp_path / "picture.png", "--steps", "2", "--length", "3", *pinned,
+                         "--output", tmp_path / "found")
+        assert found.returncode == 0, found.stderr
+        drawn = cli_here(capsys, "generate", "--model", model, "--prompt-embeds", tmp_path / "found" / "prompt_embeds.safetensors", *pinned,
+                         "--steps", "1", "--size", "32x32", "--output", tmp_path / "drawn.png")
+        assert drawn.returncode == 0, drawn.stderr
+    saved = load_file(str(tmp_path / "found" / "prompt_embeds.safetensors"))
+    rows, pooled = (77 + 256, widths[0] + widths[1]) if model == "demo-sd3" else (512, widths[0])  # SD 3.x: both CLIPs' and T5's rows
+    assert saved["prompt_embeds"].shape == (1, rows, widths[-1]) and saved["pooled_prompt_embeds"].shape == (1, pooled)
+    assert (tmp_path / "found" / "t5_prompt.txt").read_text(encoding="utf-8").strip()
+    assert Image.open(tmp_path / "drawn.png").size == (32, 32)
+
+
 def with_diffusers_loader(pipe):
     """`pipe` itself when its class has diffusers' load_textual_inversion; else (SD 3.x's class
     does not mix in TextualInversionLoaderMixin: a user adds it, as here) a pipeline of its class
@@ -140,7 +179,7 @@ def test_each_file_loads_into_the_diffusers_pipeline_one_call_per_encoder_and_ch
         generators = [torch.Generator().manual_seed(0) for _ in prompts]
         return pipe(prompts, num_inference_steps=1, height=32, width=32, guidance_scale=1.0, generator=generators, output_type="np").images
 
-    # The module's own pipeline (nothing after this test uses it): first without the words, as plain text.
+    # The module's own pipeline (this test comes last: nothing after it uses it): first without the words, as plain text.
     pipe = with_diffusers_loader(fp32_pipeline(cli_store, model))
     family = family_of(pipe)
     without = draw(pipe)
@@ -152,37 +191,3 @@ def test_each_file_loads_into_the_diffusers_pipeline_one_call_per_encoder_and_ch
             assert torch.equal(rows, state[key]), (method, key)
     for method, with_word, plain in zip(RUNS, draw(pipe), without):
         assert not np.array_equal(with_word, plain), method  # the same seed: the word makes the difference
-
-
-def test_each_file_round_trips_through_convert(model, runs, tmp_path, capsys):
-    for method in RUNS:
-        saved = embedding(runs[method])
-        there = cli_here(capsys, "convert", runs[method] / "learned_embeds.safetensors", "--format", "onetrainer", "--output", f"{tmp_path / method}/onetrainer/")
-        assert there.returncode == 0, there.stderr
-        theirs = there.stdout.split("onetrainer: ", 1)[1].strip()
-        back = cli_here(capsys, "convert", theirs, "--format", "diffusers", "--token", TOKEN, "--output", f"{tmp_path / method}/back/")
-        assert back.returncode == 0, back.stderr
-        again = read_embedding(back.stdout.split("diffusers: ", 1)[1].strip())
-        assert again.token == TOKEN and again.keys == saved.keys and all(torch.equal(again.parts[k], saved.parts[k]) for k in saved.keys), method
-    refused = cli_here(capsys, "convert", runs["textual-inversion"] / "learned_embeds.safetensors", "--format", "a1111-pt", "--output", f"{tmp_path}/a1111/")
-    assert refused.returncode == 2 and "have no" in refused.stderr and "Traceback" not in refused.stderr
-
-
-def test_flux_prompt_from_a_picture_through_the_cli_draws_with_generate(tmp_path, capsys):
-    """optimize-prompt's continuous prompt on Flux.1 (its CLIP-L part learned, T5 reading the
-    nearest words), drawn by `generate --prompt-embeds`; the same on SD 3.x runs in the app
-    (test_sd3_flux_app.py), both in-process in test_sd3_flux_clip_space.py."""
-    from PIL import Image
-    from safetensors.torch import load_file
-
-    make_picture(5).save(tmp_path / "picture.png")
-    found = cli_here(capsys, "optimize-prompt", "--model", "demo-flux", "--image", tmp_path / "picture.png", "--steps", "2", "--length", "3",
-                     "--device", "cpu", "--precision", "fp32", "--output", tmp_path / "found")
-    assert found.returncode == 0, found.stderr
-    saved = load_file(str(tmp_path / "found" / "prompt_embeds.safetensors"))
-    assert saved["prompt_embeds"].shape[1:] == (512, 128) and saved["pooled_prompt_embeds"].shape == (1, 32)  # Flux.1's conditioning
-    assert (tmp_path / "found" / "t5_prompt.txt").read_text(encoding="utf-8").strip()
-    drawn = cli_here(capsys, "generate", "--model", "demo-flux", "--prompt-embeds", tmp_path / "found" / "prompt_embeds.safetensors",
-                     "--steps", "1", "--size", "32x32", "--output", tmp_path / "drawn.png")
-    assert drawn.returncode == 0, drawn.stderr
-    assert Image.open(tmp_path / "drawn.png").size == (32, 32)
