@@ -109,5 +109,5 @@ def test_flux_prompt_from_a_picture_in_the_app_is_drawn_from_its_continuous_prom
     example = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))[0]
     progress, _, prompt = client.predict(model="demo-flux", image=handle_file(str(example)), readable=False, steps=2, api_name="/find_prompt")
     assert "Best CLIP similarity with the picture" in progress and prompt.startswith("(a continuous prompt: its CLIP parts have no words; T5 reads: ")
-    (picture,) = client.predict(model="demo-flux", api_name="/generate_found")
+    (picture,) = client.predict(model="demo-flux", steps=2, api_name="/generate_found")
     assert Image.open(picture["image"]).size == (64, 64)  # demo-flux's own size
