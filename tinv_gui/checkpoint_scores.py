@@ -28,7 +28,6 @@ RULE = (
     "the best balance of likeness and editability: each is scaled from the worst checkpoint (0) to the best (1), "
     "and the checkpoint with the highest sum is recommended (the earlier one on a tie)"
 )
-GUIDANCE = 7.5  # evaluate's default: a checkpoint is drawn as the Playground and `evaluate` draw it
 
 
 def scored_saves(choice: str) -> tuple[str, int]:
@@ -117,9 +116,9 @@ class CheckpointScorer:
         likeness, editability = [], []
         size = self.settings.resolution or self.store.family(self.settings.model).native_resolution(pipe)
         with plain_vocabularies(text_encoders(pipe)):
-            for column, prompt in enumerate(self.prompts):
+            for column, prompt in enumerate(self.prompts):  # at the family's own guidance, as evaluate's and the Playground's default
                 picture = generate(
-                    pipe, prompt, embeddings=[path], steps=self.settings.preview_steps, guidance=GUIDANCE,
+                    pipe, prompt, embeddings=[path], steps=self.settings.preview_steps,
                     seed=self.settings.seed + column, size=(size, size), placement=self.placement,
                 )
                 image, text = clip_similarities(clip, picture, reference, without_token(prompt, self.token))
@@ -167,5 +166,5 @@ class CheckpointScorer:
             "prompts": self.prompts,
             "seeds": [self.settings.seed + i for i in range(len(self.prompts))],
             "denoising_steps": self.settings.preview_steps,
-            "guidance": GUIDANCE,
+            "guidance": self.store.family(self.settings.model).default_guidance,  # evaluate's and the Playground's default
         }
