@@ -96,27 +96,40 @@ def flow_vae(scaling_factor: float, shift_factor: float):
                          latent_channels=16, norm_num_groups=32, scaling_factor=scaling_factor, shift_factor=shift_factor)
 
 
-def build_sd35(model: str, blocks: dict[str, int]):
-    """A StableDiffusion3Pipeline with SD 3.5 Medium's or Large's shapes, `blocks` of each kind, random weights."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        SD3Transformer2DModel,
-        StableDiffusion3Pipeline,
-    )
-    from transformers import CLIPTextModelWithProjection
-
-    from tinv_gui.demo_model import load_clip_tokenizer
-    from tinv_gui.demo_sd3_flux import build_t5_tokenizer
+def sd35_transformer(model: str, blocks: dict[str, int]):
+    """An SD3Transformer2DModel with SD 3.5 Medium's or Large's shapes, `blocks` of each kind, random weights."""
+    from diffusers import SD3Transformer2DModel
 
     if model == "sd35-medium":  # the dual-attention layers come first, the last layer reads the prompt only
         layers, heads, max_pos, dual = blocks["dual"] + blocks["mmdit"], 24, 384, tuple(range(blocks["dual"]))
     else:
         layers, heads, max_pos, dual = blocks["mmdit"], 38, 192, ()
-    transformer = SD3Transformer2DModel(
+    return SD3Transformer2DModel(
         sample_size=128, patch_size=2, in_channels=16, num_layers=layers, attention_head_dim=64, num_attention_heads=heads,
         joint_attention_dim=4096, caption_projection_dim=64 * heads, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=max_pos, dual_attention_layers=dual, qk_norm="rms_norm",
     )
+
+
+def flux_dev_transformer(blocks: dict[str, int]):
+    """A FluxTransformer2DModel with Flux.1-dev's shapes, `blocks` of each kind, random weights."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=blocks["double"], num_single_layers=blocks["single"], attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+    )
+
+
+def build_sd35(model: str, blocks: dict[str, int]):
+    """A StableDiffusion3Pipeline with SD 3.5 Medium's or Large's shapes, `blocks` of each kind, random weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    from tinv_gui.demo_model import load_clip_tokenizer
+    from tinv_gui.demo_sd3_flux import build_t5_tokenizer
+
+    transformer = sd35_transformer(model, blocks)
     tokenizer = load_clip_tokenizer()
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=flow_vae(1.5305, 0.0609),
@@ -128,20 +141,13 @@ def build_sd35(model: str, blocks: dict[str, int]):
 
 def build_flux_dev(blocks: dict[str, int]):
     """A FluxPipeline with Flux.1-dev's shapes, `blocks` of each kind, random weights."""
-    from diffusers import (
-        FlowMatchEulerDiscreteScheduler,
-        FluxPipeline,
-        FluxTransformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextModel
 
     from tinv_gui.demo_model import load_clip_tokenizer
     from tinv_gui.demo_sd3_flux import build_t5_tokenizer
 
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=blocks["double"], num_single_layers=blocks["single"], attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-    )
+    transformer = flux_dev_transformer(blocks)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(

@@ -162,3 +162,27 @@ def test_mps_is_refused_with_what_to_do(monkeypatch):
 def test_the_option_is_part_of_the_placement_and_says_so():
     assert EIGHT_BIT != EXACT and str(EIGHT_BIT) != str(EXACT)  # the store's pipeline key
     assert "linear weights stored in fp8" in EIGHT_BIT.describe() and "fp8" not in EXACT.describe()
+
+
+def test_the_playground_draws_with_the_method_tabs_8_bit_choice(tmp_path, monkeypatch):
+    """Generation shares the training's pipeline, so the Playground passes the Method tab's choice on."""
+    import types
+
+    import gradio as gr
+
+    from tinv_gui.ui.app import TinvApp
+    from tinv_gui.ui.workspace import Workspaces
+
+    app = TinvApp(workspaces=Workspaces(tmp_path), hub=(False, "offline"))
+    asked = []
+
+    def generate(settings):
+        asked.append(settings.fp8_weights)
+        raise ValueError("not drawn here")
+
+    monkeypatch.setattr(app.engine, "generate", generate)
+    request = types.SimpleNamespace(session_hash="visitor")
+    for choice in (True, False):
+        with pytest.raises(gr.Error, match="not drawn here"):
+            list(app.generate("demo", "none", "a cube", "", 2, 7.5, 0, "Model default", "Model default", 1, 1.0, False, request, choice))
+    assert asked == [True, False]

@@ -235,6 +235,7 @@ def store_linear_weights(module: torch.nn.Module, dtype: torch.dtype, device: to
             weight = (weight.float() / scale).to(FP8).view(torch.int8)
         else:
             weight = weight.to(dtype)
+        layer.weight.requires_grad_(False)  # frozen: only the inputs get a gradient
         layer.weight.data = weight
         layer.register_buffer("weight_scale", scale, persistent=False)
         layer.forward = functools.partial(_linear_from_stored, layer, compute_dtype)

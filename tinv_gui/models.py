@@ -81,7 +81,7 @@ def resolve_source(model: str) -> ModelSource:
     """Turn what the user typed into a ModelSource, building the demo model on first use."""
     model = (model or "").strip()
     if not model:
-        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or 'demo' / 'demo-sdxl'")
+        raise ModelLoadError("no model given: name a Hub id, a local folder or checkpoint file, or an offline demo model ('demo', 'demo-sdxl', 'demo-sd3', 'demo-flux')")
     if model in DEMO_NAMES:
         root = demo_model_dir(model)
         return ModelSource(model, "folder", str(root / "sd"), (str(root / "clip"),))

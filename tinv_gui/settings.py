@@ -39,7 +39,7 @@ DEFAULT_PROMPT_LENGTH = 16
 SEARCH_MODES = ("continuous", "hard")
 
 # Settings several classes share.
-MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or 'demo' / 'demo-sdxl'"
+MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or an offline demo model: 'demo', 'demo-sdxl', 'demo-sd3', 'demo-flux'"
 # The numbers are the families' pipelines' own defaults (Family.default_guidance; a test keeps them so).
 GUIDANCE_HELP = "how closely to follow the prompt (default: the model's own: SD 1.x/2.x 7.5, SDXL 5, SD 3.x 7, Flux.1 3.5)"
 
