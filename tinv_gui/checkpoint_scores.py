@@ -70,6 +70,7 @@ class CheckpointScorer:
         self._saves = 0
         self.failed = False  # scoring was given up (score says why)
         self._loaded = None
+        self.guidance: float | None = None  # what the checkpoints are drawn at: the family's own (None before any is)
 
     def saved(self, path: str, step: int) -> None:
         """Called as each numbered checkpoint is saved (EmbeddingWriter.on_saved): scored now when
@@ -114,9 +115,11 @@ class CheckpointScorer:
     def _score(self, path: str, step: int) -> CheckpointScore:
         pipe, clip, reference = self._load()
         likeness, editability = [], []
-        size = self.settings.resolution or self.store.family(self.settings.model).native_resolution(pipe)
+        family = self.store.family(self.settings.model)
+        size = self.settings.resolution or family.native_resolution(pipe)
+        self.guidance = family.default_guidance  # generate's default, as evaluate's and the Playground's
         with plain_vocabularies(text_encoders(pipe)):
-            for column, prompt in enumerate(self.prompts):  # at the family's own guidance, as evaluate's and the Playground's default
+            for column, prompt in enumerate(self.prompts):
                 picture = generate(
                     pipe, prompt, embeddings=[path], steps=self.settings.preview_steps,
                     seed=self.settings.seed + column, size=(size, size), placement=self.placement,
@@ -166,5 +169,5 @@ class CheckpointScorer:
             "prompts": self.prompts,
             "seeds": [self.settings.seed + i for i in range(len(self.prompts))],
             "denoising_steps": self.settings.preview_steps,
-            "guidance": self.store.family(self.settings.model).default_guidance,  # evaluate's and the Playground's default
+            "guidance": self.guidance,
         }
