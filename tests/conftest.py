@@ -107,8 +107,11 @@ def _serve_app(tmp_path_factory, **env):
 
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
-    """The app as `python app.py` runs it: (url, visitors folder)."""
-    yield from _serve_app(tmp_path_factory)
+    """The app as `python app.py` runs it on a server: (url, visitors folder). Its visitors'
+    folders lie outside the system's temporary folder (as with TINV_GUI_VISITORS=/srv/visitors):
+    the app's TMPDIR is a folder of its own, so their files reach the page through the hand-out
+    copies (Workspace.served). The ZeroGPU server below keeps them inside it, the default."""
+    yield from _serve_app(tmp_path_factory, TMPDIR=str(tmp_path_factory.mktemp("server-temp")))
 
 
 @pytest.fixture(scope="module")

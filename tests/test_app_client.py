@@ -13,6 +13,7 @@ from gradio_client.exceptions import AppError
 from tinv_gui.formats import EmbeddingFile, read_embedding, write_embedding
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
+STEPS = 60  # the first run's: enough for its loss to fall and for the page to follow it as it goes
 
 
 def visitor(url: str) -> Client:
@@ -49,12 +50,12 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
     assert len(gallery) == 4 and "4 picture(s) ready" in status
     assert [row[0] for row in table["data"]] == [p.name for p in EXAMPLES]
 
-    job = _train(client, steps=600, batch_size=4)  # seconds long, so the page is seen following it
+    job = _train(client, steps=STEPS, batch_size=4)  # seconds long, so the page is seen following it
     summaries = [update[0] for update in job]
     final = job.result()
     # The page followed the run while it went, not only at the end.
     assert any("Training: step" in s for s in summaries), summaries[:5]
-    assert "Done: step 600 / 600" in final[0]
+    assert f"Done: step {STEPS} / {STEPS}" in final[0]
     curves = {}
     plot = final[1].get("value", final[1])  # an update: the frame, and colours for its curves
     assert set(final[1].get("color_map") or {}) == {"quick (raw)", "quick (smoothed)"}, final[1].keys()
@@ -63,10 +64,12 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
         curves.setdefault(curve, []).append(loss)
         steps.setdefault(curve, []).append(step)
     assert set(curves) == {"quick (raw)", "quick (smoothed)"}
-    # A long run's curve is thinned for the browser, from the first step to the last.
-    assert 150 <= len(curves["quick (raw)"]) <= 600 and steps["quick (raw)"][0] == 1 and steps["quick (raw)"][-1] == 600
+    # A run this short reaches the page whole, every step of it (test_ui_parts: a long one is thinned).
+    assert steps == {"quick (raw)": list(range(1, STEPS + 1)), "quick (smoothed)": list(range(1, STEPS + 1))}
     raw = curves["quick (raw)"]
-    assert sum(raw[-20:]) / 20 < sum(raw[:20]) / 20  # the loss fell
+    # The loss fell, clearly: vectors that do not learn (a learning rate of ~0) end within 2% of
+    # where they began, these at ~0.78 of it after 60 steps.
+    assert sum(raw[-20:]) / 20 < 0.9 * sum(raw[:5]) / 5, raw
     assert "Finished." in final[3]
 
     downloads = {Path(p).name: p for p in final[4]}  # every format, each said what it is for
@@ -88,8 +91,8 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
 
     with pytest.raises(AppError, match="QuickEmbedding runs start afresh"):
         _train(client, resume=embedding).result()
-    resumed = _train(client, preset="Thorough", steps=602, batch_size=1, resume=embedding).result()  # named as the Playground lists it
-    assert "Done: step 602 / 602" in resumed[0], resumed[0]
+    resumed = _train(client, preset="Thorough", steps=STEPS + 2, batch_size=1, resume=embedding).result()  # named as the Playground lists it
+    assert f"Done: step {STEPS + 2} / {STEPS + 2}" in resumed[0], resumed[0]
     from PIL import Image
 
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
@@ -204,17 +207,17 @@ def test_prompt_from_image_finds_words_and_draws_them(app_server):
     progress, plot, prompt = job.result()
     assert "Best CLIP similarity with the picture" in progress and len(plot["data"]) == 6
     assert prompt and not prompt.startswith("(")  # readable words
-    (picture,) = client.predict(model="demo", api_name="/generate_found")
+    (picture,) = client.predict(model="demo", steps=2, api_name="/generate_found")
     assert Path(picture["image"]).is_file()
 
     _, _, prompt = client.predict(model="demo", image=handle_file(str(EXAMPLES[1])), readable=False, steps=3, api_name="/find_prompt")
     assert "continuous prompt" in prompt
-    assert len(client.predict(model="demo", api_name="/generate_found")) == 1  # drawn from its prompt_embeds
+    assert len(client.predict(model="demo", steps=2, api_name="/generate_found")) == 1  # drawn from its prompt_embeds
 
     # SDXL too: its continuous prompt carries both text encoders' conditioning and the pooled one.
     _, _, prompt = client.predict(model="demo-sdxl", image=handle_file(str(EXAMPLES[2])), readable=False, steps=3, api_name="/find_prompt")
     assert "continuous prompt" in prompt
-    (picture,) = client.predict(model="demo-sdxl", api_name="/generate_found")
+    (picture,) = client.predict(model="demo-sdxl", steps=2, api_name="/generate_found")
     assert Path(picture["image"]).is_file()
 
 

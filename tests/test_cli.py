@@ -1,27 +1,18 @@
-"""End to end through the command line, as a user runs it: the quick run in a process of its own
-(`python -m tinv_gui`), the other commands through the same cli.main in this process."""
+"""End to end through the command line, as a user runs it, through the same cli.main that
+`python -m tinv_gui` calls, in this process. `python -m tinv_gui train` as a process of its own,
+its exit statuses and signals, is in test_distributed, test_robustness and test_hardening."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from conftest import cli_here
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def run_cli(*args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "tinv_gui", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path, store):
+def test_quick_training_through_the_cli_loads_in_diffusers(picture_dir, tmp_path, store, capsys):
     out = tmp_path / "out"
     log = tmp_path / "log.jsonl"
-    done = run_cli("train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<cli-toy>",
+    done = cli_here(capsys, "train", "--method", "quick", "--model", "demo", "--images", str(picture_dir), "--token", "<cli-toy>",
                    "--init", "toy", "--steps", "12", "--batch-size", "8", "--output", str(out), "--log-jsonl", str(log),
                    "--save-every", "6", "--score-checkpoints", "after", "--preview-steps", "1")
     assert done.returncode == 0, done.stderr

@@ -404,23 +404,14 @@ def test_uploads_are_bounded_refused_bytes_dropped_and_big_pictures_downscaled_o
 
 
 # ----------------------------------------------------------------------------- 3: serving
-@pytest.fixture(scope="module")
-def app_outside_temp(tmp_path_factory):
-    """The app with its visitors' folders outside the system's temporary folder (as with
-    TINV_GUI_VISITORS=/srv/visitors): the app's TMPDIR is a folder of its own."""
-    from conftest import _serve_app
-
-    temp = tmp_path_factory.mktemp("server-temp")
-    yield from _serve_app(tmp_path_factory, TMPDIR=str(temp))
-
-
-def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_outside_temp, tmp_path):
+def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_server, tmp_path):
+    """app_server keeps its visitors' folders outside the system's temporary folder."""
     import urllib.error
     import urllib.request
 
     from gradio_client import Client, handle_file
 
-    url, visitors = app_outside_temp
+    url, visitors = app_server
     client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
     examples = sorted((ROOT / "assets" / "examples").glob("*.png"))
     evil = tmp_path / "evil.svg"
@@ -431,7 +422,7 @@ def test_visitor_files_outside_the_temp_folder_reach_only_their_visitor(app_outs
     downloads = {Path(p).name: Path(p) for p in final[4]}
     assert downloads["learned_embeds.safetensors"].stat().st_size > 0  # the visitor gets their files
 
-    [embedding] = visitors.glob("*/runs/*/learned_embeds.safetensors")
+    [embedding] = (visitors / client.session_hash).glob("runs/*/learned_embeds.safetensors")
     assert not list(visitors.rglob("*.svg"))  # a refused upload is not kept
     for path in (embedding, embedding.parent.parent.parent / "pictures" / examples[0].name):
         with pytest.raises(urllib.error.HTTPError) as refused:  # nobody gets them by naming their path

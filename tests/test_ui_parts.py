@@ -136,6 +136,13 @@ def test_loss_curve_has_raw_and_smoothed_for_each_phase():
     assert list(colours) == ["quick (raw)", "quick (smoothed)", "ti (raw)", "ti (smoothed)"] and len(set(colours.values())) == 4
     long_run = loss_frame([_progress(i, 1.0 / i, "quick", total=5000) for i in range(1, 5001)])
     assert len(long_run) <= 2 * 501 and long_run.step.iloc[-1] == 5000  # thinned, keeping the last step
+    # What the Train tab draws for a run of 600 steps: each curve thinned for the browser, from
+    # the first step to the last.
+    view = RunView.from_events([Started("job-1", "quick training", 600)] + [_progress(i, 1.0 / i, "quick", total=600) for i in range(1, 601)])
+    frame = view.loss_frame()
+    for curve in ("quick (raw)", "quick (smoothed)"):
+        steps = list(frame[frame.curve == curve].step)
+        assert 150 <= len(steps) < 600 and steps[0] == 1 and steps[-1] == 600, curve
 
 
 def test_run_view_tells_where_a_run_is():

@@ -7,6 +7,7 @@ from pathlib import Path
 from gradio_client import Client, handle_file
 
 from tinv_gui.formats import read_embedding
+from tinv_gui.ui.tab_train import training_duration
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))
 
@@ -21,11 +22,11 @@ def _visitor_with_pictures(url: str) -> Client:
 def test_training_and_generation_run_inside_gpu_calls(zerogpu_app_server):
     url, _, calls = zerogpu_app_server
     client = _visitor_with_pictures(url)
-    job = client.submit(model="demo", token="<zero>", init="robot", preset="Quick", steps=1000, batch_size=4, api_name="/train")
+    job = client.submit(model="demo", token="<zero>", init="robot", preset="Quick", steps=200, batch_size=4, api_name="/train")
     final = job.result(timeout=240)  # without a job thread in the GPU process, it never ends
     updates = [update[0] for update in job.outputs()]
     assert any("Training: step" in u for u in updates)  # followed while it ran, across the process boundary
-    assert "Done: step 1000 / 1000" in final[0], final[0]
+    assert "Done: step 200 / 200" in final[0], final[0]
     downloads = {Path(p).name: p for p in final[4]}
     assert "learned_embeds.safetensors" in downloads
     assert read_embedding(downloads["learned_embeds.safetensors"]).token == "<zero>"
@@ -36,7 +37,9 @@ def test_training_and_generation_run_inside_gpu_calls(zerogpu_app_server):
     assert len(with_it) == 1 and len(without) == 1 and "Seed 0." in note
 
     asked = dict(line.split() for line in calls.read_text().splitlines())
-    assert 120 <= float(asked["start_training"]) <= 1500  # a duration worked out from the run's settings
+    # A duration worked out from the run's settings (its steps), not on_gpu's default of 120 s.
+    expected = training_duration("demo", "<zero>", "robot", "Quick", None, steps=200, batch_size=4)
+    assert float(asked["start_training"]) == expected and 120 < expected <= 1500
     assert "generate" in asked
 
 

@@ -109,7 +109,7 @@ class PlaygroundTab:
         picture = open_image(drawn[-1]) if drawn else None
         name = sanitize_filename(chosen.token, "embedding")
         card = write_embedding(chosen, unique_path(ws.images, "card-" + time.strftime("%Y%m%d-%H%M%S")) / f"{name}.png", "a1111-png", picture)
-        return str(card), (
+        return ws.served(card), (
             f"`{card.name}`: a picture with `{name}` inside. Put it in AUTOMATIC1111's or Forge's embeddings folder and type "
             f"`{name}`; this app's Playground loads it too."
         )

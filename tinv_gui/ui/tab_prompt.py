@@ -66,8 +66,9 @@ class PromptTab:
         similarity = view.metrics.get("clip_similarity")
         return view.progress_html() + (f"<p>Best CLIP similarity with the picture: <b>{similarity:.3f}</b></p>" if similarity is not None else "")
 
-    def generate_found(self, model, request: gr.Request):
-        """A picture from the prompt found last (its words, or its continuous prompt_embeds)."""
+    def generate_found(self, model, steps, request: gr.Request):
+        """A picture from the prompt found last (its words, or its continuous prompt_embeds),
+        drawn in the Playground's number of denoising steps."""
         ws = self.workspace(request)
         job = self.prompt_jobs.get(ws.key)
         outputs = job.outputs if job is not None and job.done else {}
@@ -78,7 +79,7 @@ class PromptTab:
         else:
             raise gr.Error("Find a prompt first.")
         out = unique_path(ws.images, time.strftime("%Y%m%d-%H%M%S") + "-found.png")
-        final = self.engine.generate(GenerateSettings(model=model, output=str(out), **found)).wait()
+        final = self.engine.generate(GenerateSettings(model=model, output=str(out), steps=int(steps), **found)).wait()
         if final.kind == "failed":
             raise gr.Error(final.message)
         return [ws.served(final.outputs["image"])]
@@ -122,5 +123,5 @@ class PromptTab:
             **QUEUE,
         )
         c["pfi_generate"].click(
-            self.limited(on_gpu(self.generate_found)), c["model"], c["pfi_picture"], api_name="generate_found", **QUEUE
+            self.limited(on_gpu(self.generate_found)), [c["model"], c["gen_steps"]], c["pfi_picture"], api_name="generate_found", **QUEUE
         )
