@@ -23,9 +23,9 @@ PRESETS = {  # the app's presets, each at its cheapest: {label: (method, form va
     "Thorough": ("textual-inversion", TINY),
     "From one picture": ("caption-init", dict(TINY, caption=CAPTION)),
 }
-MODELS = {  # the presets each model trains here, and the one it resumes
+MODELS = {  # the presets each model trains here, and the one it resumes (the CLI resumes the others: test_sd3_flux_cli.py)
     "demo-sd3": (("Quick", "Balanced", "From one picture"), "Balanced"),
-    "demo-flux": (("Quick", "Balanced", "Thorough", "From one picture"), "Thorough"),
+    "demo-flux": (("Quick", "Balanced", "Thorough", "From one picture"), "From one picture"),
 }
 WIDTHS = {"demo-sd3": SD3_TEXT_WIDTHS, "demo-flux": FLUX_TEXT_WIDTHS}
 KEYS = {"demo-sd3": ("clip_l", "clip_g", "t5"), "demo-flux": ("clip_l", "t5")}
