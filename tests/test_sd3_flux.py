@@ -357,7 +357,14 @@ def test_cli_trains_flux_from_a_caption_a_vector_per_word_in_each_encoder(pictur
     assert read_metadata(out / "learned_embeds.safetensors")["caption"] == caption
 
 
-def test_t5s_token_table_is_read_alone_from_the_weights(flux):
+def test_each_token_table_is_read_alone_from_the_weights(sd3, flux):
     # A store with no warm pipeline reads the table from the component's file, without loading T5.
-    assert torch.equal(ModelStore().word_table("demo-flux", 1), flux.text_encoder_2.get_input_embeddings().weight.float())
+    # The CLIP tables too, whichever prefix transformers saved them under: demo-flux's CLIP-L holds
+    # "embeddings.token_embedding.weight" (transformers 5), demo-sd3's "text_model.embeddings.…".
+    from tinv_gui.families import family_of
+
+    cold = ModelStore()
+    for name, pipe in (("demo-sd3", sd3), ("demo-flux", flux)):
+        for i, text_encoder in enumerate(family_of(pipe).text_encoders(pipe)):
+            assert torch.equal(cold.word_table(name, i), text_encoder.get_input_embeddings().weight.float()), (name, i)
 

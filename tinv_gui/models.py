@@ -333,16 +333,15 @@ class ModelStore:
         if source.kind == "file":
             return text_encoders(self.pipeline(model))[encoder].get_input_embeddings().weight.detach().float().cpu()
         folder = self.family(model).text_encoder_attributes[encoder]
-        names = ("shared.weight", "encoder.embed_tokens.weight", "text_model.embeddings.token_embedding.weight")
         try:
             for file in _weight_files(source, folder):
                 with safe_open(str(file), framework="pt") as f:
-                    found = [name for name in names if name in f.keys()]  # noqa: SIM118 - safe_open is no dict
+                    found = _token_table_name(f.keys())
                     if found:
-                        return f.get_tensor(found[0]).float()
+                        return f.get_tensor(found).float()
         except Exception as error:  # noqa: BLE001
             raise _explain(source, f"the token table of {folder}", error) from error
-        raise ModelLoadError(f"could not find the token table of {source.name}'s {folder} in its weights ({', '.join(names)})")
+        raise ModelLoadError(f"could not find the token table of {source.name}'s {folder} in its weights (a name ending in {', '.join(TOKEN_TABLE_NAMES)})")
 
     def clip(self, model: str, clip_model: str | None = None, placement: Placement | None = None, encoder: int = 0) -> ClipBundle:
         """The CLIP model whose text tower is `model`'s text encoder number `encoder` (or
@@ -444,6 +443,21 @@ def _family_of_source(source: ModelSource) -> Family:
     return family_for_index(str(index.get("_class_name", "")))
 
 
+# A text encoder's token table, by the end of its name: T5's, and CLIP's under whichever prefix the
+# transformers version that saved it wrote ("text_model." up to transformers 4, none from 5).
+TOKEN_TABLE_NAMES = ("shared.weight", "embed_tokens.weight", "token_embedding.weight")
+
+
+def _token_table_name(names) -> str | None:
+    """The name among a weights file's `names` that holds the token table, or None."""
+    names = list(names)
+    for ending in TOKEN_TABLE_NAMES:
+        found = next((name for name in names if name == ending or name.endswith(f".{ending}")), None)
+        if found:
+            return found
+    return None
+
+
 def _weight_files(source: ModelSource, folder: str) -> list[Path]:
     """The .safetensors files of a diffusers folder's (or Hub repository's) component `folder`,
     the shard holding the token table first when the component is sharded."""
@@ -462,7 +476,7 @@ def _weight_files(source: ModelSource, folder: str) -> list[Path]:
         files = [] if index else [fetch(Path(n).name) for n in names if n.endswith(".safetensors")]
     if index:
         weight_map = json.loads(Path(index).read_text())["weight_map"]
-        first = next((weight_map[n] for n in ("shared.weight", "encoder.embed_tokens.weight") if n in weight_map), None)
+        first = weight_map.get(_token_table_name(weight_map))
         shards = [first] if first else sorted(set(weight_map.values()))
         files = [fetch(name) if fetch else Path(source.location) / folder / name for name in shards]
     return files
