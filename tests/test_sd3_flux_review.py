@@ -2,8 +2,10 @@
 the offline demo-flux model (demo-sd3 runs the same code with one CLIP more)."""
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from conftest import make_picture
 
 from tinv_gui.data import bucket_sizes
@@ -64,19 +66,27 @@ def test_the_dataset_tab_shows_crops_at_the_resolution_sd3_and_flux_train_at(sto
         assert DatasetTab.crop_resolution(tab, str(folder), None) == 1024, pipeline
 
 
-def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_training_did(store, tmp_path):
-    """README's recipe for diffusers' own FluxPipeline: one load_textual_inversion per part, and
-    CLIP-L pooled at its end-of-text token. FLUX.1's shipped CLIP-L config says end-of-text id 2,
-    under which transformers pools at the largest id, a new token's: the pooled vector, all Flux.1
-    takes from CLIP, would then not be the one training conditioned on (tinv-gui's own pipelines
-    pool at the end-of-text token, families.TransformerFamily.prepare)."""
+def readme_recipe(marker):
+    """The README's python block that holds `marker`, as a user would paste it."""
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+@pytest.mark.parametrize("model", ["demo-sd3", "demo-flux"])
+def test_a_plain_diffusers_pipeline_given_the_readme_recipe_conditions_as_training_did(store, tmp_path, monkeypatch, model):
+    """README's recipes for diffusers' own FluxPipeline and StableDiffusion3Pipeline, run as
+    written: one load_textual_inversion per part (SD 3.x's pipeline lacks the loader, so the recipe
+    adds it in a subclass, and spells out a word of several vectors, which SD 3.x's encode_prompt
+    does not), and the CLIPs pooled at their end-of-text token. The shipped CLIP configs (FLUX.1's
+    CLIP-L, SD 3.5's CLIP-L and bigG) say end-of-text id 2, under which transformers pools at the
+    largest id, a new token's: the pooled vector would then not be the one training conditioned on
+    (tinv-gui's own pipelines pool at the end-of-text token, families.TransformerFamily.prepare)."""
     import copy
 
     import torch
-    from diffusers import FluxPipeline
-    from safetensors.torch import load_file
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-    from tinv_gui.device import choose_placement
     from tinv_gui.embeddings import (
         encode_with_placeholder,
         extended_vocabularies,
@@ -85,11 +95,11 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     from tinv_gui.families import family_of
     from tinv_gui.methods.textual_inversion import pad_prompts
 
-    cached = store.pipeline("demo-flux", choose_placement("cpu", "fp32"))  # pinned: numbers are compared (and the first test's pipeline)
+    cached = store.pipeline(model)
     family = family_of(cached)
     widths = tuple(te.get_input_embeddings().embedding_dim for te in family.text_encoders(cached))
     vectors = torch.randn(2, sum(widths), generator=torch.Generator().manual_seed(0)) * 3
-    prompt, token = "a photo of <my-cat> on a sofa", "<my-cat>"
+    prompt, token = "a photo of <my-cat>", "<my-cat>"  # README's
     # What training conditions on: the token's ids past each vocabulary, spliced in (see DiffusionLoss).
     encoded = []
     for tokenizer, text_encoder, length in zip(family.tokenizers(cached), family.text_encoders(cached), family.prompt_lengths(cached)):
@@ -98,18 +108,34 @@ def test_a_plain_diffusers_flux_pipeline_given_the_readme_recipe_conditions_as_t
     with torch.no_grad(), extended_vocabularies(family.text_encoders(cached), vectors):
         trained_hidden, trained_pooled = family.encode_prompts(family.text_encoders(cached), encoded)
 
-    pipe = FluxPipeline(**{**cached.components, **{k: copy.deepcopy(cached.components[k]) for k in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")}})
-    clip_l = getattr(pipe.text_encoder, "text_model", pipe.text_encoder)  # what pools (transformers 4: its text_model)
-    clip_l.eos_token_id = 2  # as FLUX.1-dev's text_encoder/config.json says
-    state = load_file(str(save_embedding(tmp_path / "learned_embeds.safetensors", token, vectors, None, widths, family.embedding_keys)))
-    pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["t5"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    sd3 = model == "demo-sd3"
+    texts = [k for k in cached.components if k.startswith(("text_encoder", "tokenizer"))]
+    pipe = (StableDiffusion3Pipeline if sd3 else FluxPipeline)(**{**cached.components, **{k: copy.deepcopy(cached.components[k]) for k in texts}})
+    clips = [getattr(e, "text_model", e) for e in (pipe.text_encoder, pipe.text_encoder_2)[: 2 if sd3 else 1]]  # what pools (transformers 4: its text_model)
+    for clip in clips:
+        clip.eos_token_id = 2  # as the shipped text_encoder/config.json (and text_encoder_2's on SD 3.5) say
+    (tmp_path / "out").mkdir()
+    save_embedding(tmp_path / "out" / "learned_embeds.safetensors", token, vectors, None, widths, family.embedding_keys)
+    monkeypatch.chdir(tmp_path)
+    recipe = {"pipe": pipe, "prompt": prompt}
+    exec(readme_recipe("pipe.text_encoder_3" if sd3 else 'state["t5"], token="<my-cat>", text_encoder=pipe.text_encoder_2'), recipe)
+    if sd3:
+        assert recipe["prompt"] == "a photo of <my-cat> <my-cat>_1"  # the word's two vectors, spelt out
+    pipe = recipe["pipe"]  # SD 3.x's: the recipe's pipeline with the loader mixin, on the same components
+
+    def encode():
+        if sd3:
+            hidden, _, pooled, _ = pipe.encode_prompt(recipe["prompt"], None, None, do_classifier_free_guidance=False)
+            return hidden, pooled
+        return pipe.encode_prompt(prompt, prompt)[:2]
+
     with torch.no_grad():
-        hidden, shipped_pooled, _ = pipe.encode_prompt(prompt, prompt)
-        getattr(pipe.text_encoder, "text_model", pipe.text_encoder).eos_token_id = pipe.tokenizer.eos_token_id  # README's line
-        _, pooled, _ = pipe.encode_prompt(prompt, prompt)
+        hidden, pooled = encode()
+        for clip in clips:
+            clip.eos_token_id = 2
+        _, shipped_pooled = encode()
     assert torch.allclose(hidden, trained_hidden, atol=1e-5) and torch.allclose(pooled, trained_pooled, atol=1e-5)
-    assert not torch.allclose(shipped_pooled, trained_pooled, atol=1e-2)  # without the line: pooled at the word's last vector
+    assert not torch.allclose(shipped_pooled, trained_pooled, atol=1e-2)  # without the recipe's pooling line: pooled at the word's last vector
 
 
 def test_demo_flux_is_native_at_the_demo_models_size(store):
