@@ -23,9 +23,9 @@ PRESETS = {  # the app's presets, each at its cheapest: {label: (method, form va
     "Thorough": ("textual-inversion", TINY),
     "From one picture": ("caption-init", dict(TINY, caption=CAPTION)),
 }
-MODELS = {  # the presets each model trains here, and the one it resumes
+MODELS = {  # the presets each model trains here, and the one it resumes (the CLI resumes the others: test_sd3_flux_cli.py)
     "demo-sd3": (("Quick", "Balanced", "From one picture"), "Balanced"),
-    "demo-flux": (("Quick", "Balanced", "Thorough", "From one picture"), "Thorough"),
+    "demo-flux": (("Quick", "Balanced", "Thorough", "From one picture"), "From one picture"),
 }
 WIDTHS = {"demo-sd3": SD3_TEXT_WIDTHS, "demo-flux": FLUX_TEXT_WIDTHS}
 KEYS = {"demo-sd3": ("clip_l", "clip_g", "t5"), "demo-flux": ("clip_l", "t5")}
@@ -109,5 +109,5 @@ def test_flux_prompt_from_a_picture_in_the_app_is_drawn_from_its_continuous_prom
     example = sorted((Path(__file__).resolve().parent.parent / "assets" / "examples").glob("*.png"))[0]
     progress, _, prompt = client.predict(model="demo-flux", image=handle_file(str(example)), readable=False, steps=2, api_name="/find_prompt")
     assert "Best CLIP similarity with the picture" in progress and prompt.startswith("(a continuous prompt: its CLIP parts have no words; T5 reads: ")
-    (picture,) = client.predict(model="demo-flux", api_name="/generate_found")
+    (picture,) = client.predict(model="demo-flux", steps=2, api_name="/generate_found")
     assert Image.open(picture["image"]).size == (64, 64)  # demo-flux's own size

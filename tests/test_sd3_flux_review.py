@@ -2,21 +2,27 @@
 the offline demo-flux model (demo-sd3 runs the same code with one CLIP more)."""
 
 import re
+from types import SimpleNamespace
 
 from conftest import make_picture
 
 from tinv_gui.data import bucket_sizes
+from tinv_gui.engine import Engine
 from tinv_gui.events import Reporter
 from tinv_gui.families import Flux
 from tinv_gui.jobs import run_training
 from tinv_gui.settings import TrainSettings
+from tinv_gui.ui.app import TinvApp
+from tinv_gui.ui.dataset import add_files
+from tinv_gui.ui.workspace import Workspaces
 
 
 def test_buckets_of_a_transformer_family_are_multiples_of_its_patch_at_any_resolution(store, tmp_path):
     """SD 3.x's and Flux.1's transformers take latents in 2x2 patches, so a picture's sides must be
     multiples of 16 px (the real VAE's 8 times 2): a side of 8 px more gives an odd latent side,
     which Flux.1 cannot pack and SD 3.x's patches cut short. The buckets' grid below 512 px is an
-    eighth of the resolution (64 px: 8, whose 72x56 bucket fits a UNet, not these)."""
+    eighth of the resolution (64 px: 8, whose 72x56 bucket fits a UNet, not these). The Dataset
+    tab shows each picture's crop at the shape training gives it."""
     logs = []
     (tmp_path / "pictures").mkdir()
     make_picture(0).save(tmp_path / "pictures" / "wide.png")  # 96x80
@@ -29,6 +35,12 @@ def test_buckets_of_a_transformer_family_are_multiples_of_its_patch_at_any_resol
     (ready,) = [message for message in logs if " pictures ready at " in message]
     sizes = [(int(w), int(h)) for w, h in re.findall(r"(\d+)x(\d+)", ready.split(" ready at ")[1])]
     assert sizes and all(w % Flux.size_multiple == 0 and h % Flux.size_multiple == 0 for w, h in sizes), ready
+    # The Dataset tab's preview of the same picture, for the same options, shows that very shape (it was 72x56 on the 8 px grid).
+    app = TinvApp(engine=Engine(store), workspaces=Workspaces(tmp_path / "visitors"), hub=(False, "offline"))
+    request = SimpleNamespace(session_hash="visitor-a")
+    add_files(app.workspace(request), [str(tmp_path / "pictures" / "wide.png")])
+    ((_, label),) = app.crops_changed("demo-flux", 64, True, request)[0]
+    assert sizes == [tuple(map(int, re.match(r"(\d+)x(\d+)", label.split(" → ")[1]).groups()))], (label, ready)
     # Every resolution these families accept (multiples of 16): buckets on the 16 px grid, and the resolution's square.
     for resolution in range(64, 2049, 16):
         sizes = bucket_sizes(resolution, Flux.size_multiple)

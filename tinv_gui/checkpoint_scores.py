@@ -28,7 +28,6 @@ RULE = (
     "the best balance of likeness and editability: each is scaled from the worst checkpoint (0) to the best (1), "
     "and the checkpoint with the highest sum is recommended (the earlier one on a tie)"
 )
-GUIDANCE = 7.5  # evaluate's default: a checkpoint is drawn as the Playground and `evaluate` draw it
 
 
 def scored_saves(choice: str) -> tuple[str, int]:
@@ -71,6 +70,7 @@ class CheckpointScorer:
         self._saves = 0
         self.failed = False  # scoring was given up (score says why)
         self._loaded = None
+        self.guidance: float | None = None  # what the checkpoints are drawn at: the family's own (None before any is)
 
     def saved(self, path: str, step: int) -> None:
         """Called as each numbered checkpoint is saved (EmbeddingWriter.on_saved): scored now when
@@ -115,11 +115,13 @@ class CheckpointScorer:
     def _score(self, path: str, step: int) -> CheckpointScore:
         pipe, clip, reference = self._load()
         likeness, editability = [], []
-        size = self.settings.resolution or self.store.family(self.settings.model).native_resolution(pipe)
+        family = self.store.family(self.settings.model)
+        size = self.settings.resolution or family.native_resolution(pipe)
+        self.guidance = family.default_guidance  # generate's default, as evaluate's and the Playground's
         with plain_vocabularies(text_encoders(pipe)):
             for column, prompt in enumerate(self.prompts):
                 picture = generate(
-                    pipe, prompt, embeddings=[path], steps=self.settings.preview_steps, guidance=GUIDANCE,
+                    pipe, prompt, embeddings=[path], steps=self.settings.preview_steps,
                     seed=self.settings.seed + column, size=(size, size), placement=self.placement,
                 )
                 image, text = clip_similarities(clip, picture, reference, without_token(prompt, self.token))
@@ -167,5 +169,5 @@ class CheckpointScorer:
             "prompts": self.prompts,
             "seeds": [self.settings.seed + i for i in range(len(self.prompts))],
             "denoising_steps": self.settings.preview_steps,
-            "guidance": GUIDANCE,
+            "guidance": self.guidance,
         }

@@ -159,9 +159,10 @@ def crop_box(width: int, height: int, target: tuple[int, int]) -> tuple[float, f
     return left, top, left + kept_width, top + kept_height
 
 
-def training_size(width: int, height: int, size: int, buckets: bool, multiple: int = 8) -> tuple[int, int]:
+def training_size(width: int, height: int, size: int, buckets: bool, multiple: int) -> tuple[int, int]:
     """(width, height) a picture trains at: its nearest bucket at `size` (sides multiples of
-    `multiple`), or the square."""
+    `multiple`, the model family's size_multiple), or the square. Training (load_dataset) and the
+    Dataset tab's preview both ask it, with the same inputs."""
     return nearest_bucket(width, height, bucket_sizes(size, multiple)) if buckets else (size, size)
 
 

@@ -24,9 +24,10 @@ from .data import load_dataset
 from .device import Placement, choose_placement
 from .embeddings import mentions, replace_name
 from .events import Reporter
+from .families import family_of
 from .files import atomic_save_image
 from .formats import check_fits, read_embedding
-from .generate import generate
+from .generate import generate, resolved_guidance
 from .models import ClipBundle, ModelStore, pipeline_text_widths
 from .settings import EvalSettings, SettingsError
 
@@ -109,7 +110,7 @@ def evaluate_embedding(settings: EvalSettings, store: ModelStore, reporter: Repo
         "n": settings.n,
         "seed": settings.seed,
         "steps": settings.steps,
-        "guidance": settings.guidance,
+        "guidance": resolved_guidance(family_of(pipe), settings.guidance),
         "size": settings.size,
         "training_pictures": len(pictures),
         "model": settings.model,

@@ -57,6 +57,11 @@ def load_prompt_embeds(path: str | Path, family: Family, text_widths: tuple[int,
     return out
 
 
+def resolved_guidance(family: Family, guidance: float | None) -> float:
+    """The guidance a picture is drawn with: the user's, else the family's own."""
+    return family.default_guidance if guidance is None else float(guidance)
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -65,7 +70,7 @@ def generate(
     embeddings=(),
     prompt_embeds: str | Path | None = None,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     seed: int = 0,
     size: tuple[int, int] | None = None,
     count: int = 1,
@@ -80,13 +85,13 @@ def generate(
     `strength`; they are unloaded again afterwards, and the `sampler` (one of SAMPLERS) is used for
     this call only, so a cached pipeline stays as it was. `prompt_embeds` is a file from
     optimize-prompt, used instead of a text prompt; its saved negative is used unless `negative`
-    is given.
+    is given. `guidance` None is the family's own (Family.default_guidance).
     """
     if (prompt is None) == (prompt_embeds is None):
         raise ValueError("give either a prompt or a prompt_embeds file, not both or neither")
     family = family_of(pipe)
     family.check_generation(negative, bool(SAMPLERS.get(sampler)))
-    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=count, negative_prompt=negative)
+    kwargs = dict(num_inference_steps=steps, guidance_scale=resolved_guidance(family, guidance), num_images_per_prompt=count, negative_prompt=negative)
     if prompt_embeds is not None:
         saved = load_prompt_embeds(prompt_embeds, family, pipeline_text_widths(pipe))
         if negative is not None:  # a typed negative replaces the saved one

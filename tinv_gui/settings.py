@@ -40,6 +40,8 @@ SEARCH_MODES = ("continuous", "hard")
 
 # Settings several classes share.
 MODEL_HELP = "Hub id, diffusers folder, .safetensors/.ckpt file, or an offline demo model: 'demo', 'demo-sdxl', 'demo-sd3', 'demo-flux'"
+# The numbers are the families' pipelines' own defaults (Family.default_guidance; a test keeps them so).
+GUIDANCE_HELP = "how closely to follow the prompt (default: the model's own: SD 1.x/2.x 7.5, SDXL 5, SD 3.x 7, Flux.1 3.5)"
 
 
 def _model(**extra):
@@ -150,7 +152,8 @@ class TrainSettings:
     aspect_buckets: bool = setting(
         True, label="Aspect-ratio buckets", flag="--buckets", methods=DIFFUSION_METHODS,
         help="Train each picture at its own shape: scaled to fill the nearest of buckets of about resolution² pixels "
-        "(sides multiples of 64) and center-cropped by the rest. Off: every picture is cropped to its centered square.",
+        "(sides on a 64 px grid; below 512 px, an eighth of the resolution rounded down to 8 px, or to 16 px for SD 3.x and Flux.1) "
+        "and center-cropped by the rest. Off: every picture is cropped to its centered square.",
     )
     repeats: int = setting(
         1, label="Repeats", ge=1, le=MAX_REPEATS, methods=DIFFUSION_METHODS,
@@ -338,7 +341,7 @@ class EvalSettings:
     n: int = setting(8, label="Pictures", help="pictures to generate for the token, and as many for the baseline", ge=1, le=1000)
     seed: int = setting(0, label="Seed", help="picture i uses seed + i, for the token and the baseline alike", ge=0, le=MAX_SEED - 1000)
     steps: int = setting(30, label="Steps", help="denoising steps per picture", ge=1, le=1000)
-    guidance: float = setting(7.5, label="Guidance", help="how closely the pictures follow the prompt", ge=0, le=100)
+    guidance: float | None = setting(None, label="Guidance", help=GUIDANCE_HELP, ge=0, le=100)
     size: str | None = setting(None, label="Size", help="WIDTHxHEIGHT of the pictures drawn, e.g. 512x512 (default: the model's own size)", max_length=32)
     init: str | None = setting(None, label="Baseline word", help="baseline word (default: the initializer the file records)")
     clip_model: str | None = _clip_model("CLIP model to score with (default: the one matching --model)")
@@ -408,7 +411,7 @@ class GenerateSettings:
     strength: float = setting(1.0, label="Strength", help="multiplies the embeddings' vectors: below 1 weaker, above 1 stronger", ge=0, le=10)
     sampler: Sampler = setting("Model default", label="Sampler", help="the diffusers scheduler that draws")
     steps: int = setting(25, label="Steps", help="denoising steps", ge=1, le=1000)
-    guidance: float = setting(7.5, label="Guidance", help="how closely to follow the prompt", ge=0, le=100)
+    guidance: float | None = setting(None, label="Guidance", help=GUIDANCE_HELP, ge=0, le=100)
     seed: int = _seed()
     size: str | None = setting(None, label="Size", help="WIDTHxHEIGHT, e.g. 512x512 (default: the model's own size)", max_length=32)
     count: int = setting(1, label="Pictures", help="how many pictures, seeds seed, seed+1, ...", ge=1, le=16)

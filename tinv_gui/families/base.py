@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 
@@ -61,6 +64,18 @@ class Family:
     def native_resolution(self, pipe) -> int:
         """The picture size the model was trained at."""
         return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    @functools.cached_property
+    def default_guidance(self) -> float:
+        """The guidance a picture is drawn with when the user chooses none: the family's pipeline's
+        own default (its `__call__`'s guidance_scale), read from diffusers rather than copied, so
+        generate, evaluate and the Playground draw as the pipeline does, and as the training
+        previews (drawn without a guidance) do. For Flux.1 dev it is the value its guidance
+        embedding was distilled for (schnell has no guidance embedding and ignores it)."""
+        import diffusers
+
+        call = getattr(diffusers, self.pipeline_class).__call__
+        return float(inspect.signature(call).parameters["guidance_scale"].default)
 
     def trained_encoders(self, choice: str) -> tuple[bool, ...]:
         """Which text encoders' parts of a token train under the setting `train_encoders`: "all",

@@ -78,7 +78,7 @@ class TinvApp(DatasetTab, MethodTab, TrainTab, PlaygroundTab, PromptTab):
         self.speeds: dict[str, float] = {}  # method -> measured seconds per step on this machine
         self.job_methods: dict[str, str] = {}  # job id -> its method, to file its speed under
         self.prompt_jobs: dict[str, Job] = {}  # visitor key -> their latest prompt-from-image job
-        self.crop_views: dict[str, tuple[bool, int]] = {}  # visitor key -> (buckets, resolution) the Dataset tab shows crops for
+        self.crop_views: dict[str, tuple[bool, int, int]] = {}  # visitor key -> (buckets, resolution, size multiple) the Dataset tab shows crops for
         # On a shared server, visitors may name Hub models only, not files of the server.
         self.shared = bool(os.environ.get("SPACE_ID")) or host_flag("TINV_GUI_SHARED")
         self.engine.store.hub_only = self.shared  # for every field naming a model, in every tab

@@ -52,6 +52,7 @@ PROBLEMS_FILE = "problems.json"
 # The resolution the crops are shown at when the model's own is not known yet: SD 1.x's. Bucket
 # shapes are the same at every resolution from 64 to 512 px that is a multiple of 64.
 CROP_RESOLUTION = 512
+CROP_MULTIPLE = 8  # SD 1.x's size_multiple, with its resolution
 FRAME = (79, 70, 229)  # the kept part's outline: the page's indigo
 MASKED_OUT = (40, 30, 60)  # what a mask leaves out is shown darkened towards this
 DUPLICATE_BITS = 8  # of the 256 of a fingerprint: resizing or re-encoding flips a few
@@ -301,24 +302,28 @@ def crop_preview(image: Image.Image, box: tuple[float, float, float, float], siz
     return faded
 
 
-def as_seen(picture: Picture, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION):
+def as_seen(picture: Picture, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION, multiple: int = CROP_MULTIPLE):
     """(preview, (width, height) it trains at): the picture as training sees it, orientation fixed,
     RGB, shown whole with the part cut away to fill its square or bucket faded and what its mask
-    (transparency or mask file) leaves out darkened. None if unreadable."""
+    (transparency or mask file) leaves out darkened. None if unreadable. `buckets`, `resolution`
+    and `multiple` (the family's size_multiple) are training's inputs of data.training_size."""
     try:
         image = masked_view(open_image(picture.path), open_mask(picture.path))
     except ImageError:
         return None
-    target = training_size(image.width, image.height, resolution, buckets)
+    target = training_size(image.width, image.height, resolution, buckets, multiple)
     return crop_preview(image, crop_box(image.width, image.height, target), size), target
 
 
-def gallery_items(ws: Workspace, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION) -> list[tuple[Image.Image, str]]:
+def gallery_items(
+    ws: Workspace, size: int = 256, buckets: bool = True, resolution: int = CROP_RESOLUTION, multiple: int = CROP_MULTIPLE
+) -> list[tuple[Image.Image, str]]:
     """(image, caption) pairs for the Dataset gallery: each picture with the crop it trains at
-    (`buckets` and `resolution` as the training options say); a refused one labelled with its problem."""
+    (`buckets` and `resolution` as the training options say, `multiple` the model family's
+    size_multiple); a refused one labelled with its problem."""
     items = []
     for picture in list_pictures(ws):
-        seen = None if picture.problem else as_seen(picture, size, buckets, resolution)
+        seen = None if picture.problem else as_seen(picture, size, buckets, resolution, multiple)
         if seen is None:  # its bytes were not kept, or it became unreadable
             label = f"✗ {picture.name}: {picture.problem or 'cannot be read'}"
             image = Image.new("RGB", (size, size), (235, 220, 220))

@@ -29,17 +29,29 @@ def table_rows(table) -> list[list]:
     return list(table)
 
 
+def known_family(store, model: str):
+    """The model's family, read without loading it; None for an unknown or unreachable model (the
+    crops of SD 1.x are shown until training tells)."""
+    try:
+        return store.family(model)
+    except Exception:  # noqa: BLE001 - the model's field and training say what is wrong with it
+        return None
+
+
 class DatasetTab:
     """The Dataset tab's controls and handlers (a part of TinvApp)."""
 
-    def crop_view(self, ws: Workspace) -> tuple[bool, int]:
-        """(buckets on, resolution) the visitor's crops are shown for: the Method tab's options."""
-        return self.crop_views.get(ws.key, (TrainSettings.aspect_buckets, dataset.CROP_RESOLUTION))
+    def crop_view(self, ws: Workspace) -> tuple[bool, int, int]:
+        """(buckets on, resolution, size multiple) the visitor's crops are shown for: the Method
+        tab's options and the model's family, training's inputs of data.training_size."""
+        return self.crop_views.get(ws.key, (TrainSettings.aspect_buckets, dataset.CROP_RESOLUTION, dataset.CROP_MULTIPLE))
 
     def crops_changed(self, model: str, resolution, buckets: bool, request: gr.Request):
         """Show the crops for the training options as they now are (model, resolution, buckets)."""
         ws = self.workspace(request)
-        self.crop_views[ws.key] = (bool(buckets), self.crop_resolution(model, resolution))
+        family = known_family(self.engine.store, model)
+        multiple = family.size_multiple if family else dataset.CROP_MULTIPLE
+        self.crop_views[ws.key] = (bool(buckets), self.crop_resolution(model, resolution), multiple)
         return self.dataset_view(ws)
 
     def crop_resolution(self, model: str, resolution) -> int:
@@ -47,9 +59,8 @@ class DatasetTab:
         one of the model's family (read without loading it)."""
         if isinstance(resolution, (int, float)) and 64 <= resolution <= 2048 and resolution % 8 == 0:
             return int(resolution)
-        try:
-            family = self.engine.store.family(model)
-        except Exception:  # noqa: BLE001 - an unknown or unreachable model: the crops of SD 1.x, until training tells
+        family = known_family(self.engine.store, model)
+        if family is None:
             return dataset.CROP_RESOLUTION
         return DEMO_RESOLUTION if model == family.demo_model else family.usual_resolution
 
@@ -64,9 +75,9 @@ class DatasetTab:
             status += f" Concept folders (kohya's N_name): {dataset.concepts_text(pictures)}."
         if usable and usable < 3:
             status += " Three to ten pictures work best (the *From one picture* method needs only one)."
-        buckets, resolution = self.crop_view(ws)
+        buckets, resolution, multiple = self.crop_view(ws)
         status += f" The gallery shows the crop each picture trains at {resolution} px" + (", in its aspect-ratio bucket." if buckets else ": its centered square.")
-        return dataset.gallery_items(ws, buckets=buckets, resolution=resolution), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
+        return dataset.gallery_items(ws, buckets=buckets, resolution=resolution, multiple=multiple), dataset.caption_rows(ws), (message + "\n\n" if message else "") + status
 
     def add_pictures(self, files: list[str] | None, request: gr.Request):
         """Take uploaded pictures (or zips of them) into the visitor's folder."""

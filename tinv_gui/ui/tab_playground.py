@@ -10,6 +10,7 @@ import gradio as gr
 
 from ..data import open_image
 from ..embeddings import mentions
+from ..families import StableDiffusion
 from ..formats import read_embedding, read_embeddings, write_embedding
 from ..jobs import recommended_file
 from ..settings import SAMPLERS, GenerateSettings, SettingsError
@@ -179,6 +180,14 @@ class PlaygroundTab:
 
         yield pictures("image"), pictures("without"), note or f"Seed {int(seed)}."
 
+    def model_guidance(self, model: str):
+        """The guidance slider at the chosen model's own default (Family.default_guidance), the
+        family read without loading the model; left as it is for a model not known yet."""
+        try:
+            return gr.update(value=self.engine.store.family(model).default_guidance)
+        except Exception:  # noqa: BLE001 - an unknown or unreachable model: generating says what is wrong
+            return gr.skip()
+
     def _own_embedding(self, ws: Workspace, choice: str | None) -> Path | None:
         """The visitor's embedding file for a Playground choice; None for "no embedding"."""
         if not choice or choice == NO_EMBEDDING:
@@ -253,7 +262,11 @@ class PlaygroundTab:
                     c["negative"] = gr.Textbox("", label="Negative prompt", placeholder="e.g. blurry, low quality")
                     with gr.Row():
                         c["gen_steps"] = gr.Slider(1, 100, 25, step=1, label="Steps", info="More: finer, slower.", elem_id="gen-steps")
-                        c["guidance"] = gr.Slider(1, 15, 7.5, step=0.5, label="Guidance", info="How closely to follow the prompt.")
+                        # The default models (SD 1.5, the demo) are SD 1.x; another model's own default comes with it (model_guidance).
+                        c["guidance"] = gr.Slider(
+                            1, 15, StableDiffusion().default_guidance, step=0.5, label="Guidance",
+                            info="How closely to follow the prompt. Set to the model's own default when the model changes.",
+                        )
                     with gr.Row():
                         c["seed"] = gr.Number(0, label="Seed", precision=0, info="Same seed, same picture.")
                         c["count"] = gr.Slider(1, 4, 1, step=1, label="Pictures")
@@ -284,6 +297,7 @@ class PlaygroundTab:
         c["embedding_file"].upload(
             self.load_embedding_file, c["embedding_file"], [c["embedding"], c["embedding_status"]], api_name="load_embedding"
         )
+        c["model"].change(self.model_guidance, c["model"], c["guidance"], api_name=False)
         c["embedding"].focus(self.refresh_embeddings, c["embedding"], c["embedding"], api_name="embeddings")
         c["generate"].click(
             self.limited(on_gpu(self.generate)),
