@@ -62,11 +62,11 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_label("New word (token)").fill("<toy-robot>")
     page.get_by_label("Starting word").fill("robot")
     page.get_by_text("Advanced: every training option").click()
-    page.locator("#option-steps input").fill("300")  # long enough (seconds) that the page is seen following it
+    page.locator("#option-steps input").fill("120")  # long enough (seconds) that the page is seen following it
     page.locator("#option-batch_size input").fill("4")
     page.locator("#option-batch_size input").press("Tab")
     assert page.locator("#token-room").get_by_text("the word takes 1 of a prompt's 75 tokens").is_visible()
-    page.locator("#option-save_every input").fill("100")  # three checkpoints, scored when the run ends
+    page.locator("#option-save_every input").fill("40")  # three checkpoints, scored when the run ends
     page.locator("#option-preview_steps input").fill("1")
     page.locator("#option-preview_steps input").press("Tab")
     page.locator("#option-score_checkpoints input").click()
@@ -76,7 +76,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.get_by_role("tab", name="3. Train").click()
     page.get_by_role("button", name="Start training").click()
     page.get_by_text("Training: step").wait_for()  # the page follows the run as it goes
-    page.get_by_text("Done: step 300 / 300").wait_for(timeout=600_000)  # then three checkpoints draw and are scored
+    page.get_by_text("Done: step 120 / 120").wait_for(timeout=600_000)  # then three checkpoints draw and are scored
     plot = page.locator("#loss-plot .vega-embed")
     plot.wait_for()
     page.screenshot(path=shots / "3-train.png", full_page=True)
@@ -99,7 +99,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
         page.locator("#downloads a[data-testid=download-link]").first.click()
     saved = tmp_path / download.value.suggested_filename
     download.value.save_as(saved)
-    last = recommended == "300"  # the final embedding itself, then (listed once, labelled recommended)
+    last = recommended == "120"  # the final embedding itself, then (listed once, labelled recommended)
     assert saved.name == ("learned_embeds.safetensors" if last else f"learned_embeds-step{int(recommended):05d}.safetensors")
     assert read_embedding(saved).token == "<toy-robot>"
 
@@ -117,7 +117,7 @@ def test_a_person_clicks_through_train_and_try(app_server, browser_page, tmp_pat
     page.reload()
     page.get_by_text("4 picture(s) ready").wait_for()
     page.get_by_role("tab", name="3. Train").click()
-    page.get_by_text("Done: step 300 / 300").wait_for()
+    page.get_by_text("Done: step 120 / 120").wait_for()
     # the recommended checkpoint (unless it is the embedding), the embedding, diffusers .bin, A1111 .pt, kohya, A1111 card, OneTrainer
     assert page.locator("#downloads a[data-testid=download-link]").count() == (6 if last else 7)
     print(f"screenshots in {shots}")

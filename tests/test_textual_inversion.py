@@ -75,9 +75,11 @@ def word_vectors(pipe, words: str) -> torch.Tensor:
 
 
 def run_in_process(store, **overrides) -> tuple[dict, list]:
-    """A training job run in this process (sharing the warm demo model); returns (outputs, events)."""
+    """A training job run in this process (sharing the warm demo model); returns (outputs, events).
+    One micro-batch a step unless asked (test_accumulated_micro_batches_step_as_their_average_does
+    checks accumulation), so each step costs one pass through the UNet, not the default four."""
     events = []
-    settings = TrainSettings(**{"token": TOKEN, "steps": 2, "batch_size": 1, **overrides}).resolved()
+    settings = TrainSettings(**{"token": TOKEN, "steps": 2, "batch_size": 1, "grad_accum": 1, **overrides}).resolved()
     outputs = run_training(settings, store, Reporter(events.append, total_steps=settings.total_steps))
     return outputs, events
 
@@ -106,8 +108,8 @@ def test_resume_continues_from_the_saved_step_with_the_saved_optimizer_state_and
     )
     second = tmp_path / "second"
     proc = train_cli(
-        capsys, "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--batch-size", "1", "--save-every", "1",
-        "--ema-decay", "0.5", "--precision", "fp32",
+        capsys, "--method", "textual-inversion", "--images", str(picture_dir), "--token", TOKEN, "--batch-size", "1", "--grad-accum", "1",
+        "--save-every", "1", "--ema-decay", "0.5", "--precision", "fp32",
         "--steps", "4", "--resume", outputs["embedding"], "--output", str(second), "--log-jsonl", str(tmp_path / "log.jsonl"),
     )
     assert [(r["step"], r["total"]) for r in steps_logged(tmp_path / "log.jsonl")] == [(3, 4), (4, 4)]
@@ -174,6 +176,37 @@ def test_v_prediction_model_trains_on_v_targets(store, picture_dir, tmp_path):
     assert any(isinstance(e, Log) and "predicting v_prediction" in e.message for e in events)
     assert all(np.isfinite(e.loss) for e in events if isinstance(e, Progress))
     assert read_metadata(outputs["embedding"])["steps"] == "2"
+
+
+def test_accumulated_micro_batches_step_as_their_average_does():
+    """grad_accum micro-batches a step (textual inversion's default is 4 of batch 1): the step,
+    the optimizer's moments and the loss reported are those of one batch of their average."""
+    from tinv_gui.training import LoopSettings, optimize
+
+    targets = torch.tensor([[1.0, -2.0, 0.5, 3.0]]), torch.tensor([[-1.0, 0.0, 2.5, 1.0]])
+
+    def run(grad_accum, compute_loss):
+        vectors = torch.zeros(1, 4, requires_grad=True)
+        losses, calls = [], []
+        reporter = Reporter(lambda e: losses.append(e.loss) if isinstance(e, Progress) else None, total_steps=3)
+
+        def counted(micro):
+            calls.append(micro)
+            return compute_loss(vectors, micro)
+
+        _, optimizer = optimize(vectors, counted, LoopSettings(steps=3, lr=0.1, grad_accum=grad_accum), reporter)
+        return vectors.detach(), optimizer.state_dict()["state"][0], losses, calls
+
+    def micro_loss(vectors, micro):
+        return ((vectors - targets[micro]) ** 2).sum()
+
+    accumulated = run(2, micro_loss)
+    whole = run(1, lambda vectors, _micro: (micro_loss(vectors, 0) + micro_loss(vectors, 1)) / 2)
+    assert accumulated[3] == [0, 1] * 3 and whole[3] == [0] * 3
+    torch.testing.assert_close(accumulated[0], whole[0])
+    for moment in ("exp_avg", "exp_avg_sq"):  # the gradients themselves, at their scale
+        torch.testing.assert_close(accumulated[1][moment], whole[1][moment])
+    assert accumulated[2] == pytest.approx(whole[2])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
