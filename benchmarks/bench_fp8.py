@@ -1,7 +1,7 @@
 """8-bit weights (--fp8-weights) on SD 3.5 Large and Flux.1-dev: what they save, what they cost.
 
     python benchmarks/bench_fp8.py bytes
-    flock /work/coord/bigmem.lock python benchmarks/bench_fp8.py block [--model sd35-large|flux-dev|t5|all]
+    python benchmarks/bench_fp8.py block [--model sd35-large|flux-dev|t5|all]
 
 `bytes`: the weights' bytes of each part of the real shapes (bench_sd3_flux's configs), in bf16
 and with the transformer's and T5's linear weights stored by device.store_linear_weights (fp8 and
