@@ -343,6 +343,25 @@ def test_balanced_on_flux_starts_textual_inversion_from_quickembedding(store, pi
     assert tuple(saved) == ("clip_l", "t5") and all(not torch.equal(saved[key], start[key]) for key in start)
 
 
+def test_a_caption_start_puts_each_encoders_part_of_a_vector_on_the_same_clip_token(flux):
+    """T5 splits "grey" and "photorealistic" into other pieces than CLIP: vector i's T5 part
+    starts from T5's pieces of CLIP token i's text, not from T5's own piece i."""
+    from tinv_gui.embeddings import tokenize_words
+    from tinv_gui.methods.textual_inversion import starting_vectors
+    from tinv_gui.models import pipeline_text_widths, text_encoders, tokenizers
+
+    caption = "a grey cat sleeping on a red sofa, photorealistic"
+    clip_tokenizer, t5_tokenizer = tokenizers(flux)
+    clip_table, t5_table = (te.get_input_embeddings().weight.detach().float() for te in text_encoders(flux))
+    clip_ids = tokenize_words(clip_tokenizer, caption)
+    assert len(tokenize_words(t5_tokenizer, caption)) != len(clip_ids)  # the case this test is about
+    clip_part, t5_part = torch.split(starting_vectors(flux, caption, len(clip_ids), 0), list(pipeline_text_widths(flux)), dim=1)
+    assert torch.equal(clip_part, clip_table[clip_ids])
+    for i, clip_id in enumerate(clip_ids):
+        word = clip_tokenizer.decode([clip_id])
+        assert torch.allclose(t5_part[i], t5_table[tokenize_words(t5_tokenizer, word)].mean(0)), (i, word)
+
+
 def test_cli_trains_flux_from_a_caption_a_vector_per_word_in_each_encoder(picture_dir, tmp_path):
     from tinv_gui.embeddings import read_metadata
     from tinv_gui.formats import read_embedding

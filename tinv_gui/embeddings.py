@@ -63,12 +63,17 @@ def tokenize_words(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def initial_vectors(embedding_table: torch.Tensor, tokenizer, init: str | None, count: int, seed: int = 0) -> torch.Tensor:
+def initial_vectors(
+    embedding_table: torch.Tensor, tokenizer, init: str | None, count: int, seed: int = 0, first_tokenizer=None
+) -> torch.Tensor:
     """Starting vectors [count, dim] in float32.
 
     From a word or phrase: one vector takes the mean of its tokens' embeddings; several vectors
-    take its tokens in turn (so a caption of n tokens gives each vector its own word). With no
-    initializer, random vectors with the table's own spread.
+    take its tokens in turn (so a caption of n tokens gives each vector its own word). Vector i
+    stands for `first_tokenizer`'s token i (the pipeline's first, CLIP's): where this tokenizer
+    splits the phrase otherwise (T5's sentencepiece), vector i starts from the mean of this
+    tokenizer's pieces of that token's text, so every encoder's part starts on the same word.
+    With no initializer, random vectors with the table's own spread.
     """
     if count < 1:
         raise TokenError("the number of vectors must be at least 1")
@@ -82,7 +87,12 @@ def initial_vectors(embedding_table: torch.Tensor, tokenizer, init: str | None, 
     vectors = table[torch.tensor(ids)].cpu()
     if count == 1:
         return vectors.mean(0, keepdim=True).clone()
-    return vectors[torch.arange(count) % len(ids)].clone()
+    first_ids = tokenize_words(first_tokenizer, init.strip()) if first_tokenizer is not None else ids
+    if first_tokenizer is not None and first_tokenizer.convert_ids_to_tokens(first_ids) != tokenizer.convert_ids_to_tokens(ids):
+        units = [first_tokenizer.decode([i]) for i in first_ids]
+        # A unit this tokenizer finds nothing in (whitespace alone) starts from the whole phrase.
+        vectors = torch.stack([table[tokenize_words(tokenizer, unit) or ids].cpu().mean(0) for unit in units])
+    return vectors[torch.arange(count) % len(vectors)].clone()
 
 
 def split_columns(vectors: torch.Tensor, widths: tuple[int, ...]) -> list[torch.Tensor]:

@@ -367,7 +367,10 @@ def _word_parts(settings, store) -> dict[int, object]:
 
     family = store.family(settings.model)
     return {
-        i: initial_vectors(store.word_table(settings.model, i), store.tokenizer(settings.model, i), settings.init, settings.vectors, settings.seed)
+        i: initial_vectors(
+            store.word_table(settings.model, i), store.tokenizer(settings.model, i), settings.init, settings.vectors, settings.seed,
+            first_tokenizer=store.tokenizer(settings.model, 0),
+        )
         for i in range(family.text_encoder_count) if i == family.t5_encoder
     }
 

@@ -507,9 +507,10 @@ def off_the_accelerator(modules: list, placement: Placement):
 
 def starting_vectors(pipe, init: str | None, count: int, seed: int) -> torch.Tensor:
     """The token's `count` vectors before training, from `init`'s words (else random): one part
-    per text encoder, side by side."""
+    per text encoder, side by side; vector i starts on the first tokenizer's token i in each."""
+    first = tokenizers(pipe)[0]
     parts = [
-        initial_vectors(text_encoder.get_input_embeddings().weight, tokenizer, init, count, seed)
+        initial_vectors(text_encoder.get_input_embeddings().weight, tokenizer, init, count, seed, first_tokenizer=first)
         for tokenizer, text_encoder in zip(tokenizers(pipe), text_encoders(pipe))
     ]
     return torch.cat(parts, dim=1)
