@@ -97,8 +97,9 @@ def test_upload_train_follow_download_generate(app_server, tmp_path):
 
     assert Image.open(with_it[0]["image"]).tobytes() != Image.open(without[0]["image"]).tobytes()
 
-    scores = client.predict(model="demo", embedding=embedding, prompt="a photo of <toy-robot>", steps=1, api_name="/measure")
+    scores = client.predict(model="demo", embedding=embedding, prompt="a photo of <toy-robot>", steps=1, guidance=3, api_name="/measure")
     assert "| with `<toy-robot>` | 0." in scores or "| with `<toy-robot>` | -0." in scores, scores
+    assert "guidance 3:" in scores, scores  # measured at the Playground's slider, not the model's default
 
 
 def test_stop_ends_the_run_and_keeps_the_embedding(app_server):

@@ -46,7 +46,8 @@ def test_evaluation_job_reports_figures_and_leaves_the_cached_pipeline_clean(tmp
     engine = Engine(store)
     event = engine.evaluate(settings).wait()
     assert isinstance(event, Finished), getattr(event, "message", event)
-    assert set(event.metrics) == set(FIGURES)
+    assert set(event.metrics) == {*FIGURES, "guidance"}
+    assert event.metrics["guidance"] == 7.5  # none asked: SD 1.x pipelines' own default, the value the pictures were drawn at
     # The figures are those of the pictures it drew: scored again from the saved files, against the
     # training pictures and the prompt without its token.
     clip = store.clip("demo", placement=placement)

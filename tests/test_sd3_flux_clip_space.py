@@ -64,7 +64,8 @@ def test_evaluation_scores_the_token_against_the_prompt_without_it(store, model,
                             size="32x32", guidance=1.0, init="", json_path=str(tmp_path / "figures.json"), **JOB)
     reporter = Reporter(lambda e: None, total_steps=settings.total_steps)
     run_evaluation(settings, store, reporter)
-    figures = reporter.metrics
+    figures = {k: v for k, v in reporter.metrics.items() if k != "guidance"}
+    assert reporter.metrics["guidance"] == 1.0  # the asked guidance, reported beside the figures
     assert len(figures) == 4 and all(math.isfinite(v) and -1 <= v <= 1 for v in figures.values())
     # The baseline is the prompt without the token: the token's pictures differ, so do their figures.
     assert figures["clip_image_similarity"] != figures["baseline_clip_image_similarity"]

@@ -263,7 +263,7 @@ def run_evaluation(settings, store: ModelStore, reporter: Reporter) -> dict[str,
     if result is None:
         reporter.log("evaluation stopped before the end; no figures")
         return {}
-    reporter.metrics.update({k: v for k, v in result.items() if k.endswith("similarity")})
+    reporter.metrics.update({k: v for k, v in result.items() if k.endswith("similarity")}, guidance=float(result["guidance"]))
     if not settings.json_path:
         return {}
     atomic_write_text(settings.json_path, json.dumps(result, indent=2))

@@ -200,7 +200,7 @@ class PlaygroundTab:
             raise gr.Error("That embedding is not one of your files.")
         return path
 
-    def measure(self, model, embedding, prompt, steps, seed, request: gr.Request, fp8_weights: bool = False):
+    def measure(self, model, embedding, prompt, steps, seed, request: gr.Request, fp8_weights: bool = False, guidance: float | None = None):
         """Score the chosen embedding as the textual inversion paper does (tinv_gui.evaluate),
         against its initializer word, showing progress until the figures come."""
         from ..evaluate import EvalSettings
@@ -217,6 +217,7 @@ class PlaygroundTab:
             settings = EvalSettings(
                 model=model, embedding=str(path), images=str(ws.pictures), prompt=prompt, n=EVAL_PICTURES,
                 steps=whole_number("steps", steps), seed=whole_number("seed", seed), fp8_weights=bool(fp8_weights),
+                guidance=None if guidance is None else float(guidance),
             )
             job = self.engine.evaluate(settings)
         except (SettingsError, ValueError) as error:
@@ -228,7 +229,7 @@ class PlaygroundTab:
             else:
                 m = view.metrics
                 yield (
-                    f"Measured on {EVAL_PICTURES} pictures each, prompt `{prompt}`:\n\n"
+                    f"Measured on {EVAL_PICTURES} pictures each, prompt `{prompt}`, guidance {m['guidance']:g}:\n\n"
                     "| | looks like your pictures (CLIP image similarity) | follows the rest of the prompt (CLIP text similarity) |\n"
                     "|---|---|---|\n"
                     f"| with `{token}` | {m['clip_image_similarity']:.3f} | {m['clip_text_similarity']:.3f} |\n"
@@ -311,7 +312,7 @@ class PlaygroundTab:
         c["save_card"].click(self.save_card, c["embedding"], [c["card"], c["card_status"]], api_name="save_card")
         c["measure"].click(
             self.limited(on_gpu(self.measure)),
-            [*(c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")), c["options"]["fp8_weights"]],
+            [*(c[k] for k in ("model", "embedding", "prompt", "gen_steps", "seed")), c["options"]["fp8_weights"], c["guidance"]],
             c["scores"],
             api_name="measure",
             show_progress="hidden",
