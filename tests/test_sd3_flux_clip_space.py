@@ -117,5 +117,5 @@ def test_readable_prompt_is_words_every_encoder_reads(store, model, tmp_path):
     assert "prompt_embeds" not in outputs
     if model == "demo-flux":  # no negative prompt to optimize away from
         settings.negative = "blurry"
-        with pytest.raises(ValueError, match="Flux.1 has no negative prompt"):
+        with pytest.raises(ValueError, match="Flux.1 runs without a negative prompt"):
             run_prompt_optimization(settings.resolved(), store, Reporter(lambda e: None, total_steps=2))

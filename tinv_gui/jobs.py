@@ -301,7 +301,7 @@ def run_prompt_optimization(settings, store: ModelStore, reporter: Reporter) -> 
     from .methods.prompt_from_image import optimize_prompt, save_prompt_result, t5_words
 
     family = store.family(settings.model)
-    family.check_generation(settings.negative, custom_sampler=False)  # Flux.1 has no negative prompt to optimize
+    family.check_generation(settings.negative, custom_sampler=False)  # Flux.1 runs without a negative prompt to optimize
     placement = choose_placement(settings.device, settings.precision, settings.fp8_weights)
     reporter.log(f"Device: {placement.describe()}")
     # A continuous prompt on SDXL is optimized against both text encoders' CLIP models, since the

@@ -37,8 +37,9 @@ class Flux(TransformerFamily):
         refuse_other_samplers(self.title, custom_sampler)
         if negative:
             raise ValueError(
-                "Flux.1 has no negative prompt: its guidance is distilled into the model (dev) or absent (schnell); "
-                "leave the negative empty and set the guidance (about 3.5 for dev)"
+                "Flux.1 runs without a negative prompt here: its guidance is distilled into the model (dev) or absent (schnell), "
+                "and a negative prompt would need true classifier-free guidance (diffusers' true_cfg_scale), which doubles each "
+                "step and tinv-gui does not offer; leave the negative empty and set the guidance (about 3.5 for dev)"
             )
 
     def prompt_lengths(self, pipe):
