@@ -41,7 +41,7 @@ class Placement:
     # (about 0.3 GB less for SD 1.5, one rounding of those weights): the automatic choice's, never
     # an explicit --precision fp32's, which stays exact fp32.
     lean_storage: bool = False
-    # The denoiser's and T5's linear weights stored in fp8 and computed in `compute_dtype`
+    # The denoiser's and T5's linear weights stored in fp8 and computed in the weights' dtype
     # (store_linear_weights): half the bytes of bf16, at the cost of one rounding of those weights.
     fp8_weights: bool = False
     reason: str = field(default="", compare=False, repr=False)  # why this precision, for the log
@@ -51,11 +51,6 @@ class Placement:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype matrix products run in: the autocast dtype, else float32."""
-        return self.autocast_dtype or torch.float32
 
     def describe(self, why: bool = True) -> str:
         """E.g. "cpu (bf16 weights, bf16 compute: automatic: this CPU computes bf16 natively
